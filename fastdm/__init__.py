@@ -1,0 +1,24 @@
+"""fastdm: DreamMotion zero-shot video editing, fast and in little memory.
+
+Data flow (one package per stage):
+    fastdm.io        video (and mask) in, video out
+    fastdm.backbone  the frozen text-to-video model behind a small interface
+    fastdm.taps      attention-key feature taps
+    fastdm.losses    V-DDS, S-SSM, T-SSM (PyTorch; fused Triton kernels in fastdm.kernels)
+    fastdm.driver    the optimizer loop, checkpoints, reports
+    fastdm.cli       the `fastdm-edit` command
+
+Python API::
+
+    import fastdm
+    frames, fps = fastdm.read_video("in.mp4", size=(32, 32))
+    result = fastdm.edit(frames, fastdm.EditConfig("a red circle moving right", "a blue circle moving right"))
+    fastdm.write_video("out.mp4", result.frames, fps)
+"""
+
+from .driver import EditConfig, EditResult, Editor, StepInfo, edit
+from .errors import FastDMError
+from .io import read_video, write_video
+
+__version__ = "0.1.0"
+__all__ = ["EditConfig", "EditResult", "Editor", "StepInfo", "edit", "FastDMError", "read_video", "write_video"]

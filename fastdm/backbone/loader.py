@@ -1,0 +1,158 @@
+"""Load a backbone from a local diffusers-format folder.
+
+Layout: ``model_index.json``, ``unet/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/`` and an
+optional ``vae/`` (with it the edit runs in latent space, without it in pixel space). An optional
+``fastdm.json`` may give ``{"native_size": [W, H]}``.
+
+Weights load from safetensors only unless ``allow_pickle``; a component whose class is not a
+diffusers/transformers class (custom model code shipped in the folder) loads only with
+``trust_remote_code``. Nothing is ever fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import FastDMError
+from .base import Backbone
+
+REQUIRED = ("unet", "text_encoder", "tokenizer", "scheduler")
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise FastDMError(f"unknown dtype {name!r}; choose one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def _check_folder(path: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        looks_like_hub_id = "/" in path and not path.startswith((".", "/", "~")) and path.count("/") == 1
+        hint = (
+            f"'{path}' looks like a hub id; fastdm never downloads: download the model to a local folder first "
+            "(e.g. `huggingface-cli download ID --local-dir DIR`) and pass --model DIR"
+            if looks_like_hub_id
+            else f"model folder '{path}' does not exist; pass --model with a local diffusers-format folder "
+            "(the weights must be downloaded to a local folder first)"
+        )
+        raise FastDMError(hint)
+    if not p.is_dir():
+        raise FastDMError(f"--model '{path}' is a file; pass the diffusers-format folder that holds model_index.json")
+    if not (p / "model_index.json").is_file():
+        raise FastDMError(f"'{path}' has no model_index.json; pass the root of a diffusers-format model folder")
+    missing = [c for c in REQUIRED if not (p / c).is_dir()]
+    if missing:
+        raise FastDMError(f"model folder '{path}' lacks {', '.join(c + '/' for c in missing)}; it must hold {', '.join(REQUIRED)} (and vae/ for latent models)")
+    return p
+
+
+def _component_class(root: Path, name: str, spec, trust_remote_code: bool):
+    """Resolve the class a model_index.json entry names: ``[library, class_name]``."""
+    if not (isinstance(spec, (list, tuple)) and len(spec) == 2 and all(isinstance(s, str) for s in spec)):
+        raise FastDMError(f"model_index.json: entry '{name}' must be [library, class], got {spec!r}")
+    library, cls_name = spec
+    if library in ("diffusers", "transformers"):
+        module = importlib.import_module(library)
+        cls = getattr(module, cls_name, None)
+        if cls is None:
+            raise FastDMError(f"model_index.json: {library} has no class {cls_name} (component '{name}'); upgrade {library} or fix the folder")
+        return cls
+    code = root / name / f"{library}.py"
+    if not code.is_file():
+        raise FastDMError(f"model_index.json: component '{name}' names library '{library}', which is neither diffusers nor transformers nor a file {name}/{library}.py")
+    if not trust_remote_code:
+        raise FastDMError(f"component '{name}' uses custom model code ({name}/{library}.py); read it, then pass --trust-remote-code to run it")
+    spec_ = importlib.util.spec_from_file_location(f"fastdm_custom_{name}_{library}", code)
+    module = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(module)
+    if not hasattr(module, cls_name):
+        raise FastDMError(f"{name}/{library}.py defines no class {cls_name}")
+    return getattr(module, cls_name)
+
+
+def _check_weights(folder: Path, allow_pickle: bool) -> None:
+    files = [f.name for f in folder.iterdir() if f.is_file()]
+    has_st = any(f.endswith(".safetensors") for f in files)
+    has_pickle = any(f.endswith((".bin", ".pt", ".pth", ".ckpt")) for f in files)
+    if not has_st and has_pickle and not allow_pickle:
+        raise FastDMError(
+            f"'{folder}' holds only pickle weights (.bin/.pt), which can run code when loaded; "
+            "convert them to safetensors or pass --allow-pickle if you trust them"
+        )
+    if not has_st and not has_pickle:
+        raise FastDMError(f"'{folder}' holds no weights (.safetensors); the model folder is incomplete")
+
+
+def _load(cls, folder: Path, allow_pickle: bool):
+    kwargs = {"local_files_only": True}
+    if hasattr(cls, "from_pretrained"):
+        try:
+            return cls.from_pretrained(str(folder), use_safetensors=not allow_pickle, **kwargs)
+        except TypeError:  # tokenizers/schedulers take no use_safetensors
+            return cls.from_pretrained(str(folder), **kwargs)
+    raise FastDMError(f"class {cls.__name__} cannot be loaded from a folder (no from_pretrained)")
+
+
+def load_backbone(
+    path: str,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "fp32",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> Backbone:
+    """Load the model in ``path`` behind fastdm's :class:`Backbone` interface."""
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FastDMError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    root = _check_folder(str(path))
+    try:
+        index = json.loads((root / "model_index.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FastDMError(f"{root / 'model_index.json'} is not valid JSON ({e}); fix or re-download the model") from None
+    comps = {}
+    for name in REQUIRED + (("vae",) if (root / "vae").is_dir() and "vae" in index and index["vae"][0] is not None else ()):
+        if name not in index:
+            raise FastDMError(f"model_index.json has no entry for '{name}'")
+        cls = _component_class(root, name, index[name], trust_remote_code)
+        if name in ("unet", "text_encoder", "vae"):
+            _check_weights(root / name, allow_pickle)
+        try:
+            comps[name] = _load(cls, root / name, allow_pickle)
+        except FastDMError:
+            raise
+        except (OSError, ValueError, EnvironmentError) as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise FastDMError(f"could not load '{name}' from {root / name}: {msg}") from None
+    native = None
+    meta = root / "fastdm.json"
+    if meta.is_file():
+        native = json.loads(meta.read_text()).get("native_size")
+    from .unet3d import UNet3DBackbone
+
+    if UNet3DBackbone.accepts(comps["unet"]):
+        return UNet3DBackbone(
+            unet=comps["unet"],
+            text_encoder=comps["text_encoder"],
+            tokenizer=comps["tokenizer"],
+            scheduler=comps["scheduler"],
+            vae=comps.get("vae"),
+            path=str(root),
+            native_size=native,
+            device=device,
+            dtype=dtype,
+        )
+    raise FastDMError(f"unsupported denoiser class {type(comps['unet']).__name__}; fastdm supports UNet3DConditionModel backbones")
+
+
+def default_model_path() -> str:
+    """The model bundled with the package (see README)."""
+    return os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "models", "default")

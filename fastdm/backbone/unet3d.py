@@ -1,0 +1,118 @@
+"""Backbone for diffusers' ``UNet3DConditionModel`` (ModelScope / ZeroScope, and pixel-space
+models of the same class such as our shapes model or Show-1's keyframe stage).
+
+This is the only module that touches the (deprecated) UNet3D class directly.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .base import Backbone, BackboneInfo
+
+# Spatial self-attention in UNet3D: Transformer2DModel blocks under `attentions`
+# (temporal attention lives under `temp_attentions` and `transformer_in`).
+_SPATIAL_SELF_ATTN = re.compile(r"^(down_blocks|up_blocks)\.\d+\.attentions\.\d+\.transformer_blocks\.\d+\.attn1$|^mid_block\.attentions\.\d+\.transformer_blocks\.\d+\.attn1$")
+
+
+class UNet3DBackbone(Backbone):
+    def __init__(self, *, unet, text_encoder, tokenizer, scheduler, vae, path: str, native_size, device, dtype):
+        self.unet = unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.text_encoder = text_encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.vae = None if vae is None else vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._alphas = scheduler.alphas_cumprod.detach().to("cpu", torch.float64).clone()
+        factor = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+        levels = len(unet.config.block_out_channels)
+        if native_size is None:
+            side = int(unet.config.sample_size or 32) * factor
+            native_size = (side, side)
+        self.info = BackboneInfo(
+            name=type(unet).__name__,
+            space="pixel" if vae is None else "latent",
+            path=path,
+            native_size=tuple(native_size),
+            size_multiple=factor * 2 ** (levels - 1),
+            spatial_factor=factor,
+            num_train_timesteps=int(scheduler.config.num_train_timesteps),
+        )
+        if vae is None and unet.config.in_channels != 3:
+            raise ValueError(f"a pixel-space UNet needs 3 input channels, this one has {unet.config.in_channels}")
+
+    @staticmethod
+    def accepts(unet) -> bool:
+        from diffusers import UNet3DConditionModel
+
+        return isinstance(unet, UNet3DConditionModel)
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self._alphas
+
+    # -- text -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        if self.text_encoder is None:
+            raise RuntimeError("the text encoder was released; encode prompts before releasing it")
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.text_encoder(ids)[0].to(self.dtype)
+
+    def release_text_encoder(self) -> None:
+        self.text_encoder = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- working space ----------------------------------------------------------------------
+    @torch.no_grad()
+    def to_working(self, frames: torch.Tensor) -> torch.Tensor:
+        frames = frames.to(self.device)
+        if self.vae is None:
+            x = frames.float()
+        else:  # one frame at a time: VAE activations dominate memory at full size
+            sf = self.vae.config.scaling_factor
+            x = torch.cat(
+                [self.vae.encode(f[None].to(self.dtype)).latent_dist.mean.float() * sf for f in frames]
+            )
+        return x.permute(1, 0, 2, 3).unsqueeze(0).contiguous()  # (1, C, F, h, w)
+
+    @torch.no_grad()
+    def from_working(self, x: torch.Tensor) -> torch.Tensor:
+        frames = x[0].permute(1, 0, 2, 3)  # (F, C, h, w)
+        if self.vae is not None:
+            sf = self.vae.config.scaling_factor
+            frames = torch.cat([self.vae.decode((f[None] / sf).to(self.dtype)).sample.float() for f in frames])
+        return frames.float().clamp(-1, 1).cpu()
+
+    # -- denoiser ---------------------------------------------------------------------------
+    def predict_noise(self, x_t: torch.Tensor, t: int, text: torch.Tensor) -> torch.Tensor:
+        timestep = torch.full((x_t.shape[0],), t, device=self.device, dtype=torch.long)
+        out = self.unet(x_t.to(self.dtype), timestep, encoder_hidden_states=text, return_dict=False)[0]
+        return out.float()
+
+    def spatial_self_attention_layers(self) -> dict[str, torch.nn.Module]:
+        return {n: m for n, m in self.unet.named_modules() if _SPATIAL_SELF_ATTN.match(n)}
+
+    def default_tap_layers(self) -> list[str]:
+        """Spatial self-attention of the decoder's coarsest attention level.
+
+        DreamMotion matches self-similarities of attention keys; decoder self-attention at the
+        coarsest level carries layout and object structure (as in the PnP/DIFT/DMT analyses),
+        keeps N small (180 tokens for ZeroScope at 576x320) and lets backprop stop right after
+        the first decoder attention block.
+        """
+        layers = self.spatial_self_attention_layers()
+        for i in range(len(self.unet.up_blocks)):
+            chosen = [n for n in layers if n.startswith(f"up_blocks.{i}.")]
+            if chosen:
+                return chosen
+        return list(layers)

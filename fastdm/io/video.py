@@ -1,0 +1,216 @@
+"""Video in and video out (imageio; its ffmpeg plugin for mp4/webm, pillow for gif/png/jpg).
+
+Inputs: mp4, webm, mov, mkv, avi, gif, a single png/jpg, or a folder of png/jpg frames.
+Frames come out as ``(F, H, W, 3)`` uint8 RGB. Outputs (mp4 or gif) are written to a temporary
+file beside the target and renamed, so a failure never leaves a partial file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import FastDMError
+from .atomic import atomic_output
+
+VIDEO_EXTS = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+OUTPUT_EXTS = (".mp4", ".gif")
+DEFAULT_FPS = 8.0
+
+
+@dataclass(frozen=True)
+class Crop:
+    """How input pixels map to the model's frame: scale, then take [x, x+W) x [y, y+H)."""
+
+    src_size: tuple[int, int]  # (W, H) of the input
+    scale: float
+    x: int
+    y: int
+    size: tuple[int, int]  # (W, H) after resize + crop
+
+    def map_box(self, box) -> tuple[float, float, float, float]:
+        x0, y0, x1, y1 = box
+        s = self.scale
+        return (x0 * s - self.x, y0 * s - self.y, x1 * s - self.x, y1 * s - self.y)
+
+
+def _frame_files(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    if not files:
+        raise FastDMError(f"folder '{folder}' holds no .png/.jpg frames; give a video file or a folder of frames")
+    return files
+
+
+def _to_rgb(frame: np.ndarray) -> np.ndarray:
+    if frame.ndim == 2:
+        frame = np.stack([frame] * 3, -1)
+    if frame.shape[-1] == 4:
+        frame = frame[..., :3]
+    if frame.shape[-1] == 1:
+        frame = np.repeat(frame, 3, -1)
+    if frame.dtype != np.uint8:
+        frame = np.clip(frame, 0, 255).astype(np.uint8)
+    return frame
+
+
+def _iter_frames(path: Path, what: str):
+    """Yield RGB uint8 frames of a video file, an image or a frame folder; also return fps."""
+    import imageio.v3 as iio
+
+    if path.is_dir():
+        files = _frame_files(path)
+
+        def gen():
+            for f in files:
+                try:
+                    yield _to_rgb(iio.imread(f))
+                except Exception:
+                    raise FastDMError(f"{what} frame '{f}' is not a readable image; replace or remove it") from None
+
+        return gen(), DEFAULT_FPS
+    ext = path.suffix.lower()
+    if ext not in VIDEO_EXTS + IMAGE_EXTS + (".gif",):
+        raise FastDMError(f"{what} '{path}' has an unsupported type '{ext or 'none'}'; use mp4, webm, gif, png/jpg or a folder of frames")
+    if path.stat().st_size == 0:
+        raise FastDMError(f"{what} '{path}' is empty (0 bytes); give a real video file")
+    try:
+        if ext in VIDEO_EXTS:
+            meta = iio.immeta(path, plugin="FFMPEG")
+            fps = float(meta.get("fps") or DEFAULT_FPS)
+            it = iio.imiter(path, plugin="FFMPEG")
+        elif ext == ".gif":
+            meta = iio.immeta(path)
+            dur = meta.get("duration") or 0
+            fps = 1000.0 / dur if dur else DEFAULT_FPS
+            it = iio.imiter(path)
+        else:
+            fps = DEFAULT_FPS
+            it = iter([iio.imread(path)])
+    except FastDMError:
+        raise
+    except Exception:
+        raise FastDMError(f"{what} '{path}' could not be read: it is not a valid {ext.lstrip('.')} file (corrupt or another format)") from None
+
+    def gen():
+        try:
+            for fr in it:
+                yield _to_rgb(np.asarray(fr))
+        except FastDMError:
+            raise
+        except Exception:
+            raise FastDMError(f"{what} '{path}' could not be decoded (corrupt file); re-encode it, e.g. with ffmpeg") from None
+
+    return gen(), fps
+
+
+def read_frames(path: str | os.PathLike, *, frames: int | None = None, stride: int = 1, what: str = "input video"):
+    """Read frames 0, stride, 2*stride, ... (at most ``frames`` of them). Returns (array, fps, indices)."""
+    p = Path(path)
+    if not p.exists():
+        raise FastDMError(f"{what} '{path}' does not exist; check the path")
+    if stride < 1:
+        raise FastDMError(f"--stride must be >= 1, got {stride}")
+    if frames is not None and frames < 1:
+        raise FastDMError(f"--frames must be >= 1, got {frames}")
+    it, fps = _iter_frames(p, what)
+    out, idx = [], []
+    for i, fr in enumerate(it):
+        if i % stride == 0:
+            if out and fr.shape != out[0].shape:
+                raise FastDMError(f"{what} '{path}': frame {i} is {fr.shape[1]}x{fr.shape[0]}, frame 0 {out[0].shape[1]}x{out[0].shape[0]}; all frames must have one size")
+            out.append(fr)
+            idx.append(i)
+            if frames is not None and len(out) == frames:
+                break
+    if not out:
+        raise FastDMError(f"{what} '{path}' has no frames; give a video with at least one frame")
+    return np.stack(out), fps, idx
+
+
+def count_frames(path: str | os.PathLike, what: str = "input video") -> int:
+    """Number of frames in a video, image or frame folder (decodes, keeps nothing)."""
+    it, _ = _iter_frames(Path(path), what)
+    return sum(1 for _ in it)
+
+
+def plan_crop(src_size: tuple[int, int], size: tuple[int, int]) -> Crop:
+    w, h = src_size
+    tw, th = size
+    scale = max(tw / w, th / h)
+    rw, rh = max(tw, round(w * scale)), max(th, round(h * scale))
+    return Crop(src_size, scale, (rw - tw) // 2, (rh - th) // 2, size)
+
+
+def resize_crop(frames: np.ndarray, crop: Crop, nearest: bool = False) -> np.ndarray:
+    """Resize (keeping aspect) so the target is covered, then centre-crop: (F, H, W[, 3]) arrays."""
+    from PIL import Image
+
+    tw, th = crop.size
+    w, h = crop.src_size
+    if (w, h) == (tw, th):
+        return frames
+    rw, rh = max(tw, round(w * crop.scale)), max(th, round(h * crop.scale))
+    method = Image.NEAREST if nearest else Image.BICUBIC
+    out = []
+    for f in frames:
+        im = Image.fromarray(f).resize((rw, rh), method)
+        out.append(np.asarray(im)[crop.y : crop.y + th, crop.x : crop.x + tw])
+    return np.stack(out)
+
+
+def read_video(path: str | os.PathLike, *, size: tuple[int, int] | None = None, frames: int | None = None, stride: int = 1):
+    """Read a video for editing: ``(frames (F, H, W, 3) uint8, fps)``, resized+cropped to ``size``=(W, H)."""
+    arr, fps, _ = read_frames(path, frames=frames, stride=stride)
+    if size is not None:
+        arr = resize_crop(arr, plan_crop((arr.shape[2], arr.shape[1]), size))
+    return arr, fps
+
+
+def check_output_path(path: str | os.PathLike, *, inputs: list[str | os.PathLike] = ()) -> Path:
+    """Fail early (before any work) if ``path`` cannot be written or would overwrite an input."""
+    p = Path(path)
+    if p.suffix.lower() not in OUTPUT_EXTS:
+        raise FastDMError(f"output '{path}' must end in {' or '.join(OUTPUT_EXTS)}")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise FastDMError(f"output folder '{parent}' does not exist; create it or choose another --out")
+    for i in inputs:
+        if i is None:
+            continue
+        ip = Path(i)
+        if ip.resolve() == p.resolve() or (ip.exists() and p.exists() and os.path.samefile(ip, p)):
+            raise FastDMError(f"output '{path}' is an input file; fastdm never overwrites its input, choose another --out")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".fastdm-probe-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise FastDMError(f"cannot write to output folder '{parent}' ({e.strerror}); choose another --out") from None
+    return p
+
+
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None:
+    """Write (F, H, W, 3) uint8 frames to mp4 or gif atomically."""
+    import imageio.v3 as iio
+
+    p = Path(path)
+    ext = p.suffix.lower()
+    if ext not in OUTPUT_EXTS:
+        raise FastDMError(f"output '{path}' must end in {' or '.join(OUTPUT_EXTS)}")
+    with atomic_output(p) as tmp:
+        if ext == ".mp4":
+            even = frames.shape[1] % 2 == 0 and frames.shape[2] % 2 == 0
+            iio.imwrite(tmp, frames, plugin="FFMPEG", fps=fps, codec="libx264", macro_block_size=1,
+                        ffmpeg_params=["-crf", "12"], pixelformat="yuv420p" if even else "yuv444p")
+        else:
+            iio.imwrite(tmp, frames, extension=".gif", duration=1000.0 / fps, loop=0)
+
+
+def side_by_side(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Input | edit, frame by frame."""
+    return np.concatenate([a, b], axis=2)

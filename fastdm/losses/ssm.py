@@ -1,0 +1,156 @@
+"""Space-time self-similarity matching losses (S-SSM and T-SSM) of DreamMotion.
+
+Shapes: ``keys`` and ``keys_ref`` are ``(F, N, C)`` or ``(B, F, N, C)``: F frames, N = H*W tokens
+of one frame, C channels. ``keys_ref`` (the source video's keys) is a constant; gradients flow
+to ``keys`` only.
+
+* S-SSM: per frame, S = cos-similarity matrix (N x N) of the token rows;
+  loss = mean over all frames and all N*N entries of (S - S_ref)^2.
+* T-SSM: per frame the mean over the N tokens (an F x C matrix), then the F x F cosine
+  similarity TS; loss = mean over the F*F entries (and the batch) of (TS - TS_ref)^2.
+
+Backends
+--------
+``"naive"``  materializes S and S_ref in the input precision (upcast to fp32) and lets autograd
+             differentiate. It is the textbook baseline; near ``keys ~= keys_ref`` it suffers
+             from cancellation in ``S - S_ref`` (relative error ~1e-2 at 1e-5 perturbations).
+``"torch"``  never forms ``S`` or ``S_ref``. It writes the difference of the normalized keys
+             ``D = A - B`` in a cancellation-free way and expands
+
+                 S - S_ref = A A^T - B B^T = D A^T + B D^T
+
+             so every term is computed from ``D`` directly. For N > C the squared Frobenius norm
+             is taken through C x C products only (no N x N matrix at all):
+
+                 ||S - S_ref||^2 = <D^T D, A^T A + B^T B> + 2 <D^T B, (D^T A)^T>
+
+             and the analytic gradient is ``dL/dA = 4 (D A^T A + B D^T A) / (G N^2)``. For
+             N <= C the N x N difference (no larger than a C x C product) is formed directly.
+``"triton"`` fused kernels (see ``fastdm.kernels``), added by the kernels work.
+``"auto"``   the best available backend for the input (``"torch"`` on CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import FastDMError
+
+_EPS = 1e-12
+BACKENDS = ("auto", "naive", "torch")
+
+
+def _flatten(keys: torch.Tensor, keys_ref: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if keys.dim() not in (3, 4):
+        raise FastDMError(f"{name}: keys must be shaped (F, N, C) or (B, F, N, C), got {tuple(keys.shape)}")
+    if keys_ref.shape != keys.shape:
+        raise FastDMError(
+            f"{name}: keys {tuple(keys.shape)} and keys_ref {tuple(keys_ref.shape)} must have the same shape"
+        )
+    if keys.shape[-1] < 1 or keys.shape[-2] < 1 or keys.shape[-3] < 1:
+        raise FastDMError(f"{name}: empty keys tensor {tuple(keys.shape)}")
+    if keys.dim() == 3:
+        keys, keys_ref = keys.unsqueeze(0), keys_ref.unsqueeze(0)
+    return keys, keys_ref.detach()
+
+
+def _resolve(backend: str, name: str) -> str:
+    if backend not in BACKENDS:
+        raise FastDMError(f"{name}: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return "torch" if backend == "auto" else backend
+
+
+def normalized_difference(
+    k: torch.Tensor, kr: torch.Tensor, e: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return ``(A, B, D)`` with A = k/|k|, B = kr/|kr| row-wise and D = A - B without cancellation.
+
+    ``D = E/|k| - kr * (E . (k + kr)) / (|k| |kr| (|k| + |kr|))`` with ``E = k - kr``: for nearby
+    fp32 inputs E is exact (Sterbenz), so D keeps full relative precision even when |D| ~ 1e-5.
+    Pass ``e`` when k and kr are themselves derived (e.g. means) and k - kr would cancel.
+    """
+    nk = k.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+    nr = kr.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+    if e is None:
+        e = k - kr
+    a = k / nk
+    b = kr / nr
+    d = e / nk - kr * ((e * (k + kr)).sum(-1, keepdim=True) / (nk * nr * (nk + nr)))
+    return a, b, d
+
+
+class _SpatialSSMTorch(torch.autograd.Function):
+    """S-SSM loss with the C x C (or small N x N) algebra and an analytic backward.
+
+    Saves only the keys themselves; the backward recomputes the normalized rows.
+    """
+
+    @staticmethod
+    def forward(ctx, keys: torch.Tensor, keys_ref: torch.Tensor) -> torch.Tensor:
+        k = keys.float().flatten(0, -3)  # (G, N, C)
+        kr = keys_ref.float().flatten(0, -3)
+        g, n, c = k.shape
+        a, b, d = normalized_difference(k, kr)
+        if n <= c:
+            x = d @ a.transpose(1, 2) + b @ d.transpose(1, 2)  # (G, N, N) = S - S_ref
+            total = (x * x).sum()
+        else:
+            gd = d.transpose(1, 2) @ d  # (G, C, C)
+            gab = a.transpose(1, 2) @ a + b.transpose(1, 2) @ b
+            p = d.transpose(1, 2) @ a
+            q = d.transpose(1, 2) @ b
+            total = (gd * gab).sum() + 2.0 * (q * p.transpose(1, 2)).sum()
+        ctx.save_for_backward(keys, keys_ref)
+        return total / (g * n * n)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        keys, keys_ref = ctx.saved_tensors
+        k = keys.float().flatten(0, -3)
+        kr = keys_ref.float().flatten(0, -3)
+        g, n, c = k.shape
+        a, b, d = normalized_difference(k, kr)
+        if n <= c:
+            x = d @ a.transpose(1, 2) + b @ d.transpose(1, 2)
+            xa = x @ a
+        else:
+            xa = d @ (a.transpose(1, 2) @ a) + b @ (d.transpose(1, 2) @ a)
+        grad_a = xa * (4.0 / (g * n * n)) * grad_out.float()
+        nk = k.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+        grad_k = (grad_a - a * (grad_a * a).sum(-1, keepdim=True)) / nk
+        return grad_k.reshape(keys.shape).to(keys.dtype), None
+
+
+def _spatial_naive(k: torch.Tensor, kr: torch.Tensor) -> torch.Tensor:
+    a = torch.nn.functional.normalize(k.float(), dim=-1, eps=_EPS)
+    b = torch.nn.functional.normalize(kr.float(), dim=-1, eps=_EPS)
+    s = a @ a.transpose(-1, -2)
+    s_ref = b @ b.transpose(-1, -2)
+    return ((s - s_ref) ** 2).mean()
+
+
+def spatial_ssm_loss(keys: torch.Tensor, keys_ref: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """S-SSM: mean squared difference of per-frame cosine self-similarity matrices (fp32 scalar)."""
+    backend = _resolve(backend, "spatial_ssm_loss")
+    k, kr = _flatten(keys, keys_ref, "spatial_ssm_loss")
+    if backend == "naive":
+        return _spatial_naive(k, kr)
+    return _SpatialSSMTorch.apply(k, kr)
+
+
+def temporal_ssm_loss(keys: torch.Tensor, keys_ref: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """T-SSM: mean squared difference of the F x F cosine similarity of per-frame mean keys."""
+    backend = _resolve(backend, "temporal_ssm_loss")
+    k, kr = _flatten(keys, keys_ref, "temporal_ssm_loss")
+    m, mr = k.float().mean(dim=-2), kr.float().mean(dim=-2)  # (B, F, C)
+    if backend == "naive":
+        a = torch.nn.functional.normalize(m, dim=-1, eps=_EPS)
+        b = torch.nn.functional.normalize(mr, dim=-1, eps=_EPS)
+        ts = a @ a.transpose(-1, -2)
+        ts_ref = b @ b.transpose(-1, -2)
+        return ((ts - ts_ref) ** 2).mean()
+    # The F x F matrices are tiny: form their difference without cancellation, let autograd
+    # differentiate (every term is already O(|D|), so the gradient is accurate too).
+    a, b, d = normalized_difference(m, mr, e=(k.float() - kr.float()).mean(dim=-2))
+    x = d @ a.transpose(-1, -2) + b @ d.transpose(-1, -2)
+    return (x * x).mean()

@@ -1,0 +1,63 @@
+"""The synthetic "shapes" world: one coloured object on black, moving in a straight line.
+
+Vocabulary (fixed, so anyone can write prompts for it)::
+
+    colours:    red green blue yellow magenta cyan white
+    shapes:     circle square triangle
+    directions: left right up down
+    prompt:     "a {colour} {shape} moving {direction}"
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+COLOURS = {
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "magenta": (255, 0, 255),
+    "cyan": (0, 255, 255),
+    "white": (255, 255, 255),
+}
+SHAPES = ("circle", "square", "triangle")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+
+
+def prompt(colour: str, shape: str, direction: str) -> str:
+    return f"a {colour} {shape} moving {direction}"
+
+
+def _inside(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "square":
+        s = r * 0.85
+        return (np.abs(dx) <= s) & (np.abs(dy) <= s)
+    if shape == "triangle":  # upward-pointing, centred on its bounding box
+        top, bottom = -r, r * 0.8
+        half = (dy - top) / (bottom - top) * r
+        return (dy >= top) & (dy <= bottom) & (np.abs(dx) <= half)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def render_clip(colour: str, shape: str, direction: str, *, size: int = 32, frames: int = 8, radius: float = 7.0,
+                speed: float = 2.0, start: tuple[float, float] | None = None, supersample: int = 4) -> np.ndarray:
+    """(frames, size, size, 3) uint8; the object starts at ``start`` (centre, pixels) and moves
+    ``speed`` pixels per frame. By default it starts so that the path is centred in the frame."""
+    vx, vy = DIRECTIONS[direction]
+    if start is None:
+        travel = speed * (frames - 1)
+        start = (size / 2 - vx * travel / 2, size / 2 - vy * travel / 2)
+    ss = supersample
+    coords = (np.arange(size * ss) + 0.5) / ss
+    yy, xx = np.meshgrid(coords, coords, indexing="ij")
+    rgb = np.array(COLOURS[colour], dtype=np.float32)
+    out = np.zeros((frames, size, size, 3), dtype=np.uint8)
+    for f in range(frames):
+        cx, cy = start[0] + vx * speed * f, start[1] + vy * speed * f
+        cover = _inside(shape, xx - cx, yy - cy, radius).astype(np.float32)
+        cover = cover.reshape(size, ss, size, ss).mean(axis=(1, 3))
+        out[f] = np.round(cover[..., None] * rgb).astype(np.uint8)
+    return out

@@ -1,0 +1,149 @@
+"""Tiny models built from configs and saved as real diffusers-format folders.
+
+Tests and `tools/make_tiny_model.py` use these so every code path goes through the same loader
+as a downloaded ZeroScope folder. The tokenizer is a real ``CLIPTokenizer`` with a small
+byte-pair vocabulary built here (character level plus whole words of a given word list).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# Words that get a single token each; anything else falls back to characters.
+DEFAULT_WORDS = (
+    "a an the moving left right up down red green blue yellow magenta cyan white black orange purple "
+    "circle square triangle ball box car dog cat on background"
+).split()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # The byte -> printable-unicode table used by GPT-2/CLIP byte-level BPE.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_clip_tokenizer(folder: str | Path, words=DEFAULT_WORDS, max_length: int = 16) -> None:
+    """Write vocab.json/merges.txt/tokenizer_config.json for a small CLIP BPE tokenizer."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    vocab: list[str] = chars + [c + "</w>" for c in chars]
+    merges: list[str] = []
+    seen = set(vocab)
+    for word in words:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            pair = (symbols[0], symbols[1])
+            merged = pair[0] + pair[1]
+            if merged not in seen:
+                merges.append(f"{pair[0]} {pair[1]}")
+                vocab.append(merged)
+                seen.add(merged)
+            symbols = [merged] + symbols[2:]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "CLIPTokenizer",
+                "model_max_length": max_length,
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                "do_lower_case": True,
+            }
+        )
+    )
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"})
+    )
+
+
+def build_tiny_model(
+    folder: str | Path,
+    *,
+    latent: bool = False,
+    size: int = 32,
+    channels: tuple[int, ...] = (32, 64),
+    text_dim: int = 32,
+    seed: int = 0,
+    words=DEFAULT_WORDS,
+    max_length: int = 16,
+) -> Path:
+    """Build a random-weight UNet3D text-to-video model and save it as a diffusers folder.
+
+    ``latent=True`` adds a small AutoencoderKL (factor 2), otherwise the model works on pixels.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_clip_tokenizer(folder / "tokenizer", words=words, max_length=max_length)
+    tok = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tok),
+            hidden_size=text_dim,
+            intermediate_size=text_dim * 2,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=max_length,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
+    factor = 2 if latent else 1
+    n = len(channels)
+    unet = UNet3DConditionModel(
+        sample_size=size // factor,
+        in_channels=4 if latent else 3,
+        out_channels=4 if latent else 3,
+        down_block_types=("CrossAttnDownBlock3D",) * (n - 1) + ("DownBlock3D",),
+        up_block_types=("UpBlock3D",) + ("CrossAttnUpBlock3D",) * (n - 1),
+        block_out_channels=channels,
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=text_dim,
+        attention_head_dim=8,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000,
+    )
+    index = {
+        "_class_name": "TextToVideoSDPipeline",
+        "_diffusers_version": "0.30.0",
+        "unet": ["diffusers", "UNet3DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "vae": [None, None],
+    }
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    scheduler.save_pretrained(folder / "scheduler")
+    if latent:
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=(16, 16), layers_per_block=1, norm_num_groups=8, sample_size=size,
+        )
+        vae.save_pretrained(folder / "vae", safe_serialization=True)
+        index["vae"] = ["diffusers", "AutoencoderKL"]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
