@@ -94,7 +94,8 @@ def _load(cls, folder: Path, allow_pickle: bool):
     kwargs = {"local_files_only": True}
     if hasattr(cls, "from_pretrained"):
         try:
-            return cls.from_pretrained(str(folder), use_safetensors=not allow_pickle, **kwargs)
+            # None = prefer safetensors, fall back to pickle; True = safetensors only
+            return cls.from_pretrained(str(folder), use_safetensors=None if allow_pickle else True, **kwargs)
         except TypeError:  # tokenizers/schedulers take no use_safetensors
             return cls.from_pretrained(str(folder), **kwargs)
     raise FastDMError(f"class {cls.__name__} cannot be loaded from a folder (no from_pretrained)")

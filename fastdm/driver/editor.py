@@ -209,7 +209,7 @@ class Editor:
                 l_t = sum(temporal_ssm_loss(keys_edit[n], keys_src[n], config.loss_backend) for n in layers) / len(layers)
                 (config.s_ssm_weight * l_s + config.t_ssm_weight * l_t).backward()
                 del keys_edit, keys_src
-                losses["s_ssm"], losses["t_ssm"] = float(l_s), float(l_t)
+                losses["s_ssm"], losses["t_ssm"] = float(l_s.detach()), float(l_t.detach())
                 x.grad.add_(g)
             else:
                 x.grad = g

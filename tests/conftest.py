@@ -1,0 +1,49 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A random-weight pixel-space UNet3D model saved as a diffusers folder."""
+    from fastdm.testing import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny_pixel"), latent=False, size=16, channels=(16, 32)))
+
+
+@pytest.fixture(scope="session")
+def tiny_latent_model(tmp_path_factory):
+    from fastdm.testing import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny_latent"), latent=True, size=16, channels=(16, 32)))
+
+
+@pytest.fixture(scope="session")
+def editor(tiny_model):
+    from fastdm import Editor
+
+    return Editor.from_pretrained(tiny_model)
+
+
+@pytest.fixture
+def clip():
+    """4 frames, 16x16: a red circle moving right."""
+    from fastdm.shapes import render_clip
+
+    return render_clip("red", "circle", "right", size=16, frames=4, radius=4, speed=2)
+
+
+@pytest.fixture
+def clip_file(tmp_path, clip):
+    from fastdm.io import write_video
+
+    p = tmp_path / "clip.gif"
+    write_video(p, clip, fps=10)
+    return p

@@ -1,0 +1,126 @@
+"""Video in/out, resize + crop, masks and boxes."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fastdm.errors import FastDMError
+from fastdm.io import boxes_to_mask, check_output_path, load_mask, plan_crop, read_frames, read_video, resize_crop, write_video
+from fastdm.shapes import render_clip
+
+
+def test_gif_roundtrip_is_lossless_and_keeps_fps(tmp_path):
+    clip = render_clip("green", "square", "down", size=16, frames=5, radius=4, speed=2)
+    p = tmp_path / "c.gif"
+    write_video(p, clip, fps=10)
+    frames, fps = read_video(p)
+    assert np.array_equal(frames, clip) and fps == pytest.approx(10)
+
+
+def test_mp4_roundtrip_and_atomic_no_leftovers(tmp_path):
+    clip = render_clip("white", "circle", "left", size=32, frames=6, radius=8, speed=2)
+    p = tmp_path / "c.mp4"
+    write_video(p, clip, fps=12)
+    frames, fps = read_video(p)
+    assert frames.shape == clip.shape and fps == pytest.approx(12)
+    assert np.abs(frames.astype(int) - clip).mean() < 6
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["c.mp4"]
+
+
+def test_frame_folder_frames_stride(tmp_path):
+    import imageio.v3 as iio
+
+    clip = render_clip("red", "triangle", "up", size=16, frames=7, radius=4, speed=1)
+    for i, f in enumerate(clip):
+        iio.imwrite(tmp_path / f"{i:03d}.png", f)
+    arr, _, idx = read_frames(tmp_path, frames=3, stride=2)
+    assert idx == [0, 2, 4] and np.array_equal(arr, clip[[0, 2, 4]])
+
+
+def test_resize_and_centre_crop():
+    frames = np.zeros((1, 20, 40, 3), np.uint8)
+    frames[:, :, 10:30] = 255  # centre band of the 40-wide frame
+    crop = plan_crop((40, 20), (16, 16))
+    out = resize_crop(frames, crop)
+    assert out.shape == (1, 16, 16, 3)
+    assert crop.scale == pytest.approx(0.8) and crop.x == 8 and crop.y == 0
+    assert out[0, :, 2:14].min() > 200  # the band (x 8..24 after scaling) covers the crop's middle
+
+
+def test_boxes_interpolate_keyframes(tmp_path):
+    p = tmp_path / "b.json"
+    p.write_text(json.dumps({"0": [0, 0, 4, 4], "4": [8, 0, 12, 4]}))
+    crop = plan_crop((16, 16), (16, 16))
+    m = boxes_to_mask(str(p), indices=[0, 2, 4, 6], src_size=(16, 16), crop=crop)
+    assert m.shape == (4, 16, 16)
+    cols = [np.nonzero(m[i].any(0))[0] for i in range(4)]
+    assert (cols[0].min(), cols[0].max()) == (0, 3)
+    assert (cols[1].min(), cols[1].max()) == (4, 7)  # halfway: [4, 0, 8, 4]
+    assert (cols[2].min(), cols[2].max()) == (8, 11)
+    assert np.array_equal(m[3], m[2])  # held after the last keyframe
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ("[[0, 0, 20, 4]]", "outside"),
+        ("[[5, 5, 2, 8]]", "outside"),
+        ("{not json", "not valid JSON"),
+        ("[[1, 2, 3]]", r"\[x0, y0, x1, y1\]"),
+        ("[]", "no boxes"),
+    ],
+)
+def test_bad_boxes(tmp_path, content, match):
+    p = tmp_path / "b.json"
+    p.write_text(content)
+    with pytest.raises(FastDMError, match=match):
+        boxes_to_mask(str(p), indices=[0], src_size=(16, 16), crop=plan_crop((16, 16), (16, 16)))
+
+
+def test_mask_video_and_single_image(tmp_path):
+    import imageio.v3 as iio
+
+    clip = render_clip("white", "square", "right", size=16, frames=4, radius=4, speed=2)
+    write_video(tmp_path / "m.gif", clip, fps=8)
+    crop = plan_crop((16, 16), (16, 16))
+    m = load_mask(str(tmp_path / "m.gif"), indices=[0, 1, 2, 3], src_size=(16, 16), total_frames=4, crop=crop)
+    assert m.shape == (4, 16, 16) and set(np.unique(m)) == {0.0, 1.0}
+    assert np.array_equal(m > 0, clip.mean(-1) > 127.5)
+    iio.imwrite(tmp_path / "one.png", clip[0])
+    m1 = load_mask(str(tmp_path / "one.png"), indices=[0, 1, 2], src_size=(16, 16), total_frames=None, crop=crop)
+    assert m1.shape == (3, 16, 16) and np.array_equal(m1[2], m1[0])
+    with pytest.raises(FastDMError, match="frames but the video has 6"):
+        load_mask(str(tmp_path / "m.gif"), indices=[0], src_size=(16, 16), total_frames=6, crop=crop)
+    with pytest.raises(FastDMError, match="video's size"):
+        load_mask(str(tmp_path / "m.gif"), indices=[0], src_size=(32, 16), total_frames=4, crop=crop)
+
+
+def test_bad_video_files(tmp_path):
+    (tmp_path / "text.mp4").write_text("this is not a video\n")
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    (tmp_path / "x.txt").write_text("hi")
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(FastDMError, match="not a valid mp4"):
+        read_frames(tmp_path / "text.mp4")
+    with pytest.raises(FastDMError, match="empty"):
+        read_frames(tmp_path / "empty.mp4")
+    with pytest.raises(FastDMError, match="unsupported type"):
+        read_frames(tmp_path / "x.txt")
+    with pytest.raises(FastDMError, match="no .png/.jpg frames"):
+        read_frames(tmp_path / "nothing")
+    with pytest.raises(FastDMError, match="does not exist"):
+        read_frames(tmp_path / "missing.mp4")
+
+
+def test_output_path_checks(tmp_path):
+    inp = tmp_path / "in.mp4"
+    inp.write_bytes(b"x")
+    with pytest.raises(FastDMError, match="never overwrites"):
+        check_output_path(inp, inputs=[inp])
+    with pytest.raises(FastDMError, match="does not exist"):
+        check_output_path(tmp_path / "no" / "o.mp4")
+    with pytest.raises(FastDMError, match="must end in"):
+        check_output_path(tmp_path / "o.avi")
+    with pytest.raises(FastDMError, match="cannot write"):
+        check_output_path("/proc/o.mp4")

@@ -1,0 +1,100 @@
+"""Model loading through the real loader: folders, safety switches, errors."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from fastdm.backbone import load_backbone
+from fastdm.errors import FastDMError
+
+
+def test_pixel_and_latent_models_load(tiny_model, tiny_latent_model):
+    px = load_backbone(tiny_model)
+    assert px.info.space == "pixel" and px.info.spatial_factor == 1 and px.valid_range == (-1.0, 1.0)
+    lat = load_backbone(tiny_latent_model)
+    assert lat.info.space == "latent" and lat.info.spatial_factor == 2 and lat.valid_range is None
+    assert px.alphas_cumprod.shape == (1000,) and px.alphas_cumprod.dtype == torch.float64
+    frames = torch.rand(3, 3, 16, 16) * 2 - 1
+    assert lat.to_working(frames).shape == (1, 4, 3, 8, 8)
+    assert lat.from_working(lat.to_working(frames)).shape == (3, 3, 16, 16)
+    assert torch.equal(px.from_working(px.to_working(frames)), frames)
+
+
+def test_text_encoder_release(tiny_model):
+    bb = load_backbone(tiny_model)
+    e = bb.encode_prompts(["a red circle", ""])
+    assert e.shape[0] == 2
+    bb.release_text_encoder()
+    assert bb.text_encoder is None
+    with pytest.raises(RuntimeError):
+        bb.encode_prompts(["x"])
+
+
+@pytest.mark.parametrize(
+    "path,match",
+    [
+        ("cerspense/zeroscope_v2_576w", "download"),
+        ("/nonexistent/model", "does not exist"),
+    ],
+)
+def test_missing_folder_or_hub_id(path, match):
+    with pytest.raises(FastDMError, match=match):
+        load_backbone(path)
+
+
+def test_incomplete_folders(tmp_path, tiny_model):
+    with pytest.raises(FastDMError, match="model_index.json"):
+        load_backbone(str(tmp_path))
+    bad = tmp_path / "m"
+    shutil.copytree(tiny_model, bad)
+    shutil.rmtree(bad / "text_encoder")
+    with pytest.raises(FastDMError, match="text_encoder/"):
+        load_backbone(str(bad))
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(FastDMError, match="is a file"):
+        load_backbone(str(f))
+
+
+def test_pickle_weights_need_allow_pickle(tmp_path, tiny_model):
+    from diffusers import UNet3DConditionModel
+
+    m = tmp_path / "m"
+    shutil.copytree(tiny_model, m)
+    unet = UNet3DConditionModel.from_pretrained(str(m / "unet"))
+    shutil.rmtree(m / "unet")
+    unet.save_pretrained(m / "unet", safe_serialization=False)
+    assert not list((m / "unet").glob("*.safetensors"))
+    with pytest.raises(FastDMError, match="--allow-pickle"):
+        load_backbone(str(m))
+    assert load_backbone(str(m), allow_pickle=True).info.space == "pixel"
+
+
+def test_custom_code_needs_trust_remote_code(tmp_path, tiny_model):
+    m = tmp_path / "m"
+    shutil.copytree(tiny_model, m)
+    (m / "unet" / "my_unet.py").write_text(
+        "from diffusers import UNet3DConditionModel\n\nclass MyUNet(UNet3DConditionModel):\n    pass\n"
+    )
+    index = json.loads((m / "model_index.json").read_text())
+    index["unet"] = ["my_unet", "MyUNet"]
+    (m / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(FastDMError, match="--trust-remote-code"):
+        load_backbone(str(m))
+    bb = load_backbone(str(m), trust_remote_code=True)
+    assert type(bb.unet).__name__ == "MyUNet"
+
+
+def test_cuda_without_gpu_is_explained(tiny_model):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(FastDMError, match="no CUDA GPU"):
+        load_backbone(tiny_model, device="cuda")
+
+
+def test_kernels_package_installed_under_fastdm():
+    import fastdm.kernels
+
+    assert fastdm.kernels.__name__ == "fastdm.kernels"
