@@ -61,3 +61,31 @@ def render_clip(colour: str, shape: str, direction: str, *, size: int = 32, fram
         cover = cover.reshape(size, ss, size, ss).mean(axis=(1, 3))
         out[f] = np.round(cover[..., None] * rgb).astype(np.uint8)
     return out
+
+
+def sample_clip(rng: np.random.Generator, *, size: int = 32, frames: int = 8, supersample: int = 2):
+    """A random training clip: (frames (F, S, S, 3) uint8, prompt, metadata).
+
+    Radius 4..size/4 px, speed 1..2.5 px/frame, a start that keeps the whole path inside the frame.
+    """
+    colour = str(rng.choice(list(COLOURS)))
+    shape = str(rng.choice(SHAPES))
+    direction = str(rng.choice(list(DIRECTIONS)))
+    radius = float(rng.uniform(4.0, size / 4))
+    speed = float(rng.uniform(1.0, 2.5))
+    vx, vy = DIRECTIONS[direction]
+    travel = speed * (frames - 1)
+    lo, hi = radius + 1, size - radius - 1
+
+    def axis(v):
+        if v > 0:
+            return float(rng.uniform(lo, max(lo, hi - travel)))
+        if v < 0:
+            return float(rng.uniform(min(hi, lo + travel), hi))
+        return float(rng.uniform(lo, hi))
+
+    start = (axis(vx), axis(vy))
+    clip = render_clip(colour, shape, direction, size=size, frames=frames, radius=radius, speed=speed,
+                       start=start, supersample=supersample)
+    meta = {"colour": colour, "shape": shape, "direction": direction, "radius": radius, "speed": speed, "start": start}
+    return clip, prompt(colour, shape, direction), meta

@@ -1,0 +1,224 @@
+"""Train the default model: a tiny pixel-space text-to-video model of the shapes world.
+
+Same classes as the real backbones: a small diffusers ``UNet3DConditionModel`` (pixel space,
+cross-attention only at 8x8), a small transformers ``CLIPTextModel`` trained from scratch and a
+``CLIPTokenizer`` over the shapes vocabulary; epsilon prediction on ZeroScope's DDIM schedule,
+10% conditioning dropout so classifier-free guidance works.
+
+Seeded and resumable: ``--state`` holds model, EMA, optimizer and RNG states, written atomically
+every ``--ckpt-minutes``; rerunning the same command continues where it stopped. ``--minutes``
+bounds this run's wall time. At the end (or with ``--export-only``) the EMA weights are saved
+as a diffusers-format folder (safetensors) to ``--export``; the loss curve goes to ``--log``.
+
+    python tools/train_shapes.py --minutes 90
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from fastdm.io.atomic import atomic_output  # noqa: E402
+from fastdm.shapes import COLOURS, DIRECTIONS, SHAPES, sample_clip  # noqa: E402
+from fastdm.testing import write_clip_tokenizer  # noqa: E402
+
+WORDS = ("a", "moving", *COLOURS, *SHAPES, *DIRECTIONS)
+SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                 set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000, prediction_type="epsilon")
+MODEL = dict(
+    sample_size=32, in_channels=3, out_channels=3,
+    down_block_types=("DownBlock3D", "DownBlock3D", "CrossAttnDownBlock3D"),
+    up_block_types=("CrossAttnUpBlock3D", "UpBlock3D", "UpBlock3D"),
+    block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8,
+    cross_attention_dim=64, attention_head_dim=8,
+)
+TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16)
+DEFAULT_STATE = ROOT / "tools" / "checkpoints" / "shapes" / "state.pt"
+DEFAULT_LOG = ROOT / "tools" / "checkpoints" / "shapes" / "loss.csv"
+DEFAULT_EXPORT = ROOT / "fastdm" / "assets" / "models" / "shapes"
+
+
+def build(tok_dir: Path):
+    from diffusers import DDIMScheduler, UNet3DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    write_clip_tokenizer(tok_dir, words=WORDS, max_length=TEXT["max_position_embeddings"])
+    tok = CLIPTokenizer.from_pretrained(str(tok_dir))
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                        pad_token_id=tok.pad_token_id, **TEXT))
+    unet = UNet3DConditionModel(**MODEL)
+    return tok, text, unet, DDIMScheduler(**SCHEDULER)
+
+
+def batch(rng: np.random.Generator, n: int, frames: int, size: int, p_uncond: float):
+    clips, prompts = [], []
+    for _ in range(n):
+        c, p, _ = sample_clip(rng, size=size, frames=frames)
+        clips.append(c)
+        prompts.append("" if rng.random() < p_uncond else p)
+    x = torch.from_numpy(np.stack(clips)).float().div(127.5).sub(1.0)  # (B, F, H, W, 3)
+    return x.permute(0, 4, 1, 2, 3).contiguous(), prompts  # (B, 3, F, H, W)
+
+
+def save_state(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp:
+        torch.save(state, tmp)
+
+
+def export(folder: Path, tok_dir: Path, text, unet, ema: dict, scheduler, info: dict) -> None:
+    """Write the EMA weights as a diffusers-format model folder (atomically, via a temp folder)."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    live = {k: v.clone() for k, v in {**{"u." + k: v for k, v in unet.state_dict().items()},
+                                      **{"t." + k: v for k, v in text.state_dict().items()}}.items()}
+    load_ema(unet, text, ema)
+    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    text.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+    load_ema(unet, text, live)
+    shutil.copytree(tok_dir, tmp / "tokenizer")
+    scheduler.save_pretrained(tmp / "scheduler")
+    index = {"_class_name": "TextToVideoSDPipeline", "_diffusers_version": "0.30.0",
+             "unet": ["diffusers", "UNet3DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"], "vae": [None, None]}
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+    (tmp / "fastdm.json").write_text(json.dumps({"native_size": [32, 32], **info}, indent=2))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+def ema_of(unet, text) -> dict:
+    return {**{"u." + k: v.detach().clone() for k, v in unet.state_dict().items()},
+            **{"t." + k: v.detach().clone() for k, v in text.state_dict().items()}}
+
+
+def load_ema(unet, text, ema: dict) -> None:
+    unet.load_state_dict({k[2:]: v for k, v in ema.items() if k.startswith("u.")})
+    text.load_state_dict({k[2:]: v for k, v in ema.items() if k.startswith("t.")})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=100_000, help="stop after this many optimizer steps in total")
+    ap.add_argument("--minutes", type=float, default=60.0, help="wall-time budget of this run")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--frames", type=int, default=8)
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--ema", type=float, default=0.995)
+    ap.add_argument("--p-uncond", type=float, default=0.1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ckpt-minutes", type=float, default=10.0)
+    ap.add_argument("--state", default=str(DEFAULT_STATE))
+    ap.add_argument("--log", default=str(DEFAULT_LOG))
+    ap.add_argument("--export", default=str(DEFAULT_EXPORT))
+    ap.add_argument("--export-only", action="store_true")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    state_path, log_path = Path(args.state), Path(args.log)
+    tok_dir = state_path.parent / "tokenizer"
+    torch.manual_seed(args.seed)
+    tok, text, unet, scheduler = build(tok_dir)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    rng = np.random.default_rng(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    step, seconds, ema = 0, 0.0, ema_of(unet, text)
+    if state_path.is_file():
+        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        unet.load_state_dict(st["unet"])
+        text.load_state_dict(st["text"])
+        opt.load_state_dict(st["opt"])
+        ema = st["ema"]
+        rng.bit_generator.state = st["np_rng"]
+        gen.set_state(st["torch_rng"])
+        step, seconds = st["step"], st["seconds"]
+        print(f"resumed at step {step} ({seconds / 60:.1f} min trained)", flush=True)
+    n_unet = sum(p.numel() for p in unet.parameters())
+    n_text = sum(p.numel() for p in text.parameters())
+    info = {"trained_steps": step, "train_minutes_2core_cpu": round(seconds / 60, 1), "unet_params": n_unet,
+            "text_params": n_text, "batch": args.batch, "frames": args.frames, "size": args.size}
+
+    def checkpoint():
+        save_state(state_path, {"unet": unet.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(), "ema": ema,
+                                "np_rng": rng.bit_generator.state, "torch_rng": gen.get_state(), "step": step,
+                                "seconds": seconds, "args": vars(args)})
+
+    if not args.export_only:
+        print(f"unet {n_unet / 1e6:.2f} M params, text encoder {n_text / 1e6:.2f} M", flush=True)
+        alphas = scheduler.alphas_cumprod.float()
+        new_log = not log_path.exists()
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        logf = open(log_path, "a", newline="")
+        writer = csv.writer(logf)
+        if new_log:
+            writer.writerow(["step", "loss", "train_seconds"])
+        t_run, t_ckpt, run_loss = time.time(), time.time(), []
+        unet.train()
+        text.train()
+        while step < args.steps and (time.time() - t_run) < args.minutes * 60:
+            t0 = time.time()
+            x0, prompts = batch(rng, args.batch, args.frames, args.size, args.p_uncond)
+            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+            t = torch.randint(0, 1000, (args.batch,), generator=gen)
+            noise = torch.randn(x0.shape, generator=gen)
+            a = alphas[t].view(-1, 1, 1, 1, 1)
+            x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            pred = unet(x_t, t, encoder_hidden_states=text(ids)[0], return_dict=False)[0]
+            loss = torch.nn.functional.mse_loss(pred, noise)
+            lr = args.lr * min(1.0, (step + 1) / args.warmup)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            with torch.no_grad():
+                d = min(args.ema, (1 + step) / (10 + step))
+                live = {**{"u." + k: v for k, v in unet.state_dict().items()}, **{"t." + k: v for k, v in text.state_dict().items()}}
+                for k, v in ema.items():
+                    if v.dtype.is_floating_point:
+                        v.mul_(d).add_(live[k], alpha=1 - d)
+                    else:
+                        v.copy_(live[k])
+            seconds += time.time() - t0
+            run_loss.append(loss.item())
+            if step % 25 == 0:
+                writer.writerow([step, f"{np.mean(run_loss):.5f}", f"{seconds:.1f}"])
+                logf.flush()
+                print(f"step {step} loss {np.mean(run_loss):.4f} ({seconds / step:.2f} s/step, {seconds / 60:.1f} min)", flush=True)
+                run_loss = []
+            if time.time() - t_ckpt > args.ckpt_minutes * 60:
+                checkpoint()
+                t_ckpt = time.time()
+        logf.close()
+        checkpoint()
+        info.update(trained_steps=step, train_minutes_2core_cpu=round(seconds / 60, 1))
+    unet.eval()
+    text.eval()
+    export(Path(args.export), tok_dir, text, unet, ema, scheduler, info)
+    print(f"exported {args.export} at step {step}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
