@@ -109,3 +109,11 @@ def test_bad_frames_and_config(editor, clip):
         editor.edit(clip, cfg(), mask=np.ones((3, 16, 16), np.float32))
     with pytest.raises(FastDMError, match="no spatial self-attention layer"):
         editor.edit(clip, cfg(tap_layers=("nothing.*",)))
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_reduced_precision_weights_keep_fp32_video(tiny_model, clip, dtype):
+    ed = Editor.from_pretrained(tiny_model, dtype=dtype)
+    assert next(ed.backbone.unet.parameters()).dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    res = ed.edit(clip, cfg(steps=1))
+    assert res.frames.shape == clip.shape and all(np.isfinite(v) for v in res.report["final_losses"].values())
