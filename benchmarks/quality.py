@@ -1,0 +1,213 @@
+"""Edit-quality benchmark on the shapes world: the full method and the ablations of the paper's Table 3.
+
+A fixed suite of edits (colour swaps, shape swaps, both) on generated clips, each run with
+
+    full       V-DDS + S-SSM + T-SSM, box mask       (DreamMotion)
+    vdds_only  V-DDS alone, box mask                 (w/o S-SSM and T-SSM)
+    no_sssm    V-DDS + T-SSM, box mask               (w/o S-SSM)
+    no_tssm    V-DDS + S-SSM, box mask               (w/o T-SSM)
+    no_mask    V-DDS + S-SSM + T-SSM, no mask        (w/o mask)
+
+and scored with weight-free metrics: target colour reached in every frame, target shape in most
+frames, centroid drift (px), optical-flow motion fidelity and frame consistency.
+
+Runs are cached one line each in ``results/quality-<machine>.runs.jsonl`` so the suite can be
+run in pieces (``--minutes``) across sessions; the summary files
+``results/quality-<machine>.{json,md}`` are rewritten from the cache after every run.
+
+    python -m benchmarks.quality [--model DIR] [--configs full,vdds_only] [--minutes 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import RESULTS, machine_description, machine_name, write_results
+from benchmarks.shapes_metrics import centroid_drift, object_mask, video_summary
+from fastdm.shapes import COLOURS, DIRECTIONS, SHAPES, prompt, render_clip
+
+CONFIGS = {
+    "full": dict(mask=True),
+    "vdds_only": dict(mask=True, s_ssm_weight=0.0, t_ssm_weight=0.0),
+    "no_sssm": dict(mask=True, s_ssm_weight=0.0),
+    "no_tssm": dict(mask=True, t_ssm_weight=0.0),
+    "no_mask": dict(mask=False),
+}
+
+
+def build_suite(seed: int = 0, n_colour: int = 12, n_shape: int = 6, n_both: int = 6, size: int = 32, frames: int = 8) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    cases = []
+    for kind, count in (("colour", n_colour), ("shape", n_shape), ("both", n_both)):
+        for i in range(count):
+            colour, shape, direction = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), str(rng.choice(list(DIRECTIONS)))
+            t_colour = colour if kind == "shape" else str(rng.choice([c for c in COLOURS if c != colour]))
+            t_shape = shape if kind == "colour" else str(rng.choice([s for s in SHAPES if s != shape]))
+            cases.append(dict(
+                id=f"{kind}-{i:02d}", kind=kind, colour=colour, shape=shape, direction=direction,
+                target_colour=t_colour, target_shape=t_shape,
+                radius=float(rng.uniform(5.0, 7.0)), speed=float(rng.uniform(1.5, 2.0)), size=size, frames=frames,
+                source_prompt=prompt(colour, shape, direction), target_prompt=prompt(t_colour, t_shape, direction),
+            ))
+    return cases
+
+
+def render_case(case: dict) -> np.ndarray:
+    return render_clip(case["colour"], case["shape"], case["direction"], size=case["size"], frames=case["frames"],
+                       radius=case["radius"], speed=case["speed"])
+
+
+def box_mask(clip: np.ndarray, margin: int = 2) -> np.ndarray:
+    """Per-frame bounding boxes of the source object, grown by ``margin`` px: (F, H, W) float32."""
+    out = np.zeros(clip.shape[:3], np.float32)
+    for i, f in enumerate(clip):
+        ys, xs = np.nonzero(object_mask(f))
+        if len(xs):
+            out[i, max(0, ys.min() - margin) : ys.max() + margin + 1, max(0, xs.min() - margin) : xs.max() + margin + 1] = 1
+    return out
+
+
+def score(case: dict, source: np.ndarray, edit: np.ndarray) -> dict:
+    from fastdm.metrics import frame_consistency, motion_fidelity
+
+    s = video_summary(edit)
+    mf = motion_fidelity(source, edit)
+    shape_hits = sum(x == case["target_shape"] for x in s["shapes"])
+    return {
+        "colour_ok": all(c == case["target_colour"] for c in s["colours"]),
+        "colour_frames": s["colours"],
+        "shape_ok": shape_hits * 2 > len(edit),
+        "shape_frames": s["shapes"],
+        "drift_px": centroid_drift(source, edit),
+        "motion_fidelity": mf["fidelity"],
+        "flow_epe_px": mf["epe"],
+        "frame_consistency": frame_consistency(edit),
+    }
+
+
+def summarize(runs: list[dict]) -> dict:
+    out = {}
+    for name in CONFIGS:
+        rs = [r for r in runs if r["config"] == name]
+        if not rs:
+            continue
+        col = [r for r in rs if r["kind"] in ("colour", "both")]
+        shp = [r for r in rs if r["kind"] in ("shape", "both")]
+        drifts = [r["metrics"]["drift_px"] for r in rs]
+        finite = [d for d in drifts if math.isfinite(d)]
+        out[name] = {
+            "edits": len(rs),
+            "colour_success": sum(r["metrics"]["colour_ok"] for r in col) / len(col) if col else None,
+            "shape_success": sum(r["metrics"]["shape_ok"] for r in shp) / len(shp) if shp else None,
+            "mean_drift_px": float(np.mean(finite)) if finite else None,
+            "object_lost": len(drifts) - len(finite),
+            "motion_fidelity": float(np.mean([r["metrics"]["motion_fidelity"] for r in rs])),
+            "flow_epe_px": float(np.mean([r["metrics"]["flow_epe_px"] for r in rs])),
+            "frame_consistency": float(np.mean([r["metrics"]["frame_consistency"] for r in rs])),
+            "seconds_per_edit": float(np.mean([r["seconds"] for r in rs])),
+        }
+    return out
+
+
+def markdown(summary: dict, meta: dict) -> str:
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    lines = [
+        f"# Edit quality on the shapes world ({meta['machine']})",
+        "",
+        f"Machine: {meta['machine_description']}. Model: `{meta['model']}` (unet sha256 {meta['model_hash']}).",
+        f"Suite: {meta['suite_size']} edits (12 colour swaps, 6 shape swaps, 6 both), {meta['steps']} steps, lr {meta['lr']}, SGD.",
+        "",
+        "| config | edits | colour success | shape success | mean drift (px) | object lost | motion fidelity | flow EPE (px) | frame consistency | s / edit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        lines.append(
+            f"| {name} | {s['edits']} | {f(s['colour_success'], '.0%')} | {f(s['shape_success'], '.0%')} | "
+            f"{f(s['mean_drift_px'], '.2f')} | {s['object_lost']} | {s['motion_fidelity']:.3f} | {s['flow_epe_px']:.2f} | "
+            f"{s['frame_consistency']:.3f} | {s['seconds_per_edit']:.0f} |"
+        )
+    lines += ["", "Colour success counts colour and both edits (target colour in every frame); shape success counts",
+              "shape and both edits (target shape in most frames); drift is the mean centroid distance to the source."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    import torch
+
+    from fastdm import EditConfig, Editor
+    from fastdm.backbone import default_model_path
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--lr", type=float, default=0.4)
+    ap.add_argument("--limit", type=int, default=None, help="only the first N cases of the suite")
+    ap.add_argument("--minutes", type=float, default=None, help="stop starting new edits after this long")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--save-videos", default=None, help="folder for source|edit GIFs")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model = args.model or default_model_path()
+    unet_file = next(Path(model, "unet").glob("*.safetensors"))
+    model_hash = hashlib.sha256(unet_file.read_bytes()).hexdigest()[:16]
+    machine = machine_name()
+    cache = RESULTS / f"quality-{machine}.runs.jsonl"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    done = {}
+    if cache.exists():
+        for line in cache.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["config"], r["case"], r["steps"], r["lr"], r["model_hash"])] = r
+    suite = build_suite()
+    cases = suite[: args.limit] if args.limit else suite
+    editor = Editor.from_pretrained(model)
+    t_start = time.time()
+    for name in args.configs.split(","):
+        opts = dict(CONFIGS[name])
+        use_mask = opts.pop("mask")
+        for case in cases:
+            key = (name, case["id"], args.steps, args.lr, model_hash)
+            if key in done:
+                continue
+            if args.minutes is not None and time.time() - t_start > args.minutes * 60:
+                break
+            clip = render_case(case)
+            cfg = EditConfig(case["source_prompt"], case["target_prompt"], steps=args.steps, lr=args.lr, seed=0, **opts)
+            t0 = time.time()
+            res = editor.edit(clip, cfg, mask=box_mask(clip) if use_mask else None)
+            rec = {"config": name, "case": case["id"], "kind": case["kind"], "steps": args.steps, "lr": args.lr,
+                   "model_hash": model_hash, "seconds": time.time() - t0, "metrics": score(case, clip, res.frames)}
+            with open(cache, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            done[key] = rec
+            m = rec["metrics"]
+            print(f"{name:10s} {case['id']}  colour {m['colour_ok']!s:5s} shape {m['shape_ok']!s:5s} "
+                  f"drift {m['drift_px']:.2f}px  mf {m['motion_fidelity']:.3f}  ({rec['seconds']:.0f}s)", flush=True)
+            if args.save_videos:
+                from fastdm.io import side_by_side, write_video
+
+                Path(args.save_videos).mkdir(parents=True, exist_ok=True)
+                write_video(Path(args.save_videos) / f"{name}-{case['id']}.gif", side_by_side(clip, res.frames), 8)
+    runs = [r for r in done.values() if r["steps"] == args.steps and r["lr"] == args.lr and r["model_hash"] == model_hash]
+    meta = {"machine": machine, "machine_description": machine_description(), "model": model, "model_hash": model_hash,
+            "suite_size": len(suite), "steps": args.steps, "lr": args.lr}
+    summary = summarize(runs)
+    j, m = write_results(f"quality-{machine}", {"meta": meta, "summary": summary, "suite": suite}, markdown(summary, meta))
+    print(markdown(summary, meta))
+    print("wrote", j, m)
+
+
+if __name__ == "__main__":
+    main()
