@@ -1,9 +1,67 @@
 """Triton kernels of fastdm, installed as ``fastdm.kernels``.
 
-This folder is filled by the kernels work (fused self-similarity losses, fused key extraction).
-Each op will live in one file holding the Triton kernel and its ``torch.autograd.Function``,
-with its plain-PyTorch twin beside it. Until then the PyTorch forms in ``fastdm.losses`` are
-the only backends.
+One file per op, each holding its Triton kernels and ``torch.autograd.Function``:
+
+* ``ssm_spatial``  fused S-SSM loss, forward + backward, never writes an N x N matrix
+* ``ssm_temporal`` fused T-SSM loss, one pass over the keys
+
+Their plain-PyTorch twins are the ``"torch"`` backends of ``fastdm.losses``. Like xformers'
+operators, the Triton backend says why it refuses an input (:func:`not_supported_reasons`);
+``fastdm.losses`` dispatches on that.
+
+Triton runs on CUDA GPUs, or on the CPU through its interpreter when ``TRITON_INTERPRET=1`` is set
+before triton is imported (tests do this; it is slow and has no bf16 arithmetic).
 """
 
-AVAILABLE: tuple[str, ...] = ()
+from __future__ import annotations
+
+import os
+
+import torch
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        return f"triton is not importable ({type(e).__name__}: {e}); pip install triton"
+    return None
+
+
+def not_supported_reasons(keys: torch.Tensor, keys_ref: torch.Tensor | None = None) -> list[str]:
+    """Why the Triton SSM kernels cannot take these inputs (empty list = supported)."""
+    reasons = []
+    err = triton_import_error()
+    if err:
+        reasons.append(err)
+    if keys.device.type != "cuda" and not interpreting():
+        reasons.append(f"keys are on {keys.device.type}; the Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1 on the CPU)")
+    if keys.dtype not in DTYPES:
+        reasons.append(f"dtype {keys.dtype} is not supported (fp32, fp16, bf16)")
+    elif keys.dtype == torch.bfloat16 and keys.device.type != "cuda" and interpreting():
+        reasons.append("the Triton interpreter has no bf16 arithmetic; use a GPU or the torch backend")
+    if keys_ref is not None and (keys_ref.dtype != keys.dtype or keys_ref.device != keys.device):
+        reasons.append("keys and keys_ref must share dtype and device")
+    if keys.numel() >= 2**31:
+        reasons.append(f"{keys.numel()} elements exceed the kernels' 32-bit indexing")
+    return reasons
+
+
+def spatial_ssm_loss(keys: torch.Tensor, keys_ref: torch.Tensor) -> torch.Tensor:
+    from .ssm_spatial import spatial_ssm_loss_triton
+
+    return spatial_ssm_loss_triton(keys.reshape(-1, *keys.shape[-2:]), keys_ref.reshape(-1, *keys.shape[-2:]))
+
+
+def temporal_ssm_loss(keys: torch.Tensor, keys_ref: torch.Tensor) -> torch.Tensor:
+    from .ssm_temporal import temporal_ssm_loss_triton
+
+    if keys.dim() == 3:
+        keys, keys_ref = keys[None], keys_ref[None]
+    return temporal_ssm_loss_triton(keys, keys_ref)

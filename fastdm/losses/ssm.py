@@ -26,8 +26,9 @@ Backends
 
              and the analytic gradient is ``dL/dA = 4 (D A^T A + B D^T A) / (G N^2)``. For
              N <= C the N x N difference (no larger than a C x C product) is formed directly.
-``"triton"`` fused kernels (see ``fastdm.kernels``), added by the kernels work.
-``"auto"``   the best available backend for the input (``"torch"`` on CPU).
+``"triton"`` fused Triton kernels (``fastdm.kernels``): same algebra, never an N x N matrix in
+             memory; refuses inputs it cannot take with the reasons (device, dtype, shape).
+``"auto"``   ``"triton"`` for CUDA inputs it supports, otherwise ``"torch"``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import torch
 from ..errors import FastDMError
 
 _EPS = 1e-12
-BACKENDS = ("auto", "naive", "torch")
+BACKENDS = ("auto", "naive", "torch", "triton")
 
 
 def _flatten(keys: torch.Tensor, keys_ref: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,10 +55,22 @@ def _flatten(keys: torch.Tensor, keys_ref: torch.Tensor, name: str) -> tuple[tor
     return keys, keys_ref.detach()
 
 
-def _resolve(backend: str, name: str) -> str:
+def _resolve(backend: str, name: str, keys: torch.Tensor, keys_ref: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise FastDMError(f"{name}: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    return "torch" if backend == "auto" else backend
+    if backend == "auto":
+        if keys.device.type != "cuda":
+            return "torch"
+        from fastdm.kernels import not_supported_reasons
+
+        return "torch" if not_supported_reasons(keys, keys_ref) else "triton"
+    if backend == "triton":
+        from fastdm.kernels import not_supported_reasons
+
+        reasons = not_supported_reasons(keys, keys_ref)
+        if reasons:
+            raise FastDMError(f"{name}: backend 'triton' cannot take this input: {'; '.join(reasons)}")
+    return backend
 
 
 def normalized_difference(
@@ -131,8 +144,12 @@ def _spatial_naive(k: torch.Tensor, kr: torch.Tensor) -> torch.Tensor:
 
 def spatial_ssm_loss(keys: torch.Tensor, keys_ref: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """S-SSM: mean squared difference of per-frame cosine self-similarity matrices (fp32 scalar)."""
-    backend = _resolve(backend, "spatial_ssm_loss")
     k, kr = _flatten(keys, keys_ref, "spatial_ssm_loss")
+    backend = _resolve(backend, "spatial_ssm_loss", k, kr)
+    if backend == "triton":
+        from fastdm.kernels import spatial_ssm_loss as triton_loss
+
+        return triton_loss(k, kr)
     if backend == "naive":
         return _spatial_naive(k, kr)
     return _SpatialSSMTorch.apply(k, kr)
@@ -140,8 +157,12 @@ def spatial_ssm_loss(keys: torch.Tensor, keys_ref: torch.Tensor, backend: str = 
 
 def temporal_ssm_loss(keys: torch.Tensor, keys_ref: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """T-SSM: mean squared difference of the F x F cosine similarity of per-frame mean keys."""
-    backend = _resolve(backend, "temporal_ssm_loss")
     k, kr = _flatten(keys, keys_ref, "temporal_ssm_loss")
+    backend = _resolve(backend, "temporal_ssm_loss", k, kr)
+    if backend == "triton":
+        from fastdm.kernels import temporal_ssm_loss as triton_loss
+
+        return triton_loss(k, kr)
     m, mr = k.float().mean(dim=-2), kr.float().mean(dim=-2)  # (B, F, C)
     if backend == "naive":
         a = torch.nn.functional.normalize(m, dim=-1, eps=_EPS)

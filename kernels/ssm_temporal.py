@@ -1,0 +1,88 @@
+"""Fused T-SSM loss (Triton): one pass over the keys forward, one broadcast write backward.
+
+Per frame the spatial mean of the keys M (B, F, C), the F x F cosine similarity TS of its rows,
+loss = mean over the F*F entries (and the batch) of (TS - TS_ref)^2.
+
+The kernel reads K and K_ref once and produces, per frame, sum(K), sum(K_ref) and sum(K - K_ref)
+in fp32 (the last keeps the mean difference exact when K ~= K_ref). The F x F algebra is tiny and
+runs in PyTorch on those sums, differentiated analytically at forward time; the backward of the
+mean is then dK[g, n, :] = (dL/dM + dL/dE)[g, :] / N for every token n, a single broadcast write.
+Its plain-PyTorch twin is ``fastdm.losses.ssm.temporal_ssm_loss(backend="torch")``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _frame_sums_kernel(k_ptr, r_ptr, sk_ptr, sr_ptr, se_ptr, N, C, BN: tl.constexpr, BC: tl.constexpr):
+    g = tl.program_id(0)
+    offs_c = tl.program_id(1) * BC + tl.arange(0, BC)
+    mc = offs_c < C
+    ak = tl.zeros([BC], dtype=tl.float32)
+    ar = tl.zeros([BC], dtype=tl.float32)
+    ae = tl.zeros([BC], dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        m = (offs_n[:, None] < N) & mc[None, :]
+        idx = (g * N + offs_n)[:, None] * C + offs_c[None, :]
+        k = tl.load(k_ptr + idx, mask=m, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + idx, mask=m, other=0.0).to(tl.float32)
+        ak += tl.sum(k, axis=0)
+        ar += tl.sum(r, axis=0)
+        ae += tl.sum(k - r, axis=0)
+    tl.store(sk_ptr + g * C + offs_c, ak, mask=mc)
+    tl.store(sr_ptr + g * C + offs_c, ar, mask=mc)
+    tl.store(se_ptr + g * C + offs_c, ae, mask=mc)
+
+
+def frame_sums(k: torch.Tensor, r: torch.Tensor):
+    """(G, N, C) keys -> per-frame sums of K, K_ref and K - K_ref, each (G, C) fp32."""
+    g, n, c = k.shape
+    out = [torch.empty(g, c, device=k.device, dtype=torch.float32) for _ in range(3)]
+    bc = max(16, min(128, triton.next_power_of_2(c)))
+    bn = max(16, min(64, triton.next_power_of_2(n)))
+    _frame_sums_kernel[(g, triton.cdiv(c, bc))](k, r, *out, n, c, BN=bn, BC=bc)
+    return out
+
+
+def _fxf_loss(m: torch.Tensor, mr: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    from fastdm.losses.ssm import normalized_difference
+
+    a, b, d = normalized_difference(m, mr, e=e)
+    x = d @ a.transpose(-1, -2) + b @ d.transpose(-1, -2)
+    return (x * x).mean()
+
+
+class TemporalSSMTriton(torch.autograd.Function):
+    """T-SSM on (B, F, N, C) keys; returns an fp32 scalar."""
+
+    @staticmethod
+    def forward(ctx, keys: torch.Tensor, keys_ref: torch.Tensor) -> torch.Tensor:
+        bsz, f, n, c = keys.shape
+        k = keys.reshape(bsz * f, n, c).contiguous()
+        r = keys_ref.reshape(bsz * f, n, c).contiguous()
+        sk, sr, se = frame_sums(k, r)
+        m, mr, e = (s.view(bsz, f, c) / n for s in (sk, sr, se))
+        with torch.enable_grad():
+            m = m.detach().requires_grad_(True)
+            e = e.detach().requires_grad_(True)
+            loss = _fxf_loss(m, mr, e)
+            gm, ge = torch.autograd.grad(loss, (m, e))
+        ctx.save_for_backward((gm + ge) / n)
+        ctx.meta = (keys.shape, keys.dtype)
+        return loss.detach()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (g_row,) = ctx.saved_tensors
+        shape, dtype = ctx.meta
+        grad = (g_row * grad_out).to(dtype)  # (B, F, C)
+        return grad[:, :, None, :].expand(shape), None
+
+
+def temporal_ssm_loss_triton(keys: torch.Tensor, keys_ref: torch.Tensor) -> torch.Tensor:
+    return TemporalSSMTriton.apply(keys, keys_ref)
