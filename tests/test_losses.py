@@ -103,3 +103,17 @@ def test_bad_inputs_are_explained():
         temporal_ssm_loss(torch.randn(3, 4), torch.randn(3, 4))
     with pytest.raises(FastDMError, match="unknown backend"):
         spatial_ssm_loss(torch.randn(2, 3, 4), torch.randn(2, 3, 4), backend="cuda")
+
+
+@pytest.mark.parametrize("shape", [(5, 30, 4), (5, 4, 30)])
+def test_torch_form_in_frame_chunks(monkeypatch, shape):
+    import fastdm.losses.ssm as ssm
+
+    monkeypatch.setattr(ssm, "_CHUNK_ELEMS", 200)  # forces chunks of one or two frames
+    gen = torch.Generator().manual_seed(7)
+    kr = torch.randn(shape, generator=gen)
+    k = kr + 1e-3 * torch.randn(shape, generator=gen)
+    loss, grad = loss_and_grad(spatial_ssm_loss, k, kr, backend="torch")
+    want_loss, want_grad = loss_and_grad(ref_spatial, k.double(), kr.double())
+    assert len(ssm._chunks(*shape)) > 2
+    assert rel(loss, want_loss) < 1e-4 and rel(grad, want_grad) < 1e-3

@@ -20,12 +20,14 @@ Backends
                  S - S_ref = A A^T - B B^T = D A^T + B D^T
 
              so every term is computed from ``D`` directly. For N > C the squared Frobenius norm
-             is taken through C x C products only (no N x N matrix at all):
+             is taken through C x C products only (no N x N matrix at all): with
+             G_B = B^T B, Q = D^T B, G_D = D^T D,
 
-                 ||S - S_ref||^2 = <D^T D, A^T A + B^T B> + 2 <D^T B, (D^T A)^T>
+                 ||S - S_ref||^2 = 2<G_D, G_B> + 4<G_D, Q> + ||G_D||^2 + 2<Q, Q^T>
 
-             and the analytic gradient is ``dL/dA = 4 (D A^T A + B D^T A) / (G N^2)``. For
-             N <= C the N x N difference (no larger than a C x C product) is formed directly.
+             and the analytic gradient is ``dL/dA = 4 (D G_A + B P) / (G N^2)`` with
+             G_A = A^T A = G_B + Q + Q^T + G_D and P = D^T A = Q + G_D. For N <= C the N x N
+             difference (no larger than a C x C product) is formed per chunk of frames.
 ``"triton"`` fused Triton kernels (``fastdm.kernels``): same algebra, never an N x N matrix in
              memory; refuses inputs it cannot take with the reasons (device, dtype, shape).
 ``"auto"``   ``"triton"`` for CUDA inputs it supports, otherwise ``"torch"``.
@@ -92,46 +94,63 @@ def normalized_difference(
     return a, b, d
 
 
+_CHUNK_ELEMS = 1 << 22  # frames are processed in chunks of about this many key elements
+
+
+def _chunks(g: int, n: int, c: int):
+    step = max(1, _CHUNK_ELEMS // max(1, n * c))
+    return [(i, min(g, i + step)) for i in range(0, g, step)]
+
+
 class _SpatialSSMTorch(torch.autograd.Function):
     """S-SSM loss with the C x C (or small N x N) algebra and an analytic backward.
 
-    Saves only the keys themselves; the backward recomputes the normalized rows.
+    The same algebra as the Triton kernels (``fastdm.kernels.ssm_spatial``), in PyTorch: frames are
+    processed in chunks so that temporaries stay at a few MB; for N > C it keeps only the two
+    C x C matrices per frame that the backward needs (G_A, P), for N <= C nothing but the keys.
     """
 
     @staticmethod
     def forward(ctx, keys: torch.Tensor, keys_ref: torch.Tensor) -> torch.Tensor:
-        k = keys.float().flatten(0, -3)  # (G, N, C)
-        kr = keys_ref.float().flatten(0, -3)
-        g, n, c = k.shape
-        a, b, d = normalized_difference(k, kr)
-        if n <= c:
-            x = d @ a.transpose(1, 2) + b @ d.transpose(1, 2)  # (G, N, N) = S - S_ref
-            total = (x * x).sum()
-        else:
-            gd = d.transpose(1, 2) @ d  # (G, C, C)
-            gab = a.transpose(1, 2) @ a + b.transpose(1, 2) @ b
-            p = d.transpose(1, 2) @ a
-            q = d.transpose(1, 2) @ b
-            total = (gd * gab).sum() + 2.0 * (q * p.transpose(1, 2)).sum()
-        ctx.save_for_backward(keys, keys_ref)
+        g, n, c = keys.shape
+        total = torch.zeros((), dtype=torch.float32, device=keys.device)
+        gram = n > c
+        if gram:
+            ga = torch.empty(g, c, c, dtype=torch.float32, device=keys.device)
+            p = torch.empty_like(ga)
+        for i, j in _chunks(g, n, c):
+            a, b, d = normalized_difference(keys[i:j].float(), keys_ref[i:j].float())
+            if gram:
+                dt = d.transpose(1, 2)
+                gb, q, gd = b.transpose(1, 2) @ b, dt @ b, dt @ d
+                qt = q.transpose(1, 2)
+                total += 2 * (gd * gb).sum() + 4 * (gd * q).sum() + (gd * gd).sum() + 2 * (q * qt).sum()
+                ga[i:j] = gb + q + qt + gd
+                p[i:j] = q + gd
+            else:
+                x = d @ a.transpose(1, 2) + b @ d.transpose(1, 2)  # (chunk, N, N) = S - S_ref
+                total += (x * x).sum()
+        ctx.save_for_backward(keys, keys_ref, *((ga, p) if gram else ()))
         return total / (g * n * n)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        keys, keys_ref = ctx.saved_tensors
-        k = keys.float().flatten(0, -3)
-        kr = keys_ref.float().flatten(0, -3)
-        g, n, c = k.shape
-        a, b, d = normalized_difference(k, kr)
-        if n <= c:
-            x = d @ a.transpose(1, 2) + b @ d.transpose(1, 2)
-            xa = x @ a
-        else:
-            xa = d @ (a.transpose(1, 2) @ a) + b @ (d.transpose(1, 2) @ a)
-        grad_a = xa * (4.0 / (g * n * n)) * grad_out.float()
-        nk = k.norm(dim=-1, keepdim=True).clamp_min(_EPS)
-        grad_k = (grad_a - a * (grad_a * a).sum(-1, keepdim=True)) / nk
-        return grad_k.reshape(keys.shape).to(keys.dtype), None
+        keys, keys_ref, *mats = ctx.saved_tensors
+        g, n, c = keys.shape
+        scale = grad_out.float() * (4.0 / (g * n * n))
+        grad = torch.empty_like(keys)
+        for i, j in _chunks(g, n, c):
+            k = keys[i:j].float()
+            a, b, d = normalized_difference(k, keys_ref[i:j].float())
+            if mats:  # dL/dA = 4 (D G_A + B P) / (G N^2)
+                ga = torch.baddbmm(b @ mats[1][i:j], d, mats[0][i:j])
+            else:  # dL/dA = 4 X A / (G N^2)
+                ga = (d @ a.transpose(1, 2) + b @ d.transpose(1, 2)) @ a
+            ga.mul_(scale)
+            nk = k.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+            ga.sub_(a * (ga * a).sum(-1, keepdim=True)).div_(nk)  # backward of row normalization
+            grad[i:j] = ga.to(keys.dtype)
+        return grad, None
 
 
 def _spatial_naive(k: torch.Tensor, kr: torch.Tensor) -> torch.Tensor:
@@ -152,7 +171,7 @@ def spatial_ssm_loss(keys: torch.Tensor, keys_ref: torch.Tensor, backend: str = 
         return triton_loss(k, kr)
     if backend == "naive":
         return _spatial_naive(k, kr)
-    return _SpatialSSMTorch.apply(k, kr)
+    return _SpatialSSMTorch.apply(k.flatten(0, 1), kr.flatten(0, 1))
 
 
 def temporal_ssm_loss(keys: torch.Tensor, keys_ref: torch.Tensor, backend: str = "auto") -> torch.Tensor:
