@@ -4,6 +4,7 @@ One file per op, each holding its Triton kernels and ``torch.autograd.Function``
 
 * ``ssm_spatial``  fused S-SSM loss, forward + backward, never writes an N x N matrix
 * ``ssm_temporal`` fused T-SSM loss, one pass over the keys
+* ``key_stats``    one pass over keys and source keys giving what both losses need
 
 Their plain-PyTorch twins are the ``"torch"`` backends of ``fastdm.losses``. Like xformers'
 operators, the Triton backend says why it refuses an input (:func:`not_supported_reasons`);
@@ -65,3 +66,18 @@ def temporal_ssm_loss(keys: torch.Tensor, keys_ref: torch.Tensor) -> torch.Tenso
     if keys.dim() == 3:
         keys, keys_ref = keys[None], keys_ref[None]
     return temporal_ssm_loss_triton(keys, keys_ref)
+
+
+def ssm_losses(keys: torch.Tensor, keys_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S-SSM, T-SSM) of ``(B, F, N, C)`` keys from one shared statistics pass over the keys."""
+    from .key_stats import pair_stats
+    from .ssm_spatial import spatial_ssm_loss_triton
+    from .ssm_temporal import temporal_ssm_loss_triton
+
+    if keys.dim() == 3:
+        keys, keys_ref = keys[None], keys_ref[None]
+    bsz, f, n, c = keys.shape
+    k = keys.reshape(bsz * f, n, c).contiguous()
+    r = keys_ref.reshape(bsz * f, n, c).contiguous().detach()
+    rows, sums = pair_stats(k.detach(), r)
+    return spatial_ssm_loss_triton(k, r, rows), temporal_ssm_loss_triton(k.view(bsz, f, n, c), r.view(bsz, f, n, c), sums)

@@ -215,10 +215,10 @@ class SpatialSSMTriton(torch.autograd.Function):
     """S-SSM loss on (G, N, C) contiguous keys; returns an fp32 scalar."""
 
     @staticmethod
-    def forward(ctx, keys: torch.Tensor, keys_ref: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, keys: torch.Tensor, keys_ref: torch.Tensor, stats=None) -> torch.Tensor:
         k, r = keys.contiguous(), keys_ref.contiguous()
         g, n, c = k.shape
-        inv_k, inv_r, coef = row_stats(k, r)
+        inv_k, inv_r, coef = row_stats(k, r) if stats is None else stats
         bn, bc = _blocks(n, c)
         if n > c:
             gb, q, gd = (torch.empty(g, c, c, device=k.device, dtype=torch.float32) for _ in range(3))
@@ -252,9 +252,10 @@ class SpatialSSMTriton(torch.autograd.Function):
             k, r, inv_k, inv_r, coef = ctx.saved_tensors
             grid = (g, triton.cdiv(n, bn), triton.cdiv(c, bc))
             _tiles_bwd_kernel[grid](k, r, inv_k, inv_r, coef, grad_a, float(grad_out) * scale, n, c, BN=bn, BC=bc)
-        return _row_fixup(k, inv_k, grad_a), None
+        return _row_fixup(k, inv_k, grad_a), None, None
 
 
-def spatial_ssm_loss_triton(keys: torch.Tensor, keys_ref: torch.Tensor) -> torch.Tensor:
-    """S-SSM on ``(G, N, C)`` keys (batch and frames flattened into G)."""
-    return SpatialSSMTriton.apply(keys, keys_ref)
+def spatial_ssm_loss_triton(keys: torch.Tensor, keys_ref: torch.Tensor, stats=None) -> torch.Tensor:
+    """S-SSM on ``(G, N, C)`` keys (batch and frames flattened into G); ``stats`` = precomputed
+    ``(1/|k|, 1/|k_ref|, coef)`` rows from :func:`fastdm.kernels.key_stats.pair_stats`."""
+    return SpatialSSMTriton.apply(keys, keys_ref, stats)

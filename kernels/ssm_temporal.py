@@ -61,11 +61,11 @@ class TemporalSSMTriton(torch.autograd.Function):
     """T-SSM on (B, F, N, C) keys; returns an fp32 scalar."""
 
     @staticmethod
-    def forward(ctx, keys: torch.Tensor, keys_ref: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, keys: torch.Tensor, keys_ref: torch.Tensor, sums=None) -> torch.Tensor:
         bsz, f, n, c = keys.shape
-        k = keys.reshape(bsz * f, n, c).contiguous()
-        r = keys_ref.reshape(bsz * f, n, c).contiguous()
-        sk, sr, se = frame_sums(k, r)
+        if sums is None:
+            sums = frame_sums(keys.reshape(bsz * f, n, c).contiguous(), keys_ref.reshape(bsz * f, n, c).contiguous())
+        sk, sr, se = sums
         m, mr, e = (s.view(bsz, f, c) / n for s in (sk, sr, se))
         with torch.enable_grad():
             m = m.detach().requires_grad_(True)
@@ -81,8 +81,9 @@ class TemporalSSMTriton(torch.autograd.Function):
         (g_row,) = ctx.saved_tensors
         shape, dtype = ctx.meta
         grad = (g_row * grad_out).to(dtype)  # (B, F, C)
-        return grad[:, :, None, :].expand(shape), None
+        return grad[:, :, None, :].expand(shape), None, None
 
 
-def temporal_ssm_loss_triton(keys: torch.Tensor, keys_ref: torch.Tensor) -> torch.Tensor:
-    return TemporalSSMTriton.apply(keys, keys_ref)
+def temporal_ssm_loss_triton(keys: torch.Tensor, keys_ref: torch.Tensor, sums=None) -> torch.Tensor:
+    """T-SSM on ``(B, F, N, C)`` keys; ``sums`` = precomputed per-frame (sum K, sum K_ref, sum K - K_ref)."""
+    return TemporalSSMTriton.apply(keys, keys_ref, sums)

@@ -29,7 +29,7 @@ import torch
 
 from ..backbone import Backbone, load_backbone
 from ..errors import FastDMError
-from ..losses import VDDSConfig, guided_noise, sample_timestep, spatial_ssm_loss, temporal_ssm_loss, vdds_gradient
+from ..losses import VDDSConfig, guided_noise, sample_timestep, ssm_losses, vdds_gradient
 from ..taps import KeyTaps, resolve_layers
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import EditConfig
@@ -205,8 +205,9 @@ class Editor:
                 diff2 = diff2 * mask_w
             losses = {"vdds": float(diff2.mean())}
             if need_keys:
-                l_s = sum(spatial_ssm_loss(keys_edit[n], keys_src[n], config.loss_backend) for n in layers) / len(layers)
-                l_t = sum(temporal_ssm_loss(keys_edit[n], keys_src[n], config.loss_backend) for n in layers) / len(layers)
+                pairs = [ssm_losses(keys_edit[n], keys_src[n], config.loss_backend) for n in layers]
+                l_s = sum(p[0] for p in pairs) / len(layers)
+                l_t = sum(p[1] for p in pairs) / len(layers)
                 (config.s_ssm_weight * l_s + config.t_ssm_weight * l_t).backward()
                 del keys_edit, keys_src
                 losses["s_ssm"], losses["t_ssm"] = float(l_s.detach()), float(l_t.detach())

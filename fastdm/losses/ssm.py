@@ -194,3 +194,13 @@ def temporal_ssm_loss(keys: torch.Tensor, keys_ref: torch.Tensor, backend: str =
     a, b, d = normalized_difference(m, mr, e=(k.float() - kr.float()).mean(dim=-2))
     x = d @ a.transpose(-1, -2) + b @ d.transpose(-1, -2)
     return (x * x).mean()
+
+
+def ssm_losses(keys: torch.Tensor, keys_ref: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(S-SSM, T-SSM) of the same keys. With Triton both share one statistics pass over the keys."""
+    k, kr = _flatten(keys, keys_ref, "ssm_losses")
+    if _resolve(backend, "ssm_losses", k, kr) == "triton":
+        from fastdm.kernels import ssm_losses as fused
+
+        return fused(k, kr)
+    return spatial_ssm_loss(k, kr, backend), temporal_ssm_loss(k, kr, backend)
