@@ -58,8 +58,14 @@ class Backbone(abc.ABC):
         """Working tensor ``(1, C, F, h, w)`` -> frames ``(F, 3, H, W)`` in [-1, 1], fp32 on CPU."""
 
     @abc.abstractmethod
-    def predict_noise(self, x_t: torch.Tensor, t: int, text: torch.Tensor) -> torch.Tensor:
-        """Noise prediction for a batch ``x_t (B, C, F, h, w)`` with text embeddings ``(B, L, D)``."""
+    def predict_noise(self, x_t: torch.Tensor, t: int, text: torch.Tensor, grad_until: str | None = None) -> torch.Tensor:
+        """Noise prediction for a batch ``x_t (B, C, F, h, w)`` with text embeddings ``(B, L, D)``.
+
+        ``grad_until``: name of a module after which autograd stops recording (truncated backprop).
+        """
+
+    def set_block_checkpointing(self, enabled: bool) -> None:  # noqa: B027 - optional
+        """Recompute block activations in the backward (optional; default: not supported, no-op)."""
 
     @abc.abstractmethod
     def spatial_self_attention_layers(self) -> dict[str, torch.nn.Module]:

@@ -9,12 +9,22 @@ from __future__ import annotations
 import re
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .base import Backbone, BackboneInfo
 
 # Spatial self-attention in UNet3D: Transformer2DModel blocks under `attentions`
 # (temporal attention lives under `temp_attentions` and `transformer_in`).
 _SPATIAL_SELF_ATTN = re.compile(r"^(down_blocks|up_blocks)\.\d+\.attentions\.\d+\.transformer_blocks\.\d+\.attn1$|^mid_block\.attentions\.\d+\.transformer_blocks\.\d+\.attn1$")
+
+
+_STAGE = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+
+
+def _forward_order(name: str):
+    """Sort key putting module names in the order UNet3D runs them (down, mid, up)."""
+    parts = name.split(".")
+    return (_STAGE.get(parts[0], 3), [int(p) if p.isdigit() else 0 for p in parts[1:]])
 
 
 class UNet3DBackbone(Backbone):
@@ -94,13 +104,45 @@ class UNet3DBackbone(Backbone):
         return frames.float().clamp(-1, 1).cpu()
 
     # -- denoiser ---------------------------------------------------------------------------
-    def predict_noise(self, x_t: torch.Tensor, t: int, text: torch.Tensor) -> torch.Tensor:
+    def predict_noise(self, x_t: torch.Tensor, t: int, text: torch.Tensor, grad_until: str | None = None) -> torch.Tensor:
         timestep = torch.full((x_t.shape[0],), t, device=self.device, dtype=torch.long)
-        out = self.unet(x_t.to(self.dtype), timestep, encoder_hidden_states=text, return_dict=False)[0]
+        if grad_until is None or not torch.is_grad_enabled():
+            return self.unet(x_t.to(self.dtype), timestep, encoder_hidden_states=text, return_dict=False)[0].float()
+        # Truncated backprop: once `grad_until` has run, the rest of the UNet runs without autograd,
+        # so none of its activations are kept. The output carries no graph.
+        module = self.unet.get_submodule(grad_until)
+        def stop_recording(*_):
+            torch.set_grad_enabled(False)  # returns None: the module's output is left as it is
+
+        handle = module.register_forward_hook(stop_recording)
+        try:
+            out = self.unet(x_t.to(self.dtype), timestep, encoder_hidden_states=text, return_dict=False)[0]
+        finally:
+            handle.remove()
+            torch.set_grad_enabled(True)
         return out.float()
 
+    def set_block_checkpointing(self, enabled: bool) -> None:
+        """Gradient checkpointing of the UNet blocks (diffusers has none for UNet3D): each down,
+        mid and up block recomputes its activations in the backward instead of keeping them."""
+        blocks = [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]
+        for block in blocks:
+            if enabled and not hasattr(block, "_fastdm_forward"):
+                block._fastdm_forward = block.forward
+
+                def fwd(*args, _f=block._fastdm_forward, **kwargs):
+                    if torch.is_grad_enabled():
+                        return checkpoint(_f, *args, use_reentrant=False, **kwargs)
+                    return _f(*args, **kwargs)
+
+                block.forward = fwd
+            elif not enabled and hasattr(block, "_fastdm_forward"):
+                block.forward = block._fastdm_forward
+                del block._fastdm_forward
+
     def spatial_self_attention_layers(self) -> dict[str, torch.nn.Module]:
-        return {n: m for n, m in self.unet.named_modules() if _SPATIAL_SELF_ATTN.match(n)}
+        found = {n: m for n, m in self.unet.named_modules() if _SPATIAL_SELF_ATTN.match(n)}
+        return {n: found[n] for n in sorted(found, key=_forward_order)}
 
     def default_tap_layers(self) -> list[str]:
         """Spatial self-attention of the decoder's coarsest attention level.

@@ -33,6 +33,7 @@ from ..losses import VDDSConfig, guided_noise, sample_timestep, ssm_losses, vdds
 from ..taps import KeyTaps, resolve_layers
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import EditConfig
+from .plan import FAST, ExecutionPlan
 
 
 @dataclass
@@ -48,6 +49,7 @@ class StepInfo:
 class EditResult:
     frames: np.ndarray  # (F, H, W, 3) uint8, the edited video
     report: dict = field(default_factory=dict)
+    working: torch.Tensor | None = None  # the edited working tensor (1, C, F, h, w), fp32 on CPU
 
 
 def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
@@ -114,6 +116,37 @@ class Editor:
         m = (m > 0.5).float()
         return m.permute(1, 0, 2, 3).unsqueeze(0).to(self.backbone.device)  # (1, 1, F, h, w)
 
+    def _nograd_branches(self, plan, taps, num_frames, x_t, xs_t, t, emb_neg, emb_src, emb_nograd):
+        """UNet(x_t, ""), UNet(x^_t, source), UNet(x^_t, ""), with the source keys tapped.
+
+        fast: inference mode, one batched call; lean: one call at a time; naive: autograd on and
+        one call at a time, the edited branch fed with the graph-carrying x_t as a plain
+        implementation would (its graph is built and thrown away).
+        """
+        bb = self.backbone
+        if not plan.inference_mode:
+            with torch.enable_grad():
+                eps_tgt_u = bb.predict_noise(x_t, t, emb_neg).detach()
+                with taps:
+                    eps_src_c = bb.predict_noise(xs_t, t, emb_src).detach()
+                    keys_src = {k: v.detach() for k, v in taps.take(num_frames).items()}
+                eps_src_u = bb.predict_noise(xs_t, t, emb_neg).detach()
+            return eps_tgt_u, eps_src_c, eps_src_u, keys_src
+        with torch.inference_mode():
+            if plan.batch_nograd:
+                with taps:
+                    eps = bb.predict_noise(torch.cat([x_t.detach(), xs_t, xs_t]), t, emb_nograd)
+                    keys_src = {k: v[1:2] for k, v in taps.take(num_frames).items()}
+                eps_tgt_u, eps_src_c, eps_src_u = eps[0:1], eps[1:2], eps[2:3]
+            else:
+                eps_tgt_u = bb.predict_noise(x_t.detach(), t, emb_neg)
+                with taps:
+                    eps_src_c = bb.predict_noise(xs_t, t, emb_src)
+                    keys_src = taps.take(num_frames)
+                eps_src_u = bb.predict_noise(xs_t, t, emb_neg)
+        # inference tensors cannot be saved for backward: the losses get ordinary copies
+        return eps_tgt_u, eps_src_c, eps_src_u, {k: v.clone() for k, v in keys_src.items()}
+
     # -- the edit ---------------------------------------------------------------------------
     def edit(
         self,
@@ -124,6 +157,7 @@ class Editor:
         checkpoint_dir: str | None = None,
         checkpoint_every: int = 0,
         resume: bool = False,
+        plan: ExecutionPlan | None = None,
     ) -> EditResult:
         """Edit ``frames`` ((F, H, W, 3) uint8) from ``config``; ``mask`` ((F, H, W), 1 = editable)."""
         config.validate()
@@ -173,6 +207,11 @@ class Editor:
         timings["prepare_s"] = time.perf_counter() - timings["start"] - timings["encode_s"]
 
         taps = KeyTaps(bb, layers) if need_keys else None
+        plan = plan or FAST
+        loss_backend = plan.loss_backend or config.loss_backend
+        grad_until = layers[-1] if need_keys and plan.truncate_backprop else None
+        nograd = torch.inference_mode if plan.inference_mode else torch.no_grad
+        bb.set_block_checkpointing(plan.checkpoint_blocks)
         losses: dict[str, float] = {}
         step_times: list[float] = []
         for step in range(start_step, config.steps):
@@ -185,17 +224,19 @@ class Editor:
             opt.zero_grad(set_to_none=True)
             if need_keys:
                 x_t = sa * x + sb * noise
-                with taps, torch.enable_grad():
-                    eps_tgt_c = bb.predict_noise(x_t, t, emb_tgt).detach()
+                with taps, torch.enable_grad():  # the grad branch, recorded up to the last tapped layer
+                    eps_tgt_c = bb.predict_noise(x_t, t, emb_tgt, grad_until=grad_until).detach()
                     keys_edit = taps.take(num_frames)
-                with taps, torch.no_grad():
-                    eps = bb.predict_noise(torch.cat([x_t.detach(), xs_t, xs_t]), t, emb_nograd)
-                    keys_src = {k: v[1:2] for k, v in taps.take(num_frames).items()}
-                eps_tgt_u, eps_src_c, eps_src_u = eps[0:1], eps[1:2], eps[2:3]
+                eps_tgt_u, eps_src_c, eps_src_u, keys_src = self._nograd_branches(
+                    plan, taps, num_frames, x_t, xs_t, t, emb_neg, emb_src, emb_nograd)
             else:
-                with torch.no_grad():
+                with nograd():
                     x_t = sa * x.detach() + sb * noise
-                    eps = bb.predict_noise(torch.cat([x_t, x_t, xs_t, xs_t]), t, torch.cat([emb_tgt, emb_nograd]))
+                    if plan.batch_nograd:
+                        eps = bb.predict_noise(torch.cat([x_t, x_t, xs_t, xs_t]), t, torch.cat([emb_tgt, emb_nograd]))
+                    else:
+                        eps = torch.cat([bb.predict_noise(v, t, e) for v, e in
+                                         ((x_t, emb_tgt), (x_t, emb_neg), (xs_t, emb_src), (xs_t, emb_neg))])
                 eps_tgt_c, eps_tgt_u, eps_src_c, eps_src_u = eps[0:1], eps[1:2], eps[2:3], eps[3:4]
             e_tgt = guided_noise(eps_tgt_u, eps_tgt_c, vcfg.guidance_scale)
             e_src = guided_noise(eps_src_u, eps_src_c, vcfg.guidance_scale)
@@ -205,7 +246,7 @@ class Editor:
                 diff2 = diff2 * mask_w
             losses = {"vdds": float(diff2.mean())}
             if need_keys:
-                pairs = [ssm_losses(keys_edit[n], keys_src[n], config.loss_backend) for n in layers]
+                pairs = [ssm_losses(keys_edit[n], keys_src[n], loss_backend) for n in layers]
                 l_s = sum(p[0] for p in pairs) / len(layers)
                 l_t = sum(p[1] for p in pairs) / len(layers)
                 (config.s_ssm_weight * l_s + config.t_ssm_weight * l_t).backward()
@@ -237,6 +278,7 @@ class Editor:
             "video": {"frames": int(num_frames), "width": int(frames.shape[2]), "height": int(frames.shape[1]),
                       "working_shape": list(x.shape), "masked": mask is not None},
             "tap_layers": layers,
+            "plan": plan.to_dict(),
             "steps_run": len(step_times),
             "resumed_from_step": start_step if resume else None,
             "timings": {
@@ -251,7 +293,7 @@ class Editor:
             "peak_memory_kind": "cuda_max_allocated" if bb.device.type == "cuda" else "process_peak_rss",
             "final_losses": losses,
         }
-        return EditResult(out, report)
+        return EditResult(out, report, x.detach().cpu())
 
 
 def edit(frames: np.ndarray, config: EditConfig, model: str | None = None, device: str = "cpu", dtype: str = "fp32",

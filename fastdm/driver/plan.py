@@ -1,0 +1,49 @@
+"""Execution plans: how one DreamMotion step spends time and memory.
+
+A step evaluates the UNet four times: (x_t, target) — the only one that needs autograd, since
+S-SSM/T-SSM backpropagate from its tapped keys — and (x_t, ""), (x^_t, source), (x^_t, "").
+
+``naive``  the straightforward implementation: eager, every evaluation with autograd on and
+           separately, the whole grad-branch forward recorded, materialized self-similarity.
+``fast``   the memory plan: the three no-grad evaluations in inference mode, batched (or one at a
+           time under a memory budget); the grad branch records its graph only up to the last
+           tapped layer (truncated backprop: the rest of the UNet runs without autograd);
+           optional gradient checkpointing of the UNet blocks; the fastest loss backend.
+
+``plan_for_budget`` picks the cheapest plan that fits a memory budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    name: str = "fast"
+    batch_nograd: bool = True  # the three no-grad evaluations in one batched call
+    inference_mode: bool = True  # torch.inference_mode for them (else autograd on, as naive)
+    truncate_backprop: bool = True  # grad branch: autograd only up to the last tapped layer
+    checkpoint_blocks: bool = False  # recompute UNet block activations in the backward
+    loss_backend: str | None = None  # overrides EditConfig.loss_backend when set
+    compile: bool = False  # torch.compile the UNet (warm-up happens in the first step)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+NAIVE = ExecutionPlan(name="naive", batch_nograd=False, inference_mode=False, truncate_backprop=False,
+                      checkpoint_blocks=False, loss_backend="naive")
+FAST = ExecutionPlan()
+LEAN = replace(FAST, name="lean", batch_nograd=False, checkpoint_blocks=True)
+PLANS = {"naive": NAIVE, "fast": FAST, "lean": LEAN}
+
+
+def plan_for_budget(budget_bytes: int | None, estimate) -> ExecutionPlan:
+    """The first of fast -> lean whose ``estimate(plan)`` (bytes) fits ``budget_bytes``; lean if none."""
+    if budget_bytes is None:
+        return FAST
+    for plan in (FAST, LEAN):
+        if estimate(plan) <= budget_bytes:
+            return plan
+    return LEAN

@@ -1,0 +1,76 @@
+"""Every execution plan gives the same edit as the naive one (tiny latent model, fp32, CPU)."""
+
+import pytest
+import torch
+
+from fastdm import EditConfig, Editor
+from fastdm.driver.plan import FAST, LEAN, NAIVE
+
+
+@pytest.fixture(scope="module")
+def latent_editor(tiny_latent_model):
+    return Editor.from_pretrained(tiny_latent_model)
+
+
+def run(editor, clip, plan, **kw):
+    cfg = EditConfig("a red circle moving right", "a blue circle moving right", steps=2, seed=3, lr=0.05, **kw)
+    return editor.edit(clip, cfg, plan=plan)
+
+
+@pytest.mark.parametrize("plan", [FAST, LEAN], ids=["fast", "lean"])
+def test_plan_matches_naive(latent_editor, clip, plan):
+    base = run(latent_editor, clip, NAIVE)
+    got = run(latent_editor, clip, plan)
+    x0 = latent_editor.backbone.to_working(torch.from_numpy(clip).permute(0, 3, 1, 2).float() / 127.5 - 1).cpu()
+    step_base, step_got = base.working - x0, got.working - x0
+    assert step_base.abs().max() > 0
+    assert ((step_got - step_base).norm() / step_base.norm()).item() < 1e-4
+    for k in ("s_ssm", "t_ssm", "vdds"):
+        assert got.report["final_losses"][k] == pytest.approx(base.report["final_losses"][k], rel=1e-3, abs=1e-10)
+    assert got.report["plan"]["name"] == plan.name
+
+
+def test_truncation_keeps_no_graph_after_the_last_tap(latent_editor):
+    """With grad_until the output has no graph; the tapped keys do."""
+    from fastdm.taps import KeyTaps, resolve_layers
+
+    bb = latent_editor.backbone
+    layers = resolve_layers(bb, None)
+    x = torch.randn(1, 4, 2, 8, 8, requires_grad=True)
+    text = bb.encode_prompts(["a red circle"])
+    with KeyTaps(bb, layers) as taps:
+        out = bb.predict_noise(x, 500, text, grad_until=layers[-1])
+        keys = taps.take(2)
+    assert torch.is_grad_enabled()
+    assert not out.requires_grad
+    assert all(k.requires_grad for k in keys.values())
+
+
+def test_block_checkpointing_same_gradient(latent_editor):
+    from fastdm.losses import ssm_losses
+    from fastdm.taps import KeyTaps, resolve_layers
+
+    bb = latent_editor.backbone
+    layers = resolve_layers(bb, ["*"])
+    text = bb.encode_prompts(["a red circle"])
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, 4, 2, 8, 8, generator=gen)
+    ref_in = x0 + 0.1 * torch.randn(x0.shape, generator=gen)
+
+    def grad(checkpointing):
+        bb.set_block_checkpointing(checkpointing)
+        try:
+            with KeyTaps(bb, layers) as taps, torch.no_grad():
+                bb.predict_noise(ref_in, 400, text)
+                ref = taps.take(2)
+            x = x0.clone().requires_grad_(True)
+            with KeyTaps(bb, layers) as taps:
+                bb.predict_noise(x, 400, text)
+                keys = taps.take(2)
+            sum(sum(ssm_losses(keys[n], ref[n])) for n in layers).backward()
+            return x.grad
+        finally:
+            bb.set_block_checkpointing(False)
+
+    a, b = grad(False), grad(True)
+    assert a.abs().sum() > 0 and torch.allclose(a, b, rtol=1e-5, atol=1e-8)
