@@ -10,6 +10,8 @@ Vocabulary (fixed, so anyone can write prompts for it)::
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 COLOURS = {
@@ -89,3 +91,33 @@ def sample_clip(rng: np.random.Generator, *, size: int = 32, frames: int = 8, su
                        start=start, supersample=supersample)
     meta = {"colour": colour, "shape": shape, "direction": direction, "radius": radius, "speed": speed, "start": start}
     return clip, prompt(colour, shape, direction), meta
+
+
+# The shapes model's architecture (tools/train_shapes.py trains it).
+WORDS = ("a", "moving", *COLOURS, *SHAPES, *DIRECTIONS)
+SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                 set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000, prediction_type="epsilon")
+MODEL = dict(
+    sample_size=32, in_channels=3, out_channels=3,
+    down_block_types=("DownBlock3D", "DownBlock3D", "CrossAttnDownBlock3D"),
+    up_block_types=("CrossAttnUpBlock3D", "UpBlock3D", "UpBlock3D"),
+    block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8,
+    cross_attention_dim=64, attention_head_dim=8,
+)
+TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16)
+
+
+def build_model(tok_dir: str | Path):
+    """(tokenizer, text encoder, UNet3D, scheduler) of the shapes model, random weights; the
+    tokenizer files are written to ``tok_dir``."""
+    from diffusers import DDIMScheduler, UNet3DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from .testing import write_clip_tokenizer
+
+    write_clip_tokenizer(tok_dir, words=WORDS, max_length=TEXT["max_position_embeddings"])
+    tok = CLIPTokenizer.from_pretrained(str(tok_dir))
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                        pad_token_id=tok.pad_token_id, **TEXT))
+    unet = UNet3DConditionModel(**MODEL)
+    return tok, text, unet, DDIMScheduler(**SCHEDULER)

@@ -32,35 +32,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from fastdm.io.atomic import atomic_output  # noqa: E402
-from fastdm.shapes import COLOURS, DIRECTIONS, SHAPES, sample_clip  # noqa: E402
-from fastdm.testing import write_clip_tokenizer  # noqa: E402
+from fastdm.shapes import build_model as build  # noqa: E402
+from fastdm.shapes import sample_clip  # noqa: E402
 
-WORDS = ("a", "moving", *COLOURS, *SHAPES, *DIRECTIONS)
-SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                 set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000, prediction_type="epsilon")
-MODEL = dict(
-    sample_size=32, in_channels=3, out_channels=3,
-    down_block_types=("DownBlock3D", "DownBlock3D", "CrossAttnDownBlock3D"),
-    up_block_types=("CrossAttnUpBlock3D", "UpBlock3D", "UpBlock3D"),
-    block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8,
-    cross_attention_dim=64, attention_head_dim=8,
-)
-TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16)
 DEFAULT_STATE = ROOT / "tools" / "checkpoints" / "shapes" / "state.pt"
 DEFAULT_LOG = ROOT / "tools" / "checkpoints" / "shapes" / "loss.csv"
 DEFAULT_EXPORT = ROOT / "fastdm" / "assets" / "models" / "shapes"
-
-
-def build(tok_dir: Path):
-    from diffusers import DDIMScheduler, UNet3DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    write_clip_tokenizer(tok_dir, words=WORDS, max_length=TEXT["max_position_embeddings"])
-    tok = CLIPTokenizer.from_pretrained(str(tok_dir))
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                        pad_token_id=tok.pad_token_id, **TEXT))
-    unet = UNet3DConditionModel(**MODEL)
-    return tok, text, unet, DDIMScheduler(**SCHEDULER)
 
 
 def batch(rng: np.random.Generator, n: int, frames: int, size: int, p_uncond: float):

@@ -19,7 +19,6 @@ checkpointed run resumes exactly.
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -29,11 +28,12 @@ import torch
 
 from ..backbone import Backbone, load_backbone
 from ..errors import FastDMError
-from ..losses import VDDSConfig, guided_noise, sample_timestep, ssm_losses, vdds_gradient
-from ..taps import KeyTaps, resolve_layers
+from ..losses import VDDSConfig, sample_timestep
+from ..taps import resolve_layers
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import EditConfig
 from .plan import FAST, ExecutionPlan
+from .step import DreamMotionStep
 
 
 @dataclass
@@ -116,37 +116,6 @@ class Editor:
         m = (m > 0.5).float()
         return m.permute(1, 0, 2, 3).unsqueeze(0).to(self.backbone.device)  # (1, 1, F, h, w)
 
-    def _nograd_branches(self, plan, taps, num_frames, x_t, xs_t, t, emb_neg, emb_src, emb_nograd):
-        """UNet(x_t, ""), UNet(x^_t, source), UNet(x^_t, ""), with the source keys tapped.
-
-        fast: inference mode, one batched call; lean: one call at a time; naive: autograd on and
-        one call at a time, the edited branch fed with the graph-carrying x_t as a plain
-        implementation would (its graph is built and thrown away).
-        """
-        bb = self.backbone
-        if not plan.inference_mode:
-            with torch.enable_grad():
-                eps_tgt_u = bb.predict_noise(x_t, t, emb_neg).detach()
-                with taps:
-                    eps_src_c = bb.predict_noise(xs_t, t, emb_src).detach()
-                    keys_src = {k: v.detach() for k, v in taps.take(num_frames).items()}
-                eps_src_u = bb.predict_noise(xs_t, t, emb_neg).detach()
-            return eps_tgt_u, eps_src_c, eps_src_u, keys_src
-        with torch.inference_mode():
-            if plan.batch_nograd:
-                with taps:
-                    eps = bb.predict_noise(torch.cat([x_t.detach(), xs_t, xs_t]), t, emb_nograd)
-                    keys_src = {k: v[1:2] for k, v in taps.take(num_frames).items()}
-                eps_tgt_u, eps_src_c, eps_src_u = eps[0:1], eps[1:2], eps[2:3]
-            else:
-                eps_tgt_u = bb.predict_noise(x_t.detach(), t, emb_neg)
-                with taps:
-                    eps_src_c = bb.predict_noise(xs_t, t, emb_src)
-                    keys_src = taps.take(num_frames)
-                eps_src_u = bb.predict_noise(xs_t, t, emb_neg)
-        # inference tensors cannot be saved for backward: the losses get ordinary copies
-        return eps_tgt_u, eps_src_c, eps_src_u, {k: v.clone() for k, v in keys_src.items()}
-
     # -- the edit ---------------------------------------------------------------------------
     def edit(
         self,
@@ -177,8 +146,6 @@ class Editor:
             torch.cuda.reset_peak_memory_stats(bb.device)
 
         text = self._embed([config.target_prompt, config.negative_prompt, config.source_prompt])
-        emb_tgt, emb_neg, emb_src = text[0:1], text[1:2], text[2:3]
-        emb_nograd = torch.cat([emb_neg, emb_src, emb_neg])
         timings["encode_s"] = time.perf_counter() - timings["start"]
 
         x_src = bb.to_working(frames_to_tensor(frames))
@@ -186,7 +153,6 @@ class Editor:
         x = torch.nn.Parameter(x_src.clone())
         opt = torch.optim.SGD([x], lr=config.lr) if config.optimizer == "sgd" else torch.optim.Adam([x], lr=config.lr)
         gen = torch.Generator("cpu").manual_seed(config.seed)
-        alphas = bb.alphas_cumprod
         lo_hi = bb.valid_range
 
         fp = hashlib.sha256(f"{config.fingerprint()}|{bb.info.path}|{bb.dtype}|{bb.device.type}".encode()).hexdigest()[:16]
@@ -206,55 +172,16 @@ class Editor:
             start_step = state["step"]
         timings["prepare_s"] = time.perf_counter() - timings["start"] - timings["encode_s"]
 
-        taps = KeyTaps(bb, layers) if need_keys else None
         plan = plan or FAST
-        loss_backend = plan.loss_backend or config.loss_backend
-        grad_until = layers[-1] if need_keys and plan.truncate_backprop else None
-        nograd = torch.inference_mode if plan.inference_mode else torch.no_grad
-        bb.set_block_checkpointing(plan.checkpoint_blocks)
+        stepper = DreamMotionStep(bb, config, plan, vcfg, layers, num_frames, text, mask_w)
         losses: dict[str, float] = {}
         step_times: list[float] = []
         for step in range(start_step, config.steps):
             t0 = time.perf_counter()
             t = sample_timestep(vcfg, gen)
             noise = torch.randn(x.shape, generator=gen).to(bb.device)
-            a_t = float(alphas[t])
-            sa, sb = math.sqrt(a_t), math.sqrt(1.0 - a_t)
-            xs_t = sa * x_src + sb * noise
             opt.zero_grad(set_to_none=True)
-            if need_keys:
-                x_t = sa * x + sb * noise
-                with taps, torch.enable_grad():  # the grad branch, recorded up to the last tapped layer
-                    eps_tgt_c = bb.predict_noise(x_t, t, emb_tgt, grad_until=grad_until).detach()
-                    keys_edit = taps.take(num_frames)
-                eps_tgt_u, eps_src_c, eps_src_u, keys_src = self._nograd_branches(
-                    plan, taps, num_frames, x_t, xs_t, t, emb_neg, emb_src, emb_nograd)
-            else:
-                with nograd():
-                    x_t = sa * x.detach() + sb * noise
-                    if plan.batch_nograd:
-                        eps = bb.predict_noise(torch.cat([x_t, x_t, xs_t, xs_t]), t, torch.cat([emb_tgt, emb_nograd]))
-                    else:
-                        eps = torch.cat([bb.predict_noise(v, t, e) for v, e in
-                                         ((x_t, emb_tgt), (x_t, emb_neg), (xs_t, emb_src), (xs_t, emb_neg))])
-                eps_tgt_c, eps_tgt_u, eps_src_c, eps_src_u = eps[0:1], eps[1:2], eps[2:3], eps[3:4]
-            e_tgt = guided_noise(eps_tgt_u, eps_tgt_c, vcfg.guidance_scale)
-            e_src = guided_noise(eps_src_u, eps_src_c, vcfg.guidance_scale)
-            g = vdds_gradient(e_tgt, e_src, a_t, vcfg, mask_w)
-            diff2 = (e_tgt - e_src).pow(2)
-            if mask_w is not None:
-                diff2 = diff2 * mask_w
-            losses = {"vdds": float(diff2.mean())}
-            if need_keys:
-                pairs = [ssm_losses(keys_edit[n], keys_src[n], loss_backend) for n in layers]
-                l_s = sum(p[0] for p in pairs) / len(layers)
-                l_t = sum(p[1] for p in pairs) / len(layers)
-                (config.s_ssm_weight * l_s + config.t_ssm_weight * l_t).backward()
-                del keys_edit, keys_src
-                losses["s_ssm"], losses["t_ssm"] = float(l_s.detach()), float(l_t.detach())
-                x.grad.add_(g)
-            else:
-                x.grad = g
+            losses = {k: float(v) for k, v in stepper(x, x_src, t, noise).items()}
             opt.step()
             if lo_hi is not None:
                 with torch.no_grad():

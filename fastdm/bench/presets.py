@@ -1,0 +1,75 @@
+"""Benchmark presets: exact architectures with random weights (nothing is downloaded).
+
+* ``zeroscope-576w``  ZeroScope v2 576w: its UNet3D (1.41 B parameters), its OpenCLIP-H text tower
+                      and the SD VAE, from the configs in ``configs/zeroscope-576w``; 576x320.
+* ``modelscope-256``  the same architecture (ModelScope text-to-video 1.7B) at 256x256.
+* ``shapes``          the bundled shapes model when it is there, else its architecture with random
+                      weights (``tools/train_shapes.py``); 32x32.
+* ``tiny``            a 2-level UNet3D of a few hundred thousand parameters; 16x16.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..backbone.unet3d import UNet3DBackbone
+from ..testing import write_clip_tokenizer
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+PRESETS = {
+    "zeroscope-576w": {"size": (576, 320)},
+    "modelscope-256": {"size": (256, 256)},
+    "shapes": {"size": (32, 32)},
+    "tiny": {"size": (16, 16)},
+}
+
+
+def _tokenizer(max_length: int):
+    from transformers import CLIPTokenizer
+
+    folder = Path(tempfile.mkdtemp(prefix="fastdm-tok-"))
+    write_clip_tokenizer(folder, max_length=max_length)
+    return CLIPTokenizer.from_pretrained(str(folder))
+
+
+def _zeroscope(device, dtype, size):
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = {n: json.loads((CONFIGS / "zeroscope-576w" / f"{n}.json").read_text()) for n in ("unet", "text_encoder", "vae", "scheduler")}
+    with torch.device(device if str(device) == "meta" else "cpu"):
+        unet = UNet3DConditionModel.from_config(cfg["unet"])
+        text = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in cfg["text_encoder"].items() if k != "architectures"}))
+        vae = AutoencoderKL.from_config(cfg["vae"])
+    sched = DDIMScheduler.from_config(cfg["scheduler"])
+    return UNet3DBackbone(unet=unet, text_encoder=text, tokenizer=_tokenizer(77), scheduler=sched, vae=vae,
+                          path="preset:zeroscope-576w", native_size=size, device=device, dtype=dtype)
+
+
+def build_backbone(preset: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> UNet3DBackbone:
+    """A backbone of the preset's architecture on ``device`` (``"meta"`` for FLOP counting)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    size = PRESETS[preset]["size"]
+    if preset in ("zeroscope-576w", "modelscope-256"):
+        return _zeroscope(device, dtype, size)
+    if preset == "shapes":
+        from ..backbone import default_model_path, load_backbone
+
+        shapes = Path(default_model_path()).parent / "shapes"
+        if (shapes / "model_index.json").exists():
+            return load_backbone(str(shapes), device, dtype)
+        from ..shapes import build_model  # the architecture, random weights
+
+        tok, text, unet, sched = build_model(Path(tempfile.mkdtemp(prefix="fastdm-shapes-")))
+        return UNet3DBackbone(unet=unet, text_encoder=text, tokenizer=tok, scheduler=sched, vae=None,
+                              path="preset:shapes(random)", native_size=size, device=device, dtype=dtype)
+    from ..backbone import load_backbone
+    from ..testing import build_tiny_model
+
+    folder = build_tiny_model(Path(tempfile.mkdtemp(prefix="fastdm-tiny-")), size=16, channels=(16, 32))
+    return load_backbone(str(folder), device, dtype)
