@@ -58,6 +58,10 @@ class Backbone(abc.ABC):
         """Working tensor ``(1, C, F, h, w)`` -> frames ``(F, 3, H, W)`` in [-1, 1], fp32 on CPU."""
 
     @abc.abstractmethod
+    def working_shape(self, num_frames: int, size: tuple[int, int]) -> tuple[int, ...]:
+        """Shape ``(1, C, F, h, w)`` of the working tensor for ``num_frames`` frames of ``size`` = (W, H)."""
+
+    @abc.abstractmethod
     def predict_noise(self, x_t: torch.Tensor, t: int, text: torch.Tensor, grad_until: str | None = None) -> torch.Tensor:
         """Noise prediction for a batch ``x_t (B, C, F, h, w)`` with text embeddings ``(B, L, D)``.
 

@@ -103,6 +103,11 @@ class UNet3DBackbone(Backbone):
             frames = torch.cat([self.vae.decode((f[None] / sf).to(self.dtype)).sample.float() for f in frames])
         return frames.float().clamp(-1, 1).cpu()
 
+    def working_shape(self, num_frames: int, size: tuple[int, int]) -> tuple[int, ...]:
+        w, h = size
+        f = self.info.spatial_factor
+        return (1, int(self.unet.config.in_channels), num_frames, h // f, w // f)
+
     # -- denoiser ---------------------------------------------------------------------------
     def predict_noise(self, x_t: torch.Tensor, t: int, text: torch.Tensor, grad_until: str | None = None) -> torch.Tensor:
         timestep = torch.full((x_t.shape[0],), t, device=self.device, dtype=torch.long)

@@ -26,7 +26,6 @@ class ExecutionPlan:
     truncate_backprop: bool = True  # grad branch: autograd only up to the last tapped layer
     checkpoint_blocks: bool = False  # recompute UNet block activations in the backward
     loss_backend: str | None = None  # overrides EditConfig.loss_backend when set
-    compile: bool = False  # torch.compile the UNet (warm-up happens in the first step)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,0 +1,1 @@
+"""Benchmark harness (`fastdm-bench`): presets with exact architectures, naive vs fast steps."""

@@ -1,0 +1,250 @@
+"""`fastdm-bench`: latency and memory of DreamMotion steps, naive vs fast, side by side in one run.
+
+Each (preset, frames, mode) runs in a fresh process so its peak memory is its own. Per case:
+median seconds per step (after one warm-up step), the projected end-to-end time of a 200-step
+edit (setup + 200 x median + decode, all measured), peak memory (CUDA max allocated on GPU; peak
+RSS on CPU, and the part above the loaded model: "working"), FLOPs per step
+(``torch.utils.flop_counter``) and the roofline time of a step at a peak rate (``--peak-tflops``,
+default: the measured matmul rate of this device in the run's dtype).
+
+    fastdm-bench --preset shapes --frames 8 --modes naive,fast
+    fastdm-bench --preset zeroscope-576w --frames 16 --device cuda --dtype bf16
+    fastdm-bench --preset zeroscope-576w --frames 8,16,24 --flops-only   # meta device, no weights
+
+Writes ``<out>/edit-<machine>.{json,md,png}`` (default out: benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..driver.plan import PLANS
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _clip(preset: str, frames: int, size) -> np.ndarray:
+    from ..shapes import render_clip
+
+    w, h = size
+    if w == h:
+        return render_clip("red", "circle", "right", size=w, frames=frames, radius=w / 5, speed=max(1.0, w / 16))
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (frames, h, w, 3), dtype=np.uint8)
+
+
+def count_step_flops(preset: str, frames: int, mode: str, dtype: torch.dtype = torch.float32) -> int:
+    """FLOPs of one step (forward and backward) on the meta device: no weights, no time."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ..driver.config import EditConfig
+    from ..driver.step import DreamMotionStep
+    from ..losses import VDDSConfig
+    from ..taps import resolve_layers
+    from .presets import PRESETS, build_backbone
+
+    bb = build_backbone(preset, "meta", dtype)
+    w, h = PRESETS[preset]["size"]
+    cfg = EditConfig("a red circle moving right", "a blue circle moving right")
+    layers = resolve_layers(bb, None)
+    shape = bb.working_shape(frames, (w, h))
+    text_len = bb.tokenizer.model_max_length
+    dim = bb.unet.config.cross_attention_dim
+    text = torch.zeros(3, text_len, dim, device="meta", dtype=dtype)
+    step = DreamMotionStep(bb, cfg, PLANS[mode], VDDSConfig(), layers, frames, text, None)
+    x_src = torch.zeros(shape, device="meta")
+    x = x_src.clone().requires_grad_(True)
+    with FlopCounterMode(display=False) as fc:
+        step(x, x_src, 500, torch.zeros(shape, device="meta"))
+    return int(fc.get_total_flops())
+
+
+def run_case(preset: str, frames: int, mode: str, steps: int, device: str, dtype: str) -> dict:
+    """Measure one case in this process."""
+    from ..driver.config import EditConfig
+    from ..driver.editor import Editor
+    from .presets import PRESETS, build_backbone
+
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    bb = build_backbone(preset, device, DTYPES[dtype])
+    load_s = time.perf_counter() - t0
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _rss_bytes()
+    clip = _clip(preset, frames, PRESETS[preset]["size"])
+    times: list[float] = []
+
+    def on_step(info):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(info.seconds)
+
+    cfg = EditConfig("a red circle moving right", "a blue circle moving right", steps=steps + 1, seed=0)
+    res = Editor(bb).edit(clip, cfg, callback=on_step, plan=PLANS[mode])
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss_bytes()
+    tm = res.report["timings"]
+    median = statistics.median(times[1:])
+    setup = load_s + tm["encode_prompts_s"] + tm["prepare_s"]
+    return {
+        "median_step_s": median,
+        "warmup_step_s": times[0],
+        "setup_s": setup,
+        "decode_s": tm["decode_s"],
+        "e2e_200_projected_s": setup + 200 * median + tm["decode_s"],
+        "peak_bytes": int(peak),
+        "working_peak_bytes": int(max(0, peak - base)),
+        "params": sum(p.numel() for p in bb.unet.parameters()),
+    }
+
+
+def matmul_tflops(device: str, dtype: torch.dtype) -> float:
+    n = 4096 if device == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    a @ a
+    sync()
+    reps = 20 if device == "cuda" else 5
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ a
+    sync()
+    return reps * 2 * n**3 / (time.perf_counter() - t0) / 1e12
+
+
+def _chart(rows: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ok = [r for r in rows if "median_step_s" in r]
+    labels = [f"{r['preset']}\nF={r['frames']}\n{r['mode']}" for r in ok]
+    fig, ax = plt.subplots(1, 2, figsize=(max(6, 1.4 * len(ok)), 3.6))
+    ax[0].bar(labels, [r["median_step_s"] for r in ok], color=["#c44" if r["mode"] == "naive" else "#48c" for r in ok])
+    ax[0].set_ylabel("s / step (median)")
+    ax[1].bar(labels, [r["peak_bytes"] / 2**20 for r in ok], color=["#c44" if r["mode"] == "naive" else "#48c" for r in ok])
+    ax[1].set_ylabel("peak memory (MiB)")
+    for a in ax:
+        a.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="fastdm-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="shapes", help="comma-separated: zeroscope-576w, modelscope-256, shapes, tiny")
+    ap.add_argument("--frames", default="8")
+    ap.add_argument("--modes", default="naive,fast")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per case (after one warm-up step)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    ap.add_argument("--peak-tflops", type=float, default=None, help="peak rate for the roofline (default: measured matmul rate)")
+    ap.add_argument("--flops-only", action="store_true", help="count FLOPs on the meta device only (no weights, no timing)")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.one:
+        preset, frames, mode = args.one.split(",")
+        print(json.dumps(run_case(preset, int(frames), mode, args.steps, args.device, args.dtype)))
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("fastdm-bench: error: --device cuda but no CUDA GPU is available", file=sys.stderr)
+        return 2
+
+    from .machine import machine_description, machine_name
+
+    presets, frames_list, modes = args.preset.split(","), [int(f) for f in args.frames.split(",")], args.modes.split(",")
+    peak = args.peak_tflops or round(matmul_tflops(args.device, DTYPES[args.dtype]), 3)
+    rows = []
+    for preset in presets:
+        for frames in frames_list:
+            for mode in modes:
+                row = {"preset": preset, "frames": frames, "mode": mode}
+                try:
+                    row["flops_per_step"] = count_step_flops(preset, frames, mode, DTYPES[args.dtype])
+                    row["roofline_step_s"] = row["flops_per_step"] / (peak * 1e12)
+                except Exception as e:  # FLOP counting is best effort
+                    row["flops_error"] = f"{type(e).__name__}: {e}"[:200]
+                if not args.flops_only:
+                    cmd = [sys.executable, "-m", "fastdm.bench.harness", "--one", f"{preset},{frames},{mode}",
+                           "--steps", str(args.steps), "--device", args.device, "--dtype", args.dtype]
+                    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                    if p.returncode == 0:
+                        row.update(json.loads(p.stdout.strip().splitlines()[-1]))
+                    else:
+                        row["error"] = (p.stderr.strip().splitlines() or ["failed"])[-1][:300]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    machine = machine_name(args.device)
+    meta = {"machine": machine, "machine_description": machine_description(args.device), "device": args.device,
+            "dtype": args.dtype, "peak_tflops": peak, "peak_source": "given" if args.peak_tflops else "measured matmul",
+            "timed_steps": args.steps, "flops_only": args.flops_only}
+    md = _markdown(rows, meta)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"edit-{machine}" + ("-flops" if args.flops_only else "")
+    from ..io.atomic import write_json_atomic
+
+    write_json_atomic(out / f"{stem}.json", {"meta": meta, "rows": rows})
+    (out / f"{stem}.md").write_text(md)
+    charted = not args.flops_only and _chart(rows, out / f"{stem}.png")
+    print(md)
+    print("wrote", out / f"{stem}.json", out / f"{stem}.md", *( [out / f"{stem}.png"] if charted else []))
+    return 0
+
+
+def _markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"# DreamMotion step: naive vs fast ({meta['machine']})", "",
+             f"Machine: {meta['machine_description']}. Weights {meta['dtype']}; edited tensor fp32. "
+             f"Roofline at {meta['peak_tflops']} TFLOP/s ({meta['peak_source']}).", ""]
+    if meta["flops_only"]:
+        lines += ["| preset | frames | mode | TFLOP / step | roofline s / step | roofline 200 steps s |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            if "flops_per_step" in r:
+                lines.append(f"| {r['preset']} | {r['frames']} | {r['mode']} | {r['flops_per_step'] / 1e12:.2f} | "
+                             f"{r['roofline_step_s']:.3f} | {200 * r['roofline_step_s']:.1f} |")
+        return "\n".join(lines) + "\n"
+    lines += ["| preset | frames | mode | s / step | vs naive | 200-step edit s (projected) | peak MiB | working MiB | vs naive | GFLOP / step | roofline s / step |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "median_step_s" not in r:
+            lines.append(f"| {r['preset']} | {r['frames']} | {r['mode']} | error: {r.get('error', '?')} | | | | | | | |")
+            continue
+        base = next((b for b in rows if b["preset"] == r["preset"] and b["frames"] == r["frames"] and b["mode"] == "naive"
+                     and "median_step_s" in b), None)
+        sp = f"{base['median_step_s'] / r['median_step_s']:.2f}x" if base else "-"
+        mem = f"{base['working_peak_bytes'] / max(r['working_peak_bytes'], 1):.2f}x less" if base else "-"
+        fl = f"{r['flops_per_step'] / 1e9:.1f}" if "flops_per_step" in r else "-"
+        roof = f"{r['roofline_step_s']:.4f}" if "roofline_step_s" in r else "-"
+        lines.append(f"| {r['preset']} | {r['frames']} | {r['mode']} | {r['median_step_s']:.3f} | {sp} | {r['e2e_200_projected_s']:.0f} | "
+                     f"{r['peak_bytes'] / 2**20:.0f} | {r['working_peak_bytes'] / 2**20:.0f} | {mem} | {fl} | {roof} |")
+    lines += ["", "peak = CUDA max allocated (GPU) or process peak RSS (CPU); working = peak minus memory held after the",
+              "model was loaded. 200-step edit = setup + 200 x median step + decode, each measured."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
