@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_size, default=None, help="WxH to resize + centre-crop to (default: the model's native size)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="model weights' dtype (the edited video stays fp32)")
+    p.add_argument("--plan", choices=("fast", "lean", "naive"), default="fast",
+                   help="execution plan: fast (default), lean (least memory: sequential no-grad calls, block checkpointing), naive (baseline)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="write a resumable checkpoint every N steps")
     p.add_argument("--checkpoint-dir", default=None, help="checkpoint folder (default: OUT.ckpt)")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the edit from the checkpoint in DIR")
@@ -97,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .backbone import default_model_path
     from .driver import EditConfig, Editor
+    from .driver.plan import PLANS
     from .io.atomic import write_json_atomic
     from .io import boxes_to_mask, check_output_path, count_frames, load_mask, plan_crop, read_frames, resize_crop, side_by_side, write_video
 
@@ -161,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = editor.edit(frames, config, mask=mask, callback=on_step, checkpoint_dir=ckpt_dir,
-                             checkpoint_every=args.checkpoint_every, resume=bool(args.resume))
+                             checkpoint_every=args.checkpoint_every, resume=bool(args.resume), plan=PLANS[args.plan])
     finally:
         if bar is not None:
             bar.close()

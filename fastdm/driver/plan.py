@@ -8,9 +8,9 @@ S-SSM/T-SSM backpropagate from its tapped keys — and (x_t, ""), (x^_t, source)
 ``fast``   the memory plan: the three no-grad evaluations in inference mode, batched (or one at a
            time under a memory budget); the grad branch records its graph only up to the last
            tapped layer (truncated backprop: the rest of the UNet runs without autograd);
-           optional gradient checkpointing of the UNet blocks; the fastest loss backend.
-
-``plan_for_budget`` picks the cheapest plan that fits a memory budget.
+           the fastest loss backend.
+``lean``   fast, but the no-grad evaluations one at a time and the UNet blocks gradient-
+           checkpointed: the least memory, some extra compute.
 """
 
 from __future__ import annotations
@@ -36,13 +36,3 @@ NAIVE = ExecutionPlan(name="naive", batch_nograd=False, inference_mode=False, tr
 FAST = ExecutionPlan()
 LEAN = replace(FAST, name="lean", batch_nograd=False, checkpoint_blocks=True)
 PLANS = {"naive": NAIVE, "fast": FAST, "lean": LEAN}
-
-
-def plan_for_budget(budget_bytes: int | None, estimate) -> ExecutionPlan:
-    """The first of fast -> lean whose ``estimate(plan)`` (bytes) fits ``budget_bytes``; lean if none."""
-    if budget_bytes is None:
-        return FAST
-    for plan in (FAST, LEAN):
-        if estimate(plan) <= budget_bytes:
-            return plan
-    return LEAN
