@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="model weights' dtype (the edited video stays fp32)")
     p.add_argument("--plan", choices=("fast", "lean", "naive"), default="fast",
                    help="execution plan: fast (default), lean (least memory: sequential no-grad calls, block checkpointing), naive (baseline)")
+    p.add_argument("--backend", choices=("eager", "ort", "trt"), default="eager",
+                   help="engine of the no-grad UNet calls: eager PyTorch, onnxruntime, or TensorRT (CUDA; engine cached on disk)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="write a resumable checkpoint every N steps")
     p.add_argument("--checkpoint-dir", default=None, help="checkpoint folder (default: OUT.ckpt)")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the edit from the checkpoint in DIR")
@@ -164,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = editor.edit(frames, config, mask=mask, callback=on_step, checkpoint_dir=ckpt_dir,
-                             checkpoint_every=args.checkpoint_every, resume=bool(args.resume), plan=PLANS[args.plan])
+                             checkpoint_every=args.checkpoint_every, resume=bool(args.resume), plan=PLANS[args.plan],
+                             backend=args.backend)
     finally:
         if bar is not None:
             bar.close()

@@ -127,8 +127,14 @@ class Editor:
         checkpoint_every: int = 0,
         resume: bool = False,
         plan: ExecutionPlan | None = None,
+        backend: str = "eager",
+        engine_cache: str | None = None,
     ) -> EditResult:
-        """Edit ``frames`` ((F, H, W, 3) uint8) from ``config``; ``mask`` ((F, H, W), 1 = editable)."""
+        """Edit ``frames`` ((F, H, W, 3) uint8) from ``config``; ``mask`` ((F, H, W), 1 = editable).
+
+        ``plan``: naive / fast (default) / lean (``fastdm.driver.plan``). ``backend``: where the batched
+        no-grad UNet call runs: ``"eager"`` (PyTorch), ``"ort"`` (onnxruntime) or ``"trt"`` (TensorRT).
+        """
         config.validate()
         self.check_frames(frames)
         bb = self.backbone
@@ -173,7 +179,15 @@ class Editor:
         timings["prepare_s"] = time.perf_counter() - timings["start"] - timings["encode_s"]
 
         plan = plan or FAST
-        stepper = DreamMotionStep(bb, config, plan, vcfg, layers, num_frames, text, mask_w)
+        engine = None
+        if backend != "eager":
+            from ..backbone.engines import build_engine
+
+            if not layers:
+                raise FastDMError(f"--backend {backend} serves the S-SSM/T-SSM no-grad branch; with both weights 0 use --backend eager")
+            engine = build_engine(bb, backend, frames=num_frames, size=(frames.shape[2], frames.shape[1]), layers=layers,
+                                  cache_dir=engine_cache)
+        stepper = DreamMotionStep(bb, config, plan, vcfg, layers, num_frames, text, mask_w, engine)
         losses: dict[str, float] = {}
         step_times: list[float] = []
         for step in range(start_step, config.steps):
@@ -206,6 +220,7 @@ class Editor:
                       "working_shape": list(x.shape), "masked": mask is not None},
             "tap_layers": layers,
             "plan": plan.to_dict(),
+            "backend": backend,
             "steps_run": len(step_times),
             "resumed_from_step": start_step if resume else None,
             "timings": {

@@ -25,7 +25,7 @@ class DreamMotionStep:
     """
 
     def __init__(self, backbone: Backbone, config: EditConfig, plan: ExecutionPlan, vdds: VDDSConfig,
-                 layers: list[str], num_frames: int, text: torch.Tensor, mask: torch.Tensor | None):
+                 layers: list[str], num_frames: int, text: torch.Tensor, mask: torch.Tensor | None, engine=None):
         self.bb, self.config, self.plan, self.vdds = backbone, config, plan, vdds
         self.layers, self.num_frames, self.mask = layers, num_frames, mask
         self.emb_tgt, self.emb_neg, self.emb_src = text[0:1], text[1:2], text[2:3]
@@ -34,6 +34,8 @@ class DreamMotionStep:
         self.taps = KeyTaps(backbone, layers) if layers else None
         self.loss_backend = plan.loss_backend or config.loss_backend
         self.grad_until = layers[-1] if layers and plan.truncate_backprop else None
+        # an inference engine (fastdm.backbone.engines) for the batched no-grad call, if any
+        self.engine = engine if plan.inference_mode and plan.batch_nograd else None
         backbone.set_block_checkpointing(plan.checkpoint_blocks)
 
     def __call__(self, x: torch.Tensor, x_src: torch.Tensor, t: int, noise: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -92,6 +94,11 @@ class DreamMotionStep:
                     keys_src = {k: v.detach() for k, v in taps.take(num_frames).items()}
                 eps_src_u = bb.predict_noise(xs_t, t, emb_neg).detach()
             return eps_tgt_u, eps_src_c, eps_src_u, keys_src
+        if self.engine is not None and taps is not None:
+            with torch.inference_mode():
+                eps, keys = self.engine(torch.cat([x_t.detach(), xs_t, xs_t]).to(bb.dtype), t, emb_nograd)
+            keys_src = {n: k.reshape(-1, num_frames, *k.shape[1:])[1:2].clone() for n, k in zip(self.layers, keys)}
+            return eps[0:1].clone(), eps[1:2].clone(), eps[2:3].clone(), keys_src
         with torch.inference_mode():
             if plan.batch_nograd:
                 with taps:
