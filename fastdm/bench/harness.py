@@ -22,6 +22,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def count_step_flops(preset: str, frames: int, mode: str, dtype: torch.dtype = t
     text_len = bb.tokenizer.model_max_length
     dim = bb.unet.config.cross_attention_dim
     text = torch.zeros(3, text_len, dim, device="meta", dtype=dtype)
-    step = DreamMotionStep(bb, cfg, PLANS[mode], VDDSConfig(), layers, frames, text, None)
+    step = DreamMotionStep(bb, cfg, PLANS[mode.partition(":")[0]], VDDSConfig(), layers, frames, text, None)
     x_src = torch.zeros(shape, device="meta")
     x = x_src.clone().requires_grad_(True)
     with FlopCounterMode(display=False) as fc:
@@ -100,7 +101,9 @@ def run_case(preset: str, frames: int, mode: str, steps: int, device: str, dtype
         times.append(info.seconds)
 
     cfg = EditConfig("a red circle moving right", "a blue circle moving right", steps=steps + 1, seed=0)
-    res = Editor(bb).edit(clip, cfg, callback=on_step, plan=PLANS[mode])
+    plan, _, backend = mode.partition(":")
+    res = Editor(bb).edit(clip, cfg, callback=on_step, plan=PLANS[plan], backend=backend or "eager",
+                          engine_cache=os.path.join(tempfile.gettempdir(), "fastdm-bench-engines"))
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss_bytes()
     tm = res.report["timings"]
     median = statistics.median(times[1:])
@@ -157,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fastdm-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="shapes", help="comma-separated: zeroscope-576w, modelscope-256, shapes, tiny")
     ap.add_argument("--frames", default="8")
-    ap.add_argument("--modes", default="naive,fast")
+    ap.add_argument("--modes", default="naive,fast", help="plans naive|fast|lean, optionally with an engine: fast:ort, fast:trt")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per case (after one warm-up step)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
