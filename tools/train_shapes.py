@@ -7,7 +7,7 @@ cross-attention only at 8x8), a small transformers ``CLIPTextModel`` trained fro
 
 Seeded and resumable: ``--state`` holds model, EMA, optimizer and RNG states, written atomically
 every ``--ckpt-minutes``; rerunning the same command continues where it stopped. ``--minutes``
-bounds this run's wall time. At the end (or with ``--export-only``) the EMA weights are saved
+bounds this run's wall time; SIGTERM or Ctrl-C stops it cleanly at the next step. At the end (or with ``--export-only``) the EMA weights are saved
 as a diffusers-format folder (safetensors) to ``--export``; the loss curve goes to ``--log``.
 
     python tools/train_shapes.py --minutes 90
@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -150,9 +151,12 @@ def main() -> None:
         if new_log:
             writer.writerow(["step", "loss", "train_seconds"])
         t_run, t_ckpt, run_loss = time.time(), time.time(), []
+        stop = []  # SIGTERM/SIGINT: finish the current step, checkpoint, export, exit
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.append(1))
         unet.train()
         text.train()
-        while step < args.steps and (time.time() - t_run) < args.minutes * 60:
+        while step < args.steps and (time.time() - t_run) < args.minutes * 60 and not stop:
             t0 = time.time()
             x0, prompts = batch(rng, args.batch, args.frames, args.size, args.p_uncond)
             ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
