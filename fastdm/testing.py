@@ -1,6 +1,6 @@
 """Tiny models built from configs and saved as real diffusers-format folders.
 
-Tests and `tools/make_tiny_model.py` use these so every code path goes through the same loader
+Tests and the benchmark presets use these so every code path goes through the same loader
 as a downloaded ZeroScope folder. The tokenizer is a real ``CLIPTokenizer`` with a small
 byte-pair vocabulary built here (character level plus whole words of a given word list).
 """

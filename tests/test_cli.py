@@ -138,8 +138,8 @@ def test_real_process_exit_codes(clip_file, tmp_path):
     assert proc.stderr.strip().splitlines() == [f"fastdm-edit: error: input video '{tmp_path / 'missing.mp4'}' does not exist; check the path"]
 
 
-def test_help_says_default_model_is_random():
+def test_help_says_what_the_default_model_knows():
     from fastdm.cli import build_parser
 
     text = build_parser().format_help()
-    assert "RANDOM-WEIGHT" in text and "never downloads" in text
+    assert "shapes" in text and "a red circle moving right" in text and "never downloads" in text

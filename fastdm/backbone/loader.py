@@ -155,5 +155,5 @@ def load_backbone(
 
 
 def default_model_path() -> str:
-    """The model bundled with the package (see README)."""
-    return os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "models", "default")
+    """The model bundled with the package: the shapes model trained by tools/train_shapes.py."""
+    return os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "models", "shapes")

@@ -60,7 +60,7 @@ def build_backbone(preset: str, device: str = "cpu", dtype: torch.dtype = torch.
     if preset == "shapes":
         from ..backbone import default_model_path, load_backbone
 
-        shapes = Path(default_model_path()).parent / "shapes"
+        shapes = Path(default_model_path())
         if (shapes / "model_index.json").exists():
             return load_backbone(str(shapes), device, dtype)
         from ..shapes import build_model  # the architecture, random weights
