@@ -94,7 +94,7 @@ def normalized_difference(
     return a, b, d
 
 
-_CHUNK_ELEMS = 1 << 22  # frames are processed in chunks of about this many key elements
+_CHUNK_ELEMS = 1 << 20  # frames are processed in chunks of about this many key elements
 
 
 def _chunks(g: int, n: int, c: int):
@@ -191,7 +191,10 @@ def temporal_ssm_loss(keys: torch.Tensor, keys_ref: torch.Tensor, backend: str =
         return ((ts - ts_ref) ** 2).mean()
     # The F x F matrices are tiny: form their difference without cancellation, let autograd
     # differentiate (every term is already O(|D|), so the gradient is accurate too).
-    a, b, d = normalized_difference(m, mr, e=(k.float() - kr.float()).mean(dim=-2))
+    with torch.no_grad():  # mean of K - K_ref, exact near K_ref, frame by frame (no N x C temporary kept)
+        e = torch.stack([(k[:, i].float() - kr[:, i].float()).mean(dim=-2) for i in range(k.shape[1])], dim=1)
+    e = e + (m - m.detach())  # value of mean(K - K_ref), gradient of mean(K): d/dK of both is 1/N
+    a, b, d = normalized_difference(m, mr, e=e)
     x = d @ a.transpose(-1, -2) + b @ d.transpose(-1, -2)
     return (x * x).mean()
 
