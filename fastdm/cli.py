@@ -99,7 +99,6 @@ def _quiet_libraries() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
 
     from .backbone import default_model_path
     from .driver import EditConfig, Editor
@@ -128,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         check_output_path(compare, inputs=inputs)
     if report_path.suffix.lower() != ".json":
         raise FastDMError(f"--report '{report_path}' must end in .json")
-    if not report_path.parent.is_dir() if str(report_path.parent) else False:
+    if not report_path.parent.is_dir():
         raise FastDMError(f"report folder '{report_path.parent}' does not exist; create it or choose another --report")
     if args.resume and not Path(args.resume).is_dir():
         raise FastDMError(f"--resume {args.resume}: no such checkpoint folder")

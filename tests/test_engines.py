@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fastdm import EditConfig, Editor, FastDMError
+from fastdm import EditConfig, FastDMError
 from fastdm.taps import KeyTaps, resolve_layers
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'fastdm[onnx]')")

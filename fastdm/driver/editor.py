@@ -104,7 +104,7 @@ class Editor:
         if h % m or w % m:
             raise FastDMError(f"frame size {w}x{h} is not a multiple of {m}, which this model needs; resize with --size")
 
-    def _mask_to_working(self, mask: np.ndarray | None, frames: np.ndarray, shape) -> torch.Tensor | None:
+    def _mask_to_working(self, mask: np.ndarray | None, frames: np.ndarray) -> torch.Tensor | None:
         if mask is None:
             return None
         if mask.shape != frames.shape[:3]:
@@ -155,7 +155,7 @@ class Editor:
         timings["encode_s"] = time.perf_counter() - timings["start"]
 
         x_src = bb.to_working(frames_to_tensor(frames))
-        mask_w = self._mask_to_working(mask, frames, x_src.shape)
+        mask_w = self._mask_to_working(mask, frames)
         x = torch.nn.Parameter(x_src.clone())
         opt = torch.optim.SGD([x], lr=config.lr) if config.optimizer == "sgd" else torch.optim.Adam([x], lr=config.lr)
         gen = torch.Generator("cpu").manual_seed(config.seed)
