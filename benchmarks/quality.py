@@ -174,32 +174,32 @@ def main() -> None:
     cases = suite[: args.limit] if args.limit else suite
     editor = Editor.from_pretrained(model)
     t_start = time.time()
-    for name in args.configs.split(","):
+    # case-major order: a suite cut short by --minutes still compares every config on the same cases
+    for case, name in [(c, n) for c in cases for n in args.configs.split(",")]:
         opts = dict(CONFIGS[name])
         use_mask = opts.pop("mask")
-        for case in cases:
-            key = (name, case["id"], args.steps, args.lr, model_hash)
-            if key in done:
-                continue
-            if args.minutes is not None and time.time() - t_start > args.minutes * 60:
-                break
-            clip = render_case(case)
-            cfg = EditConfig(case["source_prompt"], case["target_prompt"], steps=args.steps, lr=args.lr, seed=0, **opts)
-            t0 = time.time()
-            res = editor.edit(clip, cfg, mask=box_mask(clip) if use_mask else None)
-            rec = {"config": name, "case": case["id"], "kind": case["kind"], "steps": args.steps, "lr": args.lr,
-                   "model_hash": model_hash, "seconds": time.time() - t0, "metrics": score(case, clip, res.frames)}
-            with open(cache, "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
-            done[key] = rec
-            m = rec["metrics"]
-            print(f"{name:10s} {case['id']}  colour {m['colour_ok']!s:5s} shape {m['shape_ok']!s:5s} "
-                  f"drift {m['drift_px']:.2f}px  mf {m['motion_fidelity']:.3f}  ({rec['seconds']:.0f}s)", flush=True)
-            if args.save_videos:
-                from fastdm.io import side_by_side, write_video
+        key = (name, case["id"], args.steps, args.lr, model_hash)
+        if key in done:
+            continue
+        if args.minutes is not None and time.time() - t_start > args.minutes * 60:
+            break
+        clip = render_case(case)
+        cfg = EditConfig(case["source_prompt"], case["target_prompt"], steps=args.steps, lr=args.lr, seed=0, **opts)
+        t0 = time.time()
+        res = editor.edit(clip, cfg, mask=box_mask(clip) if use_mask else None)
+        rec = {"config": name, "case": case["id"], "kind": case["kind"], "steps": args.steps, "lr": args.lr,
+               "model_hash": model_hash, "seconds": time.time() - t0, "metrics": score(case, clip, res.frames)}
+        with open(cache, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        done[key] = rec
+        m = rec["metrics"]
+        print(f"{name:10s} {case['id']}  colour {m['colour_ok']!s:5s} shape {m['shape_ok']!s:5s} "
+              f"drift {m['drift_px']:.2f}px  mf {m['motion_fidelity']:.3f}  ({rec['seconds']:.0f}s)", flush=True)
+        if args.save_videos:
+            from fastdm.io import side_by_side, write_video
 
-                Path(args.save_videos).mkdir(parents=True, exist_ok=True)
-                write_video(Path(args.save_videos) / f"{name}-{case['id']}.gif", side_by_side(clip, res.frames), 8)
+            Path(args.save_videos).mkdir(parents=True, exist_ok=True)
+            write_video(Path(args.save_videos) / f"{name}-{case['id']}.gif", side_by_side(clip, res.frames), 8)
     runs = [r for r in done.values() if r["steps"] == args.steps and r["lr"] == args.lr and r["model_hash"] == model_hash]
     meta = {"machine": machine, "machine_description": machine_description(), "model": model, "model_hash": model_hash,
             "suite_size": len(suite), "steps": args.steps, "lr": args.lr}

@@ -1,7 +1,9 @@
 """Metrics of the shapes world (one coloured object on black): object mask, centroid, colour, shape.
 
-* object mask: pixels whose brightest channel is above ``THRESHOLD`` (their distance from the
-  black background), largest connected component only;
+* object mask: pixels farther than ``THRESHOLD`` (largest channel difference) from the
+  background colour, largest connected component only; the background colour is the median of
+  the frame's border pixels (black for the renderer's clips; a model's samples or edits may
+  tint it);
 * centroid per frame: coverage-weighted (antialiased edges count by their brightness);
 * colour: the object's mean colour, normalized by its brightest channel, matched to the nearest
   vocabulary colour;
@@ -23,11 +25,23 @@ FILL = {"triangle": 0.5, "circle": math.pi / 4, "square": 1.0}
 _VOCAB = {name: np.array(rgb, np.float32) / 255.0 for name, rgb in COLOURS.items()}
 
 
+def background(frame: np.ndarray) -> np.ndarray:
+    """(3,) float: the median colour of the frame's one-pixel border."""
+    f = frame.astype(np.float32)
+    ring = np.concatenate([f[0], f[-1], f[1:-1, 0], f[1:-1, -1]])
+    return np.median(ring, axis=0)
+
+
+def contrast(frame: np.ndarray) -> np.ndarray:
+    """(H, W) float: each pixel's largest channel distance from the background colour."""
+    return np.abs(frame.astype(np.float32) - background(frame)).max(-1)
+
+
 def object_mask(frame: np.ndarray) -> np.ndarray:
-    """(H, W) bool: the largest connected bright blob."""
+    """(H, W) bool: the largest connected blob that stands out from the background."""
     import cv2
 
-    m = (frame.max(-1) > THRESHOLD).astype(np.uint8)
+    m = (contrast(frame) > THRESHOLD).astype(np.uint8)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
     if n <= 1:
         return np.zeros(m.shape, bool)
@@ -39,14 +53,14 @@ def centroid(frame: np.ndarray) -> tuple[float, float] | None:
     m = object_mask(frame)
     if not m.any():
         return None
-    w = frame.max(-1).astype(np.float64) * m
+    w = contrast(frame).astype(np.float64) * m
     ys, xs = np.mgrid[0 : frame.shape[0], 0 : frame.shape[1]] + 0.5
     return float((w * xs).sum() / w.sum()), float((w * ys).sum() / w.sum())
 
 
 def colour_of(frame: np.ndarray) -> str | None:
     m = object_mask(frame)
-    core = m & (frame.max(-1) > 160)  # skip antialiased rim pixels
+    core = m & (contrast(frame) > 160)  # skip antialiased rim pixels
     if not core.any():
         core = m
     if not core.any():
@@ -60,7 +74,8 @@ def fill_ratio(frame: np.ndarray) -> float | None:
     m = object_mask(frame)
     if not m.any():
         return None
-    cover = np.clip(frame.max(-1).astype(np.float64) / max(float(frame[m].max()), 1.0), 0, 1) * m
+    k = contrast(frame).astype(np.float64)
+    cover = np.clip(k / max(float(k[m].max()), 1.0), 0, 1) * m
     # sub-pixel bounding box: a column's extent is its largest coverage (edges count fractionally)
     width, height = cover.max(0).sum(), cover.max(1).sum()
     return float(cover.sum() / max(width * height, 1e-6))

@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--per-pair", type=int, default=4)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance-scale", type=float, default=7.5)
+    ap.add_argument("--eta", type=float, default=1.0, help="DDIM eta (0: deterministic, 1: ancestral)")
+    ap.add_argument("--clip-x0", action="store_true", help="clamp each predicted clean video to [-1, 1]")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--sheet", default=None, help="write a PNG contact sheet (first frame of every sample)")
     args = ap.parse_args()
@@ -52,7 +54,8 @@ def main() -> None:
         for shape in SHAPES:
             for k in range(args.per_pair):
                 d = dirs[k % 4]
-                vid = ddim_sample(bb, prompt(colour, shape, d), steps=args.steps, guidance_scale=args.guidance_scale, seed=k)
+                vid = ddim_sample(bb, prompt(colour, shape, d), steps=args.steps, guidance_scale=args.guidance_scale, seed=k,
+                                  eta=args.eta, clip_x0=args.clip_x0)
                 s = video_summary(vid)
                 rows.append({"colour": colour, "shape": shape, "direction": d, "seed": k,
                              "got_colour": majority(s["colours"]), "got_shape": majority(s["shapes"])})
@@ -64,10 +67,11 @@ def main() -> None:
     per_shape = {s: sum(r["got_shape"] == s for r in rows if r["shape"] == s) / sum(r["shape"] == s for r in rows) for s in SHAPES}
     machine = machine_name()
     meta = {"machine": machine, "machine_description": machine_description(), "model": model, "samples": n,
-            "ddim_steps": args.steps, "guidance_scale": args.guidance_scale, "seconds": round(time.time() - t0, 1)}
+            "ddim_steps": args.steps, "guidance_scale": args.guidance_scale, "eta": args.eta, "clip_x0": args.clip_x0, "seconds": round(time.time() - t0, 1)}
     md = [f"# Shapes model: samples classified ({machine})", "",
           f"Machine: {meta['machine_description']}. Model: `{model}`. {n} samples ({args.per_pair} per colour x shape),"
-          f" DDIM {args.steps} steps, CFG {args.guidance_scale}; {meta['seconds']:.0f} s.", "",
+          f" DDIM {args.steps} steps, eta {args.eta}, CFG {args.guidance_scale},"
+          f" x0 clamp {'on' if args.clip_x0 else 'off'}; {meta['seconds']:.0f} s.", "",
           f"Named colour (majority of frames): **{colour_rate:.0%}**; named shape: **{shape_rate:.0%}**.", "",
           "| colour | hit rate |", "|---|---|", *[f"| {c} | {v:.0%} |" for c, v in per_colour.items()], "",
           "| shape | hit rate |", "|---|---|", *[f"| {s} | {v:.0%} |" for s, v in per_shape.items()], ""]

@@ -64,10 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_size, default=None, help="WxH to resize + centre-crop to (default: the model's native size)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="model weights' dtype (the edited video stays fp32)")
-    p.add_argument("--plan", choices=("fast", "lean", "naive"), default="fast",
-                   help="execution plan: fast (default), lean (least memory: sequential no-grad calls, block checkpointing), naive (baseline)")
-    p.add_argument("--backend", choices=("eager", "ort", "trt"), default="eager",
-                   help="engine of the no-grad UNet calls: eager PyTorch, onnxruntime, or TensorRT (CUDA; engine cached on disk)")
+    p.add_argument("--plan", choices=("fast", "fast-seq", "lean", "naive"), default=None,
+                   help="execution plan: fast (default), fast-seq (no-grad calls one at a time), lean (least memory: "
+                        "sequential no-grad calls, block checkpointing, VAE tiling), naive (baseline)")
+    p.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="e.g. 8G: probe one step of fast, fast-seq, lean and run the fastest that fits (not with --plan)")
+    p.add_argument("--attention", choices=("sdpa", "xformers"), default="sdpa",
+                   help="attention implementation: PyTorch SDPA (default) or xformers (CUDA, optional extra)")
+    p.add_argument("--backend", choices=("eager", "compile", "cudagraphs", "ort", "trt"), default="eager",
+                   help="engine of the no-grad UNet calls: eager PyTorch, torch.compile, torch.compile with CUDA graphs (CUDA), "
+                        "onnxruntime, or TensorRT (CUDA; engine cached on disk)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="write a resumable checkpoint every N steps")
     p.add_argument("--checkpoint-dir", default=None, help="checkpoint folder (default: OUT.ckpt)")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the edit from the checkpoint in DIR")
@@ -119,6 +125,13 @@ def run(args: argparse.Namespace) -> int:
         tap_layers=tuple(s.strip() for s in args.layers.split(",") if s.strip()) if args.layers else None,
     )
     config.validate()
+    budget = None
+    if args.memory_budget is not None:
+        if args.plan is not None:
+            raise FastDMError("give --plan or --memory-budget, not both")
+        from .driver.budget import parse_size
+
+        budget = parse_size(args.memory_budget)
     if args.checkpoint_every < 0:
         raise FastDMError("--checkpoint-every must be >= 0")
     inputs = [inp, args.mask, args.boxes]
@@ -140,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
     model = args.model or default_model_path()
     editor = Editor.from_pretrained(model, args.device, args.dtype, args.allow_pickle, args.trust_remote_code,
                                     keep_text_encoder=False)
+    editor.backbone.set_attention(args.attention)
     info = editor.backbone.info
     size = args.size or info.native_size
     if size[0] % info.size_multiple or size[1] % info.size_multiple:
@@ -167,8 +181,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = editor.edit(frames, config, mask=mask, callback=on_step, checkpoint_dir=ckpt_dir,
-                             checkpoint_every=args.checkpoint_every, resume=bool(args.resume), plan=PLANS[args.plan],
-                             backend=args.backend)
+                             checkpoint_every=args.checkpoint_every, resume=bool(args.resume),
+                             plan=None if budget is not None else PLANS[args.plan or "fast"], backend=args.backend,
+                             memory_budget=budget)
     finally:
         if bar is not None:
             bar.close()
@@ -188,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         t = report["timings"]
         print(f"wrote {', '.join(written)}, {report_path} ({report['steps_run']} steps, {t['step_mean_s']} s/step, "
-              f"peak memory {report['peak_memory_bytes'] / 2**20:.0f} MiB)")
+              f"plan {report['plan']['name']}, peak memory {report['peak_memory_bytes'] / 2**20:.0f} MiB)")
     return 0
 
 

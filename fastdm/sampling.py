@@ -15,8 +15,16 @@ from .losses.vdds import guided_noise
 
 @torch.no_grad()
 def ddim_sample(backbone: Backbone, prompt: str, *, frames: int = 8, size: tuple[int, int] | None = None,
-                steps: int = 50, guidance_scale: float = 7.5, seed: int = 0, negative_prompt: str = "") -> np.ndarray:
-    """Sample a video for ``prompt``: ``(frames, H, W, 3)`` uint8. Deterministic for a seed."""
+                steps: int = 50, guidance_scale: float = 7.5, seed: int = 0, negative_prompt: str = "",
+                eta: float = 0.0, clip_x0: bool = False) -> np.ndarray:
+    """Sample a video for ``prompt``: ``(frames, H, W, 3)`` uint8. Deterministic for a seed.
+
+    ``eta`` is DDIM's stochasticity (0: deterministic DDIM, 1: DDPM-like ancestral steps).
+    ``clip_x0`` clamps each predicted clean video to the backbone's valid range. Off by default:
+    for data that sits on the range's edge (the shapes world's black background is exactly -1)
+    the clamp cuts only one side of the prediction error, so every step biases the background
+    upwards and samples end grey and noisy.
+    """
     w, h = size or backbone.info.native_size
     shape = backbone.to_working(torch.zeros(frames, 3, h, w)).shape  # (1, C, F, h', w')
     gen = torch.Generator("cpu").manual_seed(seed)
@@ -32,7 +40,11 @@ def ddim_sample(backbone: Backbone, prompt: str, *, frames: int = 8, size: tuple
         a = float(alphas[t])
         a_prev = float(alphas[ts[i + 1]]) if i + 1 < len(ts) else float(alphas[0])
         x0 = (x - (1 - a) ** 0.5 * e) / a**0.5
-        if lo_hi is not None:
+        if clip_x0 and lo_hi is not None:
             x0 = x0.clamp(*lo_hi)
-        x = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * e
+            e = (x - a**0.5 * x0) / (1 - a) ** 0.5
+        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
+        x = a_prev**0.5 * x0 + (1 - a_prev - sigma**2) ** 0.5 * e
+        if sigma > 0:
+            x = x + sigma * torch.randn(x.shape, generator=gen).to(x.device)
     return tensor_to_frames(backbone.from_working(x))

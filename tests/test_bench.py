@@ -18,6 +18,11 @@ def test_fastdm_bench_tiny_naive_vs_fast(tmp_path, capsys):
         assert r["median_step_s"] > 0 and r["peak_bytes"] > 0 and r["flops_per_step"] > 0, r
         assert r["roofline_step_s"] == r["flops_per_step"] / 1e12
     assert (tmp_path / j.name.replace(".json", ".md")).read_text().count("| tiny |") == 2
+    # the memory plan, measured by the allocator: naive keeps all four evaluations' graphs until the
+    # backward; fast keeps only the grad branch's prefix (allocation sizes are deterministic)
+    naive, fast = rows["naive"]["tensor_working_peak_bytes"], rows["fast"]["tensor_working_peak_bytes"]
+    assert naive > 0 and fast > 0
+    assert naive > 1.5 * fast, (naive, fast)
 
 
 def test_flops_only_counts_on_meta():

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from fastdm import EditConfig, Editor
-from fastdm.driver.plan import FAST, LEAN, NAIVE
+from fastdm import EditConfig, Editor, FastDMError
+from fastdm.driver.plan import FAST, LEAN, NAIVE, PLANS
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +74,45 @@ def test_block_checkpointing_same_gradient(latent_editor):
 
     a, b = grad(False), grad(True)
     assert a.abs().sum() > 0 and torch.allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_memory_budget_picks_the_fastest_plan_that_fits(latent_editor, clip):
+    from fastdm.driver.budget import CANDIDATES, parse_size
+
+    cfg = EditConfig("a red circle moving right", "a blue circle moving right", steps=1, seed=0)
+    roomy = latent_editor.edit(clip, cfg, memory_budget=parse_size("64G"))
+    assert roomy.report["plan"]["name"] == "fast"
+    fast_peak = roomy.report["memory_budget"]["probed_peak_bytes"]["fast"]
+    # under fast's measured peak: fast no longer fits, and a leaner plan must run instead
+    budget = int(0.95 * fast_peak)
+    tight = latent_editor.edit(clip, cfg, memory_budget=budget)
+    probes = tight.report["memory_budget"]["probed_peak_bytes"]
+    assert probes["fast"] == pytest.approx(fast_peak, rel=0.01)  # allocations barely vary between runs
+    chosen = tight.report["plan"]["name"]
+    assert chosen != "fast" and probes[chosen] <= budget
+    assert list(probes) == [p.name for p in CANDIDATES][: len(probes)] and list(probes)[-1] == chosen
+    # the lean plan keeps less than the fast one, by the allocator's count
+    assert probes.get("lean", probes[chosen]) < fast_peak
+
+
+def test_memory_budget_too_small_is_a_one_line_error(latent_editor, clip):
+    cfg = EditConfig("a red circle moving right", "a blue circle moving right", steps=1, seed=0)
+    with pytest.raises(FastDMError, match="too small: even the lean plan needs"):
+        latent_editor.edit(clip, cfg, memory_budget=1024)
+    with pytest.raises(FastDMError, match="not both"):
+        latent_editor.edit(clip, cfg, memory_budget=2**30, plan=PLANS["lean"])
+
+
+@pytest.mark.parametrize("text,want", [("8G", 8 * 2**30), ("512M", 512 * 2**20), ("1.5GiB", int(1.5 * 2**30)), ("4096", 4096)])
+def test_parse_size(text, want):
+    from fastdm.driver.budget import parse_size
+
+    assert parse_size(text) == want
+
+
+@pytest.mark.parametrize("bad", ["lots", "-1G", "0"])
+def test_parse_size_refuses(bad):
+    from fastdm.driver.budget import parse_size
+
+    with pytest.raises(FastDMError, match="--memory-budget"):
+        parse_size(bad)

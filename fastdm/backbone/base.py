@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import FastDMError
+
 
 @dataclass(frozen=True)
 class BackboneInfo:
@@ -70,6 +72,15 @@ class Backbone(abc.ABC):
 
     def set_block_checkpointing(self, enabled: bool) -> None:  # noqa: B027 - optional
         """Recompute block activations in the backward (optional; default: not supported, no-op)."""
+
+    def set_vae_tiling(self, enabled: bool) -> None:  # noqa: B027 - optional
+        """Encode/decode latents tile by tile (latent models; no-op in pixel space)."""
+
+    def set_attention(self, kind: str) -> None:
+        """Attention implementation: ``"sdpa"`` (PyTorch scaled-dot-product attention, the default)
+        or ``"xformers"``; refuses with the reason when one is unavailable."""
+        if kind != "sdpa":
+            raise FastDMError(f"--attention {kind}: {type(self).__name__} supports only sdpa")
 
     @abc.abstractmethod
     def spatial_self_attention_layers(self) -> dict[str, torch.nn.Module]:

@@ -1,9 +1,12 @@
-"""Compiled engines for the no-grad UNet evaluations: ONNX export, onnxruntime, TensorRT.
+"""Compiled engines for the no-grad UNet evaluations: torch.compile, ONNX export, onnxruntime, TensorRT.
 
 Three of a step's four UNet evaluations need no autograd, so they can run in an inference engine.
 The exported graph returns the noise prediction *and* the tapped attention keys (the source keys
 S-SSM/T-SSM match against), so an engine can stand in for the eager no-grad call completely.
 
+* :class:`CompiledUNet` is ``torch.compile`` of that call (``compile``), optionally with CUDA
+  graphs (``cudagraphs``: mode ``reduce-overhead``); the timestep goes in as a tensor so a new
+  timestep is new data, not a recompile.
 * :func:`export_onnx` traces ``UNet(sample, t, text) -> (eps, keys...)`` at fixed shapes.
 * :class:`OrtUNet` runs it with onnxruntime (CPU or CUDA) — also how CI checks the export.
 * :class:`TrtUNet` builds a TensorRT engine from it (on a CUDA GPU), cached on disk under a key
@@ -38,6 +41,25 @@ class _UNetWithKeys(torch.nn.Module):
             for h in handles:
                 h.remove()
         return (eps, *keys)
+
+
+class CompiledUNet:
+    """``torch.compile`` of ``UNet(sample, t, text) -> (eps, keys...)``; the first call compiles
+    (the editor makes it before the timed steps), later calls at the same shapes reuse it."""
+
+    def __init__(self, backbone, layers: list[str], cudagraphs: bool = False):
+        if cudagraphs and backbone.device.type != "cuda":
+            raise FastDMError("--backend cudagraphs needs the model on a CUDA GPU (--device cuda); use --backend compile")
+        self.module = _UNetWithKeys(backbone, layers).eval()
+        self.fn = torch.compile(self.module, mode="reduce-overhead" if cudagraphs else None, dynamic=False)
+        self.cudagraphs = cudagraphs
+
+    def __call__(self, sample: torch.Tensor, t: int, text: torch.Tensor):
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        ts = torch.full((sample.shape[0],), t, device=sample.device, dtype=torch.long)
+        out = self.fn(sample, ts, text)
+        return out[0].float(), list(out[1:])
 
 
 def export_onnx(backbone, path: str | os.PathLike, *, batch: int, frames: int, size: tuple[int, int], layers: list[str]) -> Path:
@@ -157,7 +179,7 @@ def _torch_dtype(trt_dtype):
             trt.int64: torch.int64, trt.int32: torch.int32}[trt_dtype]
 
 
-ENGINES = ("eager", "ort", "trt")
+ENGINES = ("eager", "compile", "cudagraphs", "ort", "trt")
 
 
 def default_cache_dir() -> Path:
@@ -172,6 +194,8 @@ def build_engine(backbone, kind: str, *, frames: int, size: tuple[int, int], lay
         return None
     if kind not in ENGINES:
         raise FastDMError(f"unknown backend {kind!r}; choose one of {', '.join(ENGINES)}")
+    if kind in ("compile", "cudagraphs"):
+        return CompiledUNet(backbone, layers, cudagraphs=kind == "cudagraphs")
     if kind == "trt":
         reason = trt_unavailable_reason()
         if reason:

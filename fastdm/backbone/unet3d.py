@@ -11,7 +11,19 @@ import re
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import FastDMError
 from .base import Backbone, BackboneInfo
+
+
+def xformers_unavailable_reason(device: torch.device) -> str | None:
+    """Why xformers' memory-efficient attention cannot run here, or None."""
+    if device.type != "cuda":
+        return f"xformers runs on CUDA GPUs and the model is on {device.type}"
+    try:
+        import xformers.ops  # noqa: F401
+    except ImportError:
+        return "xformers is not installed (pip install 'fastdm[xformers]')"
+    return None
 
 # Spatial self-attention in UNet3D: Transformer2DModel blocks under `attentions`
 # (temporal attention lives under `temp_attentions` and `transformer_in`).
@@ -144,6 +156,23 @@ class UNet3DBackbone(Backbone):
             elif not enabled and hasattr(block, "_fastdm_forward"):
                 block.forward = block._fastdm_forward
                 del block._fastdm_forward
+
+    def set_vae_tiling(self, enabled: bool) -> None:
+        if self.vae is not None:
+            (self.vae.enable_tiling if enabled else self.vae.disable_tiling)()
+
+    def set_attention(self, kind: str) -> None:
+        if kind == "sdpa":
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            self.unet.set_attn_processor(AttnProcessor2_0())
+        elif kind == "xformers":
+            reason = xformers_unavailable_reason(self.device)
+            if reason:
+                raise FastDMError(f"--attention xformers: {reason}; use --attention sdpa")
+            self.unet.enable_xformers_memory_efficient_attention()
+        else:
+            raise FastDMError(f"unknown attention {kind!r}; choose sdpa or xformers")
 
     def spatial_self_attention_layers(self) -> dict[str, torch.nn.Module]:
         found = {n: m for n, m in self.unet.named_modules() if _SPATIAL_SELF_ATTN.match(n)}

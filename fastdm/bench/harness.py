@@ -3,7 +3,9 @@
 Each (preset, frames, mode) runs in a fresh process so its peak memory is its own. Per case:
 median seconds per step (after one warm-up step), the projected end-to-end time of a 200-step
 edit (setup + 200 x median + decode, all measured), peak memory (CUDA max allocated on GPU; peak
-RSS on CPU, and the part above the loaded model: "working"), FLOPs per step
+RSS on CPU, and the part above the loaded model: "working"), on CPU also the allocator's peak of
+live tensor bytes during one extra, untimed step (the PyTorch profiler's memory events: the CPU
+counterpart of CUDA max allocated, free of the RSS noise of libraries and Python), FLOPs per step
 (``torch.utils.flop_counter``) and the roofline time of a step at a peak rate (``--peak-tflops``,
 default: the measured matmul rate of this device in the run's dtype).
 
@@ -95,16 +97,31 @@ def run_case(preset: str, frames: int, mode: str, steps: int, device: str, dtype
     clip = _clip(preset, frames, PRESETS[preset]["size"])
     times: list[float] = []
 
+    profiled = device == "cpu"  # one extra step under the profiler's memory tracking
+    prof = None
+
     def on_step(info):
+        nonlocal prof
         if device == "cuda":
             torch.cuda.synchronize()
+        if prof is not None:
+            prof.stop()
+            return
         times.append(info.seconds)
+        if profiled and info.step == steps + 1:
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+            prof.start()
 
-    cfg = EditConfig("a red circle moving right", "a blue circle moving right", steps=steps + 1, seed=0)
+    cfg = EditConfig("a red circle moving right", "a blue circle moving right", steps=steps + 1 + profiled, seed=0)
     plan, _, backend = mode.partition(":")
     res = Editor(bb).edit(clip, cfg, callback=on_step, plan=PLANS[plan], backend=backend or "eager",
                           engine_cache=os.path.join(tempfile.gettempdir(), "fastdm-bench-engines"))
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss_bytes()
+    tensor_peak = None
+    if prof is not None:
+        from ..driver.budget import trace_tensor_peak
+
+        tensor_peak = trace_tensor_peak(prof)
     tm = res.report["timings"]
     median = statistics.median(times[1:])
     setup = load_s + tm["encode_prompts_s"] + tm["prepare_s"]
@@ -116,6 +133,7 @@ def run_case(preset: str, frames: int, mode: str, steps: int, device: str, dtype
         "e2e_200_projected_s": setup + 200 * median + tm["decode_s"],
         "peak_bytes": int(peak),
         "working_peak_bytes": int(max(0, peak - base)),
+        "tensor_working_peak_bytes": tensor_peak,
         "params": sum(p.numel() for p in bb.unet.parameters()),
     }
 
@@ -230,22 +248,28 @@ def _markdown(rows: list[dict], meta: dict) -> str:
                 lines.append(f"| {r['preset']} | {r['frames']} | {r['mode']} | {r['flops_per_step'] / 1e12:.2f} | "
                              f"{r['roofline_step_s']:.3f} | {200 * r['roofline_step_s']:.1f} |")
         return "\n".join(lines) + "\n"
-    lines += ["| preset | frames | mode | s / step | vs naive | 200-step edit s (projected) | peak MiB | working MiB | vs naive | GFLOP / step | roofline s / step |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| preset | frames | mode | s / step | vs naive | 200-step edit s (projected) | peak MiB | working MiB | vs naive "
+              "| step tensor peak MiB | vs naive | GFLOP / step | roofline s / step |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "median_step_s" not in r:
-            lines.append(f"| {r['preset']} | {r['frames']} | {r['mode']} | error: {r.get('error', '?')} | | | | | | | |")
+            lines.append(f"| {r['preset']} | {r['frames']} | {r['mode']} | error: {r.get('error', '?')} | | | | | | | | | |")
             continue
         base = next((b for b in rows if b["preset"] == r["preset"] and b["frames"] == r["frames"] and b["mode"] == "naive"
                      and "median_step_s" in b), None)
         sp = f"{base['median_step_s'] / r['median_step_s']:.2f}x" if base else "-"
         mem = f"{base['working_peak_bytes'] / max(r['working_peak_bytes'], 1):.2f}x less" if base else "-"
+        tp = r.get("tensor_working_peak_bytes")
+        tp_s = f"{tp / 2**20:.0f}" if tp else "-"
+        tp_x = f"{base['tensor_working_peak_bytes'] / tp:.2f}x less" if tp and base and base.get("tensor_working_peak_bytes") else "-"
         fl = f"{r['flops_per_step'] / 1e9:.1f}" if "flops_per_step" in r else "-"
         roof = f"{r['roofline_step_s']:.4f}" if "roofline_step_s" in r else "-"
         lines.append(f"| {r['preset']} | {r['frames']} | {r['mode']} | {r['median_step_s']:.3f} | {sp} | {r['e2e_200_projected_s']:.0f} | "
-                     f"{r['peak_bytes'] / 2**20:.0f} | {r['working_peak_bytes'] / 2**20:.0f} | {mem} | {fl} | {roof} |")
+                     f"{r['peak_bytes'] / 2**20:.0f} | {r['working_peak_bytes'] / 2**20:.0f} | {mem} | {tp_s} | {tp_x} | {fl} | {roof} |")
     lines += ["", "peak = CUDA max allocated (GPU) or process peak RSS (CPU); working = peak minus memory held after the",
-              "model was loaded. 200-step edit = setup + 200 x median step + decode, each measured."]
+              "model was loaded. step tensor peak (CPU) = the most bytes of tensors allocated at once during one step,",
+              "above what was live when it began (PyTorch profiler memory events).",
+              "200-step edit = setup + 200 x median step + decode, each measured."]
     return "\n".join(lines) + "\n"
 
 

@@ -129,12 +129,17 @@ class Editor:
         plan: ExecutionPlan | None = None,
         backend: str = "eager",
         engine_cache: str | None = None,
+        memory_budget: int | None = None,
     ) -> EditResult:
         """Edit ``frames`` ((F, H, W, 3) uint8) from ``config``; ``mask`` ((F, H, W), 1 = editable).
 
         ``plan``: naive / fast (default) / lean (``fastdm.driver.plan``). ``backend``: where the batched
-        no-grad UNet call runs: ``"eager"`` (PyTorch), ``"ort"`` (onnxruntime) or ``"trt"`` (TensorRT).
+        no-grad UNet call runs: ``"eager"`` (PyTorch), ``"compile"`` / ``"cudagraphs"`` (torch.compile),
+        ``"ort"`` (onnxruntime) or ``"trt"`` (TensorRT). ``memory_budget`` (bytes): run the fastest of
+        fast / fast-seq / lean whose probed peak fits (``fastdm.driver.budget``); not with ``plan``.
         """
+        if memory_budget is not None and plan is not None:
+            raise FastDMError("give an execution plan or a memory budget, not both")
         config.validate()
         self.check_frames(frames)
         bb = self.backbone
@@ -178,6 +183,14 @@ class Editor:
             start_step = state["step"]
         timings["prepare_s"] = time.perf_counter() - timings["start"] - timings["encode_s"]
 
+        probes = None
+        if memory_budget is not None:
+            from .budget import fit_plan
+
+            def make_step(p):
+                return DreamMotionStep(bb, config, p, vcfg, layers, num_frames, text, mask_w)
+
+            plan, probes = fit_plan(make_step, bb, x, x_src, memory_budget)
         plan = plan or FAST
         engine = None
         if backend != "eager":
@@ -220,6 +233,7 @@ class Editor:
                       "working_shape": list(x.shape), "masked": mask is not None},
             "tap_layers": layers,
             "plan": plan.to_dict(),
+            "memory_budget": None if memory_budget is None else {"bytes": int(memory_budget), "probed_peak_bytes": probes},
             "backend": backend,
             "steps_run": len(step_times),
             "resumed_from_step": start_step if resume else None,

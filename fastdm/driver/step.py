@@ -37,13 +37,23 @@ class DreamMotionStep:
         # an inference engine (fastdm.backbone.engines) for the batched no-grad call, if any
         self.engine = engine if plan.inference_mode and plan.batch_nograd else None
         backbone.set_block_checkpointing(plan.checkpoint_blocks)
+        backbone.set_vae_tiling(plan.vae_tiling)
 
     def __call__(self, x: torch.Tensor, x_src: torch.Tensor, t: int, noise: torch.Tensor) -> dict[str, torch.Tensor]:
         bb, plan, cfg = self.bb, self.plan, self.config
         a_t = float(bb.alphas_cumprod[t])
         sa, sb = math.sqrt(a_t), math.sqrt(1.0 - a_t)
         xs_t = sa * x_src + sb * noise
-        if self.need_keys:
+        if self.need_keys and plan.grad_all:
+            x_t = sa * x + sb * noise
+            with self.taps, torch.enable_grad():  # naive: everything recorded, in one batched call
+                eps = bb.predict_noise(torch.cat([x_t, x_t, xs_t, xs_t]), t, torch.cat([self.emb_tgt, self.emb_nograd]))
+                keys = self.taps.take(self.num_frames)
+            keys_edit = {k: v[0:1] for k, v in keys.items()}
+            keys_src = {k: v[2:3].detach() for k, v in keys.items()}
+            eps = eps.detach()
+            eps_tgt_c, eps_tgt_u, eps_src_c, eps_src_u = eps[0:1], eps[1:2], eps[2:3], eps[3:4]
+        elif self.need_keys:
             x_t = sa * x + sb * noise
             with self.taps, torch.enable_grad():  # the grad branch, recorded up to the last tapped layer
                 eps_tgt_c = bb.predict_noise(x_t, t, self.emb_tgt, grad_until=self.grad_until).detach()
@@ -80,26 +90,17 @@ class DreamMotionStep:
     def _nograd_branches(self, x_t: torch.Tensor, xs_t: torch.Tensor, t: int):
         """UNet(x_t, ""), UNet(x^_t, source), UNet(x^_t, ""), with the source keys tapped.
 
-        fast: inference mode, one batched call; lean: one call at a time; naive: autograd on and
-        one call at a time, the edited branch fed with the graph-carrying x_t as a plain
-        implementation would (its graph is built and thrown away).
+        fast: inference mode, one batched call; lean: one call at a time; without inference mode
+        (a plan between naive and fast): plain no_grad.
         """
         bb, plan, taps, num_frames = self.bb, self.plan, self.taps, self.num_frames
         emb_neg, emb_src, emb_nograd = self.emb_neg, self.emb_src, self.emb_nograd
-        if not plan.inference_mode:
-            with torch.enable_grad():
-                eps_tgt_u = bb.predict_noise(x_t, t, emb_neg).detach()
-                with taps:
-                    eps_src_c = bb.predict_noise(xs_t, t, emb_src).detach()
-                    keys_src = {k: v.detach() for k, v in taps.take(num_frames).items()}
-                eps_src_u = bb.predict_noise(xs_t, t, emb_neg).detach()
-            return eps_tgt_u, eps_src_c, eps_src_u, keys_src
         if self.engine is not None and taps is not None:
             with torch.inference_mode():
                 eps, keys = self.engine(torch.cat([x_t.detach(), xs_t, xs_t]).to(bb.dtype), t, emb_nograd)
             keys_src = {n: k.reshape(-1, num_frames, *k.shape[1:])[1:2].clone() for n, k in zip(self.layers, keys)}
             return eps[0:1].clone(), eps[1:2].clone(), eps[2:3].clone(), keys_src
-        with torch.inference_mode():
+        with torch.inference_mode() if plan.inference_mode else torch.no_grad():
             if plan.batch_nograd:
                 with taps:
                     eps = bb.predict_noise(torch.cat([x_t.detach(), xs_t, xs_t]), t, emb_nograd)
