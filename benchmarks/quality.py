@@ -2,7 +2,7 @@
 
 A fixed suite of edits (colour swaps, shape swaps, both) on generated clips, each run with
 
-    full       V-DDS + S-SSM + T-SSM, box mask       (DreamMotion)
+    full       V-DDS + S-SSM + T-SSM, box mask       (DreamMotion; the mask limits the whole update)
     vdds_only  V-DDS alone, box mask                 (w/o S-SSM and T-SSM)
     no_sssm    V-DDS + T-SSM, box mask               (w/o S-SSM)
     no_tssm    V-DDS + S-SSM, box mask               (w/o T-SSM)
@@ -169,7 +169,7 @@ def main() -> None:
     if cache.exists():
         for line in cache.read_text().splitlines():
             r = json.loads(line)
-            done[(r["config"], r["case"], r["steps"], r["lr"], r["model_hash"])] = r
+            done[(r["config"], r["case"], r["steps"], r.get("edit_fingerprint"), r["model_hash"])] = r
     suite = build_suite()
     cases = suite[: args.limit] if args.limit else suite
     editor = Editor.from_pretrained(model)
@@ -178,17 +178,18 @@ def main() -> None:
     for case, name in [(c, n) for c in cases for n in args.configs.split(",")]:
         opts = dict(CONFIGS[name])
         use_mask = opts.pop("mask")
-        key = (name, case["id"], args.steps, args.lr, model_hash)
+        cfg = EditConfig(case["source_prompt"], case["target_prompt"], steps=args.steps, lr=args.lr, seed=0, **opts)
+        # cached runs count only for the same model, steps and every edit setting (defaults included)
+        key = (name, case["id"], args.steps, cfg.fingerprint(), model_hash)
         if key in done:
             continue
         if args.minutes is not None and time.time() - t_start > args.minutes * 60:
             break
         clip = render_case(case)
-        cfg = EditConfig(case["source_prompt"], case["target_prompt"], steps=args.steps, lr=args.lr, seed=0, **opts)
         t0 = time.time()
         res = editor.edit(clip, cfg, mask=box_mask(clip) if use_mask else None)
         rec = {"config": name, "case": case["id"], "kind": case["kind"], "steps": args.steps, "lr": args.lr,
-               "model_hash": model_hash, "seconds": time.time() - t0, "metrics": score(case, clip, res.frames)}
+               "edit_fingerprint": cfg.fingerprint(), "edit_config": cfg.to_dict(), "model_hash": model_hash, "seconds": time.time() - t0, "metrics": score(case, clip, res.frames)}
         with open(cache, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
         done[key] = rec
@@ -200,7 +201,11 @@ def main() -> None:
 
             Path(args.save_videos).mkdir(parents=True, exist_ok=True)
             write_video(Path(args.save_videos) / f"{name}-{case['id']}.gif", side_by_side(clip, res.frames), 8)
-    runs = [r for r in done.values() if r["steps"] == args.steps and r["lr"] == args.lr and r["model_hash"] == model_hash]
+    wanted = {(n, c["id"]): EditConfig(c["source_prompt"], c["target_prompt"], steps=args.steps, lr=args.lr, seed=0,
+                                       **{k: v for k, v in CONFIGS[n].items() if k != "mask"}).fingerprint()
+              for c in suite for n in CONFIGS}
+    runs = [r for r in done.values() if r["steps"] == args.steps and r["model_hash"] == model_hash
+            and r.get("edit_fingerprint") == wanted.get((r["config"], r["case"]))]
     meta = {"machine": machine, "machine_description": machine_description(), "model": model, "model_hash": model_hash,
             "suite_size": len(suite), "steps": args.steps, "lr": args.lr}
     summary = summarize(runs)

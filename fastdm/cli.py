@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s-ssm-weight", type=float, default=1000.0, help="S-SSM (structure) loss weight; 0 turns it off")
     p.add_argument("--t-ssm-weight", type=float, default=1000.0, help="T-SSM (motion) loss weight; 0 turns it off")
     p.add_argument("--layers", default=None, help="comma-separated glob patterns of self-attention layers to tap (default: decoder's coarsest attention level)")
+    p.add_argument("--mask-scope", choices=("all", "vdds"), default="all",
+                   help="what --mask/--boxes limit: the whole update (default: nothing outside changes) or only V-DDS")
     p.add_argument("--frames", type=int, default=None, help="use at most N frames")
     p.add_argument("--stride", type=int, default=1, help="use every K-th frame")
     p.add_argument("--size", type=_size, default=None, help="WxH to resize + centre-crop to (default: the model's native size)")
@@ -110,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     from .driver import EditConfig, Editor
     from .driver.plan import PLANS
     from .io.atomic import write_json_atomic
-    from .io import boxes_to_mask, check_output_path, count_frames, load_mask, plan_crop, read_frames, resize_crop, side_by_side, write_video
+    from .io import boxes_to_mask, check_output_path, load_mask, plan_crop, read_frames, resize_crop, side_by_side, write_video
 
     inp = Path(args.input)
     out = Path(args.out) if args.out else Path(f"{inp.stem or 'video'}_edit.mp4")
@@ -121,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     config = EditConfig(
         source_prompt=args.source_prompt, target_prompt=args.target_prompt, steps=args.steps, lr=args.lr,
         optimizer=args.optimizer, seed=args.seed, guidance_scale=args.guidance_scale,
-        s_ssm_weight=args.s_ssm_weight, t_ssm_weight=args.t_ssm_weight,
+        s_ssm_weight=args.s_ssm_weight, t_ssm_weight=args.t_ssm_weight, mask_scope=args.mask_scope,
         tap_layers=tuple(s.strip() for s in args.layers.split(",") if s.strip()) if args.layers else None,
     )
     config.validate()
@@ -146,7 +148,9 @@ def run(args: argparse.Namespace) -> int:
         raise FastDMError(f"--resume {args.resume}: no such checkpoint folder")
 
     t0 = time.perf_counter()
-    raw, fps, indices = read_frames(inp, frames=args.frames, stride=args.stride)
+    mask_is_video = bool(args.mask) and not (Path(args.mask).is_file() and Path(args.mask).suffix.lower() in (".png", ".jpg", ".jpeg"))
+    raw, fps, indices, total = read_frames(inp, frames=args.frames, stride=args.stride, with_total=True) if mask_is_video \
+        else (*read_frames(inp, frames=args.frames, stride=args.stride), None)
     src_size = (raw.shape[2], raw.shape[1])
 
     _quiet_libraries()
@@ -162,7 +166,6 @@ def run(args: argparse.Namespace) -> int:
     frames = resize_crop(raw, crop)
     mask = None
     if args.mask:
-        total = None if Path(args.mask).is_file() and Path(args.mask).suffix.lower() in (".png", ".jpg", ".jpeg") else count_frames(inp)
         mask = load_mask(args.mask, indices=indices, src_size=src_size, total_frames=total, crop=crop)
     elif args.boxes:
         mask = boxes_to_mask(args.boxes, indices=indices, src_size=src_size, crop=crop)

@@ -43,6 +43,16 @@ def test_end_to_end_writes_video_comparison_and_report(tiny_model, clip_file, tm
     assert report["input"]["fps"] == pytest.approx(10)
 
 
+def test_memory_budget_reports_the_plan_it_chose(tiny_model, clip_file, tmp_path, capsys):
+    out = tmp_path / "b.gif"
+    code, err = run_cli([clip_file, *PROMPTS, "--model", tiny_model, "--out", out, "--steps", 1, "--size", "16x16",
+                         "--memory-budget", "64G", "--quiet", "--no-compare"], capsys)
+    assert code == 0, err
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["plan"]["name"] == "fast" and report["memory_budget"]["bytes"] == 64 * 2**30
+    assert report["memory_budget"]["probed_peak_bytes"]["fast"] > 0
+
+
 def test_boxes_gif_output_and_checkpoint_resume(tiny_model, clip_file, tmp_path, capsys):
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps({"0": [2, 4, 10, 12], "3": [8, 4, 16, 12]}))
@@ -92,6 +102,11 @@ def _bad_cases(tmp_path, clip_file, tiny_model):
         ("bad size", ["--size", "15x16"], "multiples of 2"),
         ("other config checkpoint", ["--resume", ck, "--seed", "5"], "different configuration"),
         ("no checkpoint", ["--resume", tmp_path / "noframes"], "no checkpoint there"),
+        ("budget too small", ["--memory-budget", "1K"], "too small: even the lean plan needs"),
+        ("budget not a size", ["--memory-budget", "lots"], "is not a size"),
+        ("budget and plan", ["--memory-budget", "8G", "--plan", "lean"], "not both"),
+        ("xformers on cpu", ["--attention", "xformers"], "xformers runs on CUDA GPUs"),
+        ("cudagraphs on cpu", ["--backend", "cudagraphs"], "needs the model on a CUDA GPU"),
     ]
 
 

@@ -1,7 +1,12 @@
 """torch.compile engine for the no-grad UNet call: same eps and keys as eager, no recompiles across steps."""
 
+import shutil
+
 import pytest
 import torch
+
+if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+    pytest.skip("torch.compile's CPU backend needs a C++ compiler and none is on PATH", allow_module_level=True)
 
 from fastdm import EditConfig, FastDMError
 from fastdm.taps import KeyTaps, resolve_layers

@@ -47,6 +47,24 @@ def test_mask_confines_vdds(editor, clip):
     assert not np.array_equal(res.frames[~outside], clip[~outside])
 
 
+def test_mask_confines_the_whole_update_by_default(editor, clip):
+    """mask_scope "all": S-SSM/T-SSM on as well, still nothing outside the mask changes;
+    "vdds" (the mask limits V-DDS only) lets the structure/motion gradient reach the background."""
+    mask = np.zeros(clip.shape[:3], np.float32)
+    mask[:, 4:12, 2:10] = 1
+    outside = mask == 0
+    res = editor.edit(clip, cfg(steps=4, lr=4.0), mask=mask)
+    assert np.array_equal(res.frames[outside], clip[outside])
+    assert not np.array_equal(res.frames[~outside], clip[~outside])
+    loose = editor.edit(clip, cfg(steps=4, lr=4.0, mask_scope="vdds"), mask=mask)
+    assert not np.array_equal(loose.frames[outside], clip[outside])
+
+
+def test_unknown_mask_scope_is_refused(editor, clip):
+    with pytest.raises(FastDMError, match="mask scope"):
+        editor.edit(clip, cfg(mask_scope="everything"))
+
+
 def test_same_seed_is_bit_identical_and_other_seed_differs(editor, clip):
     a = editor.edit(clip, cfg()).frames
     b = editor.edit(clip, cfg()).frames

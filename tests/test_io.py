@@ -124,3 +124,12 @@ def test_output_path_checks(tmp_path):
         check_output_path(tmp_path / "o.avi")
     with pytest.raises(FastDMError, match="cannot write"):
         check_output_path("/proc/o.mp4")
+
+
+def test_read_frames_counts_the_whole_input_in_one_pass(tmp_path):
+    clip = render_clip("red", "circle", "right", size=16, frames=7, radius=4, speed=1)
+    path = tmp_path / "c.gif"
+    write_video(path, clip, 8)
+    got, _, idx, total = read_frames(path, frames=2, stride=2, with_total=True)
+    assert idx == [0, 2] and total == 7 and np.array_equal(got, clip[[0, 2]])
+    assert len(read_frames(path, frames=2)) == 3  # the plain form is unchanged

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from ..errors import FastDMError
 
 OPTIMIZERS = ("sgd", "adam")
+MASK_SCOPES = ("all", "vdds")
 
 
 @dataclass
@@ -30,6 +31,9 @@ class EditConfig:
     s_ssm_weight: float = 1000.0
     t_ssm_weight: float = 1000.0
     tap_layers: tuple[str, ...] | None = None  # glob patterns; None = backbone default
+    # What a mask limits: "all" (default) the whole update, so nothing outside the mask changes;
+    # "vdds" only the V-DDS gradient (S-SSM/T-SSM then also move the background).
+    mask_scope: str = "all"
     loss_backend: str = "auto"
     extra: dict = field(default_factory=dict)
 
@@ -45,6 +49,8 @@ class EditConfig:
             raise FastDMError(f"--lr must be positive, got {self.lr}")
         if self.optimizer not in OPTIMIZERS:
             raise FastDMError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.mask_scope not in MASK_SCOPES:
+            raise FastDMError(f"unknown mask scope {self.mask_scope!r}; choose one of {', '.join(MASK_SCOPES)}")
         if self.s_ssm_weight < 0 or self.t_ssm_weight < 0:
             raise FastDMError("S-SSM/T-SSM weights must be >= 0")
         if self.guidance_scale < 0:

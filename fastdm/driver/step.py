@@ -82,6 +82,8 @@ class DreamMotionStep:
             l_t = sum(p[1] for p in pairs) / len(self.layers)
             (cfg.s_ssm_weight * l_s + cfg.t_ssm_weight * l_t).backward()
             losses["s_ssm"], losses["t_ssm"] = l_s.detach(), l_t.detach()
+            if self.mask is not None and cfg.mask_scope == "all":
+                x.grad.mul_(self.mask)  # the structure/motion gradient stays inside the mask too
             x.grad.add_(g)
         else:
             x.grad = g

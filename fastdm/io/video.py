@@ -108,8 +108,10 @@ def _iter_frames(path: Path, what: str):
     return gen(), fps
 
 
-def read_frames(path: str | os.PathLike, *, frames: int | None = None, stride: int = 1, what: str = "input video"):
-    """Read frames 0, stride, 2*stride, ... (at most ``frames`` of them). Returns (array, fps, indices)."""
+def read_frames(path: str | os.PathLike, *, frames: int | None = None, stride: int = 1, what: str = "input video",
+                with_total: bool = False):
+    """Read frames 0, stride, 2*stride, ... (at most ``frames`` of them). Returns (array, fps, indices),
+    and with ``with_total`` also the number of frames in the whole input (counted in the same pass)."""
     p = Path(path)
     if not p.exists():
         raise FastDMError(f"{what} '{path}' does not exist; check the path")
@@ -118,18 +120,20 @@ def read_frames(path: str | os.PathLike, *, frames: int | None = None, stride: i
     if frames is not None and frames < 1:
         raise FastDMError(f"--frames must be >= 1, got {frames}")
     it, fps = _iter_frames(p, what)
-    out, idx = [], []
+    out, idx, total = [], [], 0
     for i, fr in enumerate(it):
-        if i % stride == 0:
+        total = i + 1
+        full = frames is not None and len(out) == frames
+        if i % stride == 0 and not full:
             if out and fr.shape != out[0].shape:
                 raise FastDMError(f"{what} '{path}': frame {i} is {fr.shape[1]}x{fr.shape[0]}, frame 0 {out[0].shape[1]}x{out[0].shape[0]}; all frames must have one size")
             out.append(fr)
             idx.append(i)
-            if frames is not None and len(out) == frames:
-                break
+        elif full and not with_total:
+            break
     if not out:
         raise FastDMError(f"{what} '{path}' has no frames; give a video with at least one frame")
-    return np.stack(out), fps, idx
+    return (np.stack(out), fps, idx, total) if with_total else (np.stack(out), fps, idx)
 
 
 def count_frames(path: str | os.PathLike, what: str = "input video") -> int:
