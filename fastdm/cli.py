@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "sequential no-grad calls, block checkpointing, VAE tiling), naive (baseline)")
     p.add_argument("--memory-budget", default=None, metavar="SIZE",
                    help="e.g. 8G: probe one step of fast, fast-seq, lean and run the fastest that fits (not with --plan)")
+    p.add_argument("--compile-grad", action="store_true",
+                   help="also torch.compile the grad branch (forward to the last tapped layer and its backward)")
     p.add_argument("--attention", choices=("sdpa", "xformers"), default="sdpa",
                    help="attention implementation: PyTorch SDPA (default) or xformers (CUDA, optional extra)")
     p.add_argument("--backend", choices=("eager", "compile", "cudagraphs", "ort", "trt"), default="eager",
@@ -186,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         result = editor.edit(frames, config, mask=mask, callback=on_step, checkpoint_dir=ckpt_dir,
                              checkpoint_every=args.checkpoint_every, resume=bool(args.resume),
                              plan=None if budget is not None else PLANS[args.plan or "fast"], backend=args.backend,
-                             memory_budget=budget)
+                             memory_budget=budget, compile_grad=args.compile_grad)
     finally:
         if bar is not None:
             bar.close()

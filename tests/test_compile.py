@@ -40,11 +40,28 @@ def test_compiled_matches_eager_without_recompiling(editor, compiled):
 
 
 def test_edit_with_compile_backend_matches_eager(editor, clip):
-    cfg = EditConfig("a red circle moving right", "a blue circle moving right", steps=2, seed=1)
+    """Both branches compiled (the grad branch with its backward, truncated after the last tap):
+    the same edit as eager, and no recompiles after the first step."""
+    cfg = EditConfig("a red circle moving right", "a blue circle moving right", steps=3, seed=1)
     eager = editor.edit(clip, cfg)
-    comp = editor.edit(clip, cfg, backend="compile")
+
+    def no_recompiles_from_now(info):
+        torch._dynamo.config.error_on_recompile = True
+
+    try:
+        comp = editor.edit(clip, cfg, backend="compile", compile_grad=True, callback=no_recompiles_from_now)
+    finally:
+        torch._dynamo.config.error_on_recompile = False
     src = editor.backbone.to_working(torch.from_numpy(clip).permute(0, 3, 1, 2).float() / 127.5 - 1)
     assert (comp.working - eager.working).norm() / (eager.working - src).norm() < 1e-4
+    for k in ("s_ssm", "t_ssm", "vdds"):
+        assert comp.report["final_losses"][k] == pytest.approx(eager.report["final_losses"][k], rel=1e-3, abs=1e-10)
+
+
+def test_compile_grad_needs_a_truncated_grad_branch(editor, clip):
+    cfg = EditConfig("a red circle moving right", "a blue circle moving right", steps=1, s_ssm_weight=0, t_ssm_weight=0)
+    with pytest.raises(FastDMError, match="--compile-grad"):
+        editor.edit(clip, cfg, compile_grad=True)
 
 
 def test_cudagraphs_refuses_on_cpu(editor, clip):

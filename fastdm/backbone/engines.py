@@ -26,31 +26,45 @@ import torch
 from ..errors import FastDMError
 
 
+def _stop_recording(*_) -> None:
+    torch.set_grad_enabled(False)  # returns None: the module's output is left as it is
+
+
 class _UNetWithKeys(torch.nn.Module):
-    def __init__(self, backbone, layers: list[str]):
+    """``UNet(sample, t, text) -> (eps, *keys)``; with ``grad_until``, autograd stops recording once
+    that module has run (truncated backprop, as ``Backbone.predict_noise``)."""
+
+    def __init__(self, backbone, layers: list[str], grad_until: str | None = None):
         super().__init__()
         self.unet = backbone.unet
         self.mods = [backbone.spatial_self_attention_layers()[n].to_k for n in layers]
+        self.stop = backbone.unet.get_submodule(grad_until) if grad_until else None
 
     def forward(self, sample, timestep, text):
         keys: list[torch.Tensor] = []
         handles = [m.register_forward_hook(lambda _m, _i, o: keys.append(o)) for m in self.mods]
+        if self.stop is not None:
+            handles.append(self.stop.register_forward_hook(_stop_recording))
         try:
             eps = self.unet(sample, timestep, encoder_hidden_states=text, return_dict=False)[0]
         finally:
             for h in handles:
                 h.remove()
+            if self.stop is not None:
+                torch.set_grad_enabled(True)
         return (eps, *keys)
 
 
 class CompiledUNet:
     """``torch.compile`` of ``UNet(sample, t, text) -> (eps, keys...)``; the first call compiles
-    (the editor makes it before the timed steps), later calls at the same shapes reuse it."""
+    (the editor's first step, which benchmarks count as warm-up), later calls at the same shapes
+    reuse it. ``grad_until``: the grad branch's form (autograd recorded up to that module and
+    compiled with its backward; the rest of the UNet in the same call runs without autograd)."""
 
-    def __init__(self, backbone, layers: list[str], cudagraphs: bool = False):
+    def __init__(self, backbone, layers: list[str], cudagraphs: bool = False, grad_until: str | None = None):
         if cudagraphs and backbone.device.type != "cuda":
             raise FastDMError("--backend cudagraphs needs the model on a CUDA GPU (--device cuda); use --backend compile")
-        self.module = _UNetWithKeys(backbone, layers).eval()
+        self.module = _UNetWithKeys(backbone, layers, grad_until).eval()
         self.fn = torch.compile(self.module, mode="reduce-overhead" if cudagraphs else None, dynamic=False)
         self.cudagraphs = cudagraphs
 

@@ -70,7 +70,7 @@ def count_step_flops(preset: str, frames: int, mode: str, dtype: torch.dtype = t
     text_len = bb.tokenizer.model_max_length
     dim = bb.unet.config.cross_attention_dim
     text = torch.zeros(3, text_len, dim, device="meta", dtype=dtype)
-    step = DreamMotionStep(bb, cfg, PLANS[mode.partition(":")[0]], VDDSConfig(), layers, frames, text, None)
+    step = DreamMotionStep(bb, cfg, PLANS[mode.removesuffix("+grad").partition(":")[0]], VDDSConfig(), layers, frames, text, None)
     x_src = torch.zeros(shape, device="meta")
     x = x_src.clone().requires_grad_(True)
     with FlopCounterMode(display=False) as fc:
@@ -113,8 +113,9 @@ def run_case(preset: str, frames: int, mode: str, steps: int, device: str, dtype
             prof.start()
 
     cfg = EditConfig("a red circle moving right", "a blue circle moving right", steps=steps + 1 + profiled, seed=0)
-    plan, _, backend = mode.partition(":")
-    res = Editor(bb).edit(clip, cfg, callback=on_step, plan=PLANS[plan], backend=backend or "eager",
+    grad = mode.endswith("+grad")
+    plan, _, backend = mode.removesuffix("+grad").partition(":")
+    res = Editor(bb).edit(clip, cfg, callback=on_step, plan=PLANS[plan], backend=backend or "eager", compile_grad=grad,
                           engine_cache=os.path.join(tempfile.gettempdir(), "fastdm-bench-engines"))
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss_bytes()
     tensor_peak = None
@@ -178,8 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fastdm-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="shapes", help="comma-separated: zeroscope-576w, modelscope-256, shapes, tiny")
     ap.add_argument("--frames", default="8")
-    ap.add_argument("--modes", default="naive,fast", help="plans naive|fast|lean, optionally with an engine: fast:ort, fast:trt")
+    ap.add_argument("--modes", default="naive,fast",
+                    help="plans naive|fast|fast-seq|lean, optionally with an engine for the no-grad calls "
+                         "(fast:compile, fast:cudagraphs, fast:ort, fast:trt) and +grad to compile the grad branch too")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per case (after one warm-up step)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="measure every case this many times, in rounds over all modes (a noisy machine drifts "
+                         "between runs); s/step is the median of the rounds' medians")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak rate for the roofline (default: measured matmul rate)")
@@ -209,20 +215,30 @@ def main(argv: list[str] | None = None) -> int:
                     row["roofline_step_s"] = row["flops_per_step"] / (peak * 1e12)
                 except Exception as e:  # FLOP counting is best effort
                     row["flops_error"] = f"{type(e).__name__}: {e}"[:200]
-                if not args.flops_only:
-                    cmd = [sys.executable, "-m", "fastdm.bench.harness", "--one", f"{preset},{frames},{mode}",
-                           "--steps", str(args.steps), "--device", args.device, "--dtype", args.dtype]
-                    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-                    if p.returncode == 0:
-                        row.update(json.loads(p.stdout.strip().splitlines()[-1]))
-                    else:
-                        row["error"] = (p.stderr.strip().splitlines() or ["failed"])[-1][:300]
                 rows.append(row)
-                print(json.dumps(row), flush=True)
+    for rnd in range(0 if args.flops_only else max(1, args.repeats)):
+        for row in rows:  # one round over every case, so slow drift of the machine hits all modes alike
+            cmd = [sys.executable, "-m", "fastdm.bench.harness", "--one", f"{row['preset']},{row['frames']},{row['mode']}",
+                   "--steps", str(args.steps), "--device", args.device, "--dtype", args.dtype]
+            p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            if p.returncode == 0:
+                got = json.loads(p.stdout.strip().splitlines()[-1])
+                row.setdefault("rounds", []).append(got)
+            else:
+                row["error"] = (p.stderr.strip().splitlines() or ["failed"])[-1][:300]
+            print(json.dumps({"round": rnd, **{k: v for k, v in row.items() if k != "rounds"},
+                              **(row["rounds"][-1] if p.returncode == 0 else {})}), flush=True)
+    for row in rows:
+        rounds = row.pop("rounds", None)
+        if rounds and "error" not in row:
+            row.update(rounds[-1])
+            row["median_step_s"] = statistics.median(r["median_step_s"] for r in rounds)
+            row["step_s_rounds"] = [round(r["median_step_s"], 4) for r in rounds]
+            row["e2e_200_projected_s"] = statistics.median(r["e2e_200_projected_s"] for r in rounds)
     machine = machine_name(args.device)
     meta = {"machine": machine, "machine_description": machine_description(args.device), "device": args.device,
             "dtype": args.dtype, "peak_tflops": peak, "peak_source": "given" if args.peak_tflops else "measured matmul",
-            "timed_steps": args.steps, "flops_only": args.flops_only}
+            "timed_steps": args.steps, "rounds": args.repeats, "flops_only": args.flops_only}
     md = _markdown(rows, meta)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -240,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
 def _markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# DreamMotion step: naive vs fast ({meta['machine']})", "",
              f"Machine: {meta['machine_description']}. Weights {meta['dtype']}; edited tensor fp32. "
-             f"Roofline at {meta['peak_tflops']} TFLOP/s ({meta['peak_source']}).", ""]
+             f"Roofline at {meta['peak_tflops']} TFLOP/s ({meta['peak_source']}). "
+             f"{meta.get('timed_steps')} timed steps per run, {meta.get('rounds', 1)} round(s) over all modes; "
+             "s / step is the median of the rounds' medians.", ""]
     if meta["flops_only"]:
         lines += ["| preset | frames | mode | TFLOP / step | roofline s / step | roofline 200 steps s |", "|---|---|---|---|---|---|"]
         for r in rows:

@@ -130,6 +130,7 @@ class Editor:
         backend: str = "eager",
         engine_cache: str | None = None,
         memory_budget: int | None = None,
+        compile_grad: bool = False,
     ) -> EditResult:
         """Edit ``frames`` ((F, H, W, 3) uint8) from ``config``; ``mask`` ((F, H, W), 1 = editable).
 
@@ -137,6 +138,8 @@ class Editor:
         no-grad UNet call runs: ``"eager"`` (PyTorch), ``"compile"`` / ``"cudagraphs"`` (torch.compile),
         ``"ort"`` (onnxruntime) or ``"trt"`` (TensorRT). ``memory_budget`` (bytes): run the fastest of
         fast / fast-seq / lean whose probed peak fits (``fastdm.driver.budget``); not with ``plan``.
+        ``compile_grad``: also ``torch.compile`` the grad branch (its forward up to the last tap and
+        its backward), whatever runs the no-grad calls.
         """
         if memory_budget is not None and plan is not None:
             raise FastDMError("give an execution plan or a memory budget, not both")
@@ -200,7 +203,15 @@ class Editor:
                 raise FastDMError(f"--backend {backend} serves the S-SSM/T-SSM no-grad branch; with both weights 0 use --backend eager")
             engine = build_engine(bb, backend, frames=num_frames, size=(frames.shape[2], frames.shape[1]), layers=layers,
                                   cache_dir=engine_cache)
-        stepper = DreamMotionStep(bb, config, plan, vcfg, layers, num_frames, text, mask_w, engine)
+        grad_engine = None
+        if compile_grad:
+            if not (layers and plan.truncate_backprop):
+                raise FastDMError("--compile-grad compiles the truncated S-SSM/T-SSM grad branch; it needs the fast, "
+                                  "fast-seq or lean plan and an S-SSM or T-SSM weight above 0")
+            from ..backbone.engines import CompiledUNet
+
+            grad_engine = CompiledUNet(bb, layers, grad_until=layers[-1])
+        stepper = DreamMotionStep(bb, config, plan, vcfg, layers, num_frames, text, mask_w, engine, grad_engine)
         losses: dict[str, float] = {}
         step_times: list[float] = []
         for step in range(start_step, config.steps):
@@ -235,6 +246,7 @@ class Editor:
             "plan": plan.to_dict(),
             "memory_budget": None if memory_budget is None else {"bytes": int(memory_budget), "probed_peak_bytes": probes},
             "backend": backend,
+            "compile_grad": bool(compile_grad),
             "steps_run": len(step_times),
             "resumed_from_step": start_step if resume else None,
             "timings": {

@@ -25,7 +25,8 @@ class DreamMotionStep:
     """
 
     def __init__(self, backbone: Backbone, config: EditConfig, plan: ExecutionPlan, vdds: VDDSConfig,
-                 layers: list[str], num_frames: int, text: torch.Tensor, mask: torch.Tensor | None, engine=None):
+                 layers: list[str], num_frames: int, text: torch.Tensor, mask: torch.Tensor | None, engine=None,
+                 grad_engine=None):
         self.bb, self.config, self.plan, self.vdds = backbone, config, plan, vdds
         self.layers, self.num_frames, self.mask = layers, num_frames, mask
         self.emb_tgt, self.emb_neg, self.emb_src = text[0:1], text[1:2], text[2:3]
@@ -36,6 +37,8 @@ class DreamMotionStep:
         self.grad_until = layers[-1] if layers and plan.truncate_backprop else None
         # an inference engine (fastdm.backbone.engines) for the batched no-grad call, if any
         self.engine = engine if plan.inference_mode and plan.batch_nograd else None
+        # the grad branch compiled with its backward (engines.CompiledUNet with grad_until), if any
+        self.grad_engine = grad_engine if self.grad_until is not None else None
         backbone.set_block_checkpointing(plan.checkpoint_blocks)
         backbone.set_vae_tiling(plan.vae_tiling)
 
@@ -53,6 +56,13 @@ class DreamMotionStep:
             keys_src = {k: v[2:3].detach() for k, v in keys.items()}
             eps = eps.detach()
             eps_tgt_c, eps_tgt_u, eps_src_c, eps_src_u = eps[0:1], eps[1:2], eps[2:3], eps[3:4]
+        elif self.need_keys and self.grad_engine is not None:  # the compiled grad branch
+            x_t = sa * x + sb * noise
+            with torch.enable_grad():
+                eps_c, keys = self.grad_engine(x_t.to(bb.dtype), t, self.emb_tgt)
+            eps_tgt_c = eps_c.detach()
+            keys_edit = {n: k.reshape(-1, self.num_frames, *k.shape[1:]) for n, k in zip(self.layers, keys)}
+            eps_tgt_u, eps_src_c, eps_src_u, keys_src = self._nograd_branches(x_t, xs_t, t)
         elif self.need_keys:
             x_t = sa * x + sb * noise
             with self.taps, torch.enable_grad():  # the grad branch, recorded up to the last tapped layer
