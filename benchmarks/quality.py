@@ -174,7 +174,11 @@ def main() -> None:
             r = json.loads(line)
             done[(r["config"], r["case"], r["steps"], r.get("edit_fingerprint"), r["model_hash"])] = r
     suite = build_suite()
-    cases = suite[: args.limit] if args.limit else suite
+    # kinds interleaved (colour-00, shape-00, both-00, colour-01, ...): a suite run in pieces
+    # covers every kind of edit from the start
+    order = sorted(range(len(suite)), key=lambda i: (int(suite[i]["id"].split("-")[1]), ["colour", "shape", "both"].index(suite[i]["kind"])))
+    cases = [suite[i] for i in order]
+    cases = cases[: args.limit] if args.limit else cases
     if args.shard:
         i, n = (int(v) for v in args.shard.split("/"))
         cases = cases[i::n]
