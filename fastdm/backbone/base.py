@@ -17,6 +17,12 @@ import torch
 from ..errors import FastDMError
 
 
+def stop_recording(*_) -> None:
+    """Forward hook for truncated backprop: autograd stops recording once the hooked module has
+    run (returns None, so the module's output is left as it is). The caller re-enables grad."""
+    torch.set_grad_enabled(False)
+
+
 @dataclass(frozen=True)
 class BackboneInfo:
     name: str  # class name of the denoiser

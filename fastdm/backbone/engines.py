@@ -24,10 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FastDMError
-
-
-def _stop_recording(*_) -> None:
-    torch.set_grad_enabled(False)  # returns None: the module's output is left as it is
+from .base import stop_recording
 
 
 class _UNetWithKeys(torch.nn.Module):
@@ -44,7 +41,7 @@ class _UNetWithKeys(torch.nn.Module):
         keys: list[torch.Tensor] = []
         handles = [m.register_forward_hook(lambda _m, _i, o: keys.append(o)) for m in self.mods]
         if self.stop is not None:
-            handles.append(self.stop.register_forward_hook(_stop_recording))
+            handles.append(self.stop.register_forward_hook(stop_recording))
         try:
             eps = self.unet(sample, timestep, encoder_hidden_states=text, return_dict=False)[0]
         finally:

@@ -12,7 +12,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import FastDMError
-from .base import Backbone, BackboneInfo
+from .base import Backbone, BackboneInfo, stop_recording
 
 
 def xformers_unavailable_reason(device: torch.device) -> str | None:
@@ -128,9 +128,6 @@ class UNet3DBackbone(Backbone):
         # Truncated backprop: once `grad_until` has run, the rest of the UNet runs without autograd,
         # so none of its activations are kept. The output carries no graph.
         module = self.unet.get_submodule(grad_until)
-        def stop_recording(*_):
-            torch.set_grad_enabled(False)  # returns None: the module's output is left as it is
-
         handle = module.register_forward_hook(stop_recording)
         try:
             out = self.unet(x_t.to(self.dtype), timestep, encoder_hidden_states=text, return_dict=False)[0]
