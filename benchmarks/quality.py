@@ -59,6 +59,14 @@ def build_suite(seed: int = 0, n_colour: int = 12, n_shape: int = 6, n_both: int
     return cases
 
 
+def edit_config(case: dict, name: str, steps: int, lr: float):
+    """The EditConfig of one suite case under one configuration (its mask flag aside)."""
+    from fastdm import EditConfig
+
+    opts = {k: v for k, v in CONFIGS[name].items() if k != "mask"}
+    return EditConfig(case["source_prompt"], case["target_prompt"], steps=steps, lr=lr, seed=0, **opts)
+
+
 def render_case(case: dict) -> np.ndarray:
     return render_clip(case["colour"], case["shape"], case["direction"], size=case["size"], frames=case["frames"],
                        radius=case["radius"], speed=case["speed"])
@@ -144,7 +152,7 @@ def markdown(summary: dict, meta: dict) -> str:
 def main() -> None:
     import torch
 
-    from fastdm import EditConfig, Editor
+    from fastdm import Editor
     from fastdm.backbone import default_model_path
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -186,9 +194,8 @@ def main() -> None:
     t_start = time.time()
     # case-major order: a suite cut short by --minutes still compares every config on the same cases
     for case, name in [(c, n) for c in cases for n in args.configs.split(",")]:
-        opts = dict(CONFIGS[name])
-        use_mask = opts.pop("mask")
-        cfg = EditConfig(case["source_prompt"], case["target_prompt"], steps=args.steps, lr=args.lr, seed=0, **opts)
+        use_mask = CONFIGS[name]["mask"]
+        cfg = edit_config(case, name, args.steps, args.lr)
         # cached runs count only for the same model, steps and every edit setting (defaults included)
         key = (name, case["id"], args.steps, cfg.fingerprint(), model_hash)
         if key in done:
@@ -211,9 +218,7 @@ def main() -> None:
 
             Path(args.save_videos).mkdir(parents=True, exist_ok=True)
             write_video(Path(args.save_videos) / f"{name}-{case['id']}.gif", side_by_side(clip, res.frames), 8)
-    wanted = {(n, c["id"]): EditConfig(c["source_prompt"], c["target_prompt"], steps=args.steps, lr=args.lr, seed=0,
-                                       **{k: v for k, v in CONFIGS[n].items() if k != "mask"}).fingerprint()
-              for c in suite for n in CONFIGS}
+    wanted = {(n, c["id"]): edit_config(c, n, args.steps, args.lr).fingerprint() for c in suite for n in CONFIGS}
     runs = [r for r in done.values() if r["steps"] == args.steps and r["model_hash"] == model_hash
             and r.get("edit_fingerprint") == wanted.get((r["config"], r["case"]))]
     meta = {"machine": machine, "machine_description": machine_description(), "model": model, "model_hash": model_hash,
