@@ -59,12 +59,41 @@ def build_suite(seed: int = 0, n_colour: int = 12, n_shape: int = 6, n_both: int
     return cases
 
 
-def edit_config(case: dict, name: str, steps: int, lr: float):
-    """The EditConfig of one suite case under one configuration (its mask flag aside)."""
+def edit_config(case: dict, name: str, steps: int, lr: float, overrides: dict | None = None):
+    """The EditConfig of one suite case under one configuration (its mask flag aside).
+
+    ``overrides`` (from ``--set``) change EditConfig fields for a sweep; an ablation's own
+    settings (a weight it turns off) win over them.
+    """
     from fastdm import EditConfig
 
-    opts = {k: v for k, v in CONFIGS[name].items() if k != "mask"}
-    return EditConfig(case["source_prompt"], case["target_prompt"], steps=steps, lr=lr, seed=0, **opts)
+    opts = {"lr": lr, **(overrides or {}), **{k: v for k, v in CONFIGS[name].items() if k != "mask"}}
+    return EditConfig(case["source_prompt"], case["target_prompt"], steps=steps, seed=0, **opts)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["guidance_scale=15", "t_ssm_weight=1e4"]`` -> typed EditConfig overrides."""
+    import dataclasses
+
+    from fastdm import EditConfig
+    from fastdm.errors import FastDMError
+
+    fields = {f.name: f for f in dataclasses.fields(EditConfig)}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields or key in ("source_prompt", "target_prompt", "steps", "extra", "tap_layers"):
+            raise FastDMError(f"--set {item!r}: expected FIELD=VALUE with FIELD an EditConfig setting such as guidance_scale, t_ssm_weight")
+        default = getattr(EditConfig("a", "b"), key)
+        try:
+            out[key] = type(default)(value)
+        except ValueError:
+            raise FastDMError(f"--set {item!r}: {value!r} is not a {type(default).__name__}") from None
+    return out
+
+
+def overrides_label(overrides: dict) -> str:
+    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(overrides.items()))
 
 
 def render_case(case: dict) -> np.ndarray:
@@ -124,6 +153,49 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
+def sweep_summary(all_runs: list[dict], default_runs: list[dict], suite: list[dict], steps: int, lr: float, model_hash: str) -> list[dict]:
+    """One row per (config, overrides) swept with ``--set``, beside the same cases at the defaults.
+
+    A sweep run counts only while it is still what ``--set`` would run now (same fingerprint
+    under today's defaults), so a change of defaults retires stale sweep rows as it does runs.
+    """
+    by_id = {c["id"]: c for c in suite}
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in all_runs:
+        ov = r.get("overrides") or {}
+        if not ov or r["steps"] != steps or r["model_hash"] != model_hash or r["case"] not in by_id:
+            continue
+        if edit_config(by_id[r["case"]], r["config"], steps, lr, ov).fingerprint() != r.get("edit_fingerprint"):
+            continue
+        groups.setdefault((r["config"], overrides_label(ov)), []).append(r)
+    base = {(r["config"], r["case"]): r for r in default_runs}
+    rows = []
+    for (name, label), rs in sorted(groups.items()):
+        paired = [r for r in rs if (name, r["case"]) in base]
+        rows.append({"config": name, "set": label, "cases": sorted(r["case"] for r in paired),
+                     "swept": summarize(paired).get(name), "defaults": summarize([base[(name, r["case"])] for r in paired]).get(name)})
+    return [r for r in rows if r["swept"]]
+
+
+def sweep_markdown(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    lines = ["", "## Sweeps (`--set`): the same cases at the swept setting and at the defaults", "",
+             "| config | setting | cases | colour success | shape success | mean drift (px) | motion fidelity |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for label, s in ((r["set"], r["swept"]), ("defaults", r["defaults"])):
+            lines.append(f"| {r['config']} | {label} | {s['edits']} | {f(s['colour_success'], '.0%')} | "
+                         f"{f(s['shape_success'], '.0%')} | {f(s['mean_drift_px'], '.2f')} | {s['motion_fidelity']:.3f} |")
+    lines.append("")
+    lines.append("Cases per row: " + "; ".join(f"{r['config']} {r['set']}: {', '.join(r['cases'])}" for r in rows) + ".")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(summary: dict, meta: dict) -> str:
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
@@ -166,7 +238,17 @@ def main() -> None:
     ap.add_argument("--shard", default=None, metavar="I/N",
                     help="only cases I, I+N, I+2N, ... (run N processes side by side; they share the cache)")
     ap.add_argument("--save-videos", default=None, help="folder for source|edit GIFs")
+    ap.add_argument("--cases", default=None, help="only these case ids (comma-separated), e.g. for a sweep")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="sweep: override an EditConfig setting for every config (repeatable); such runs are "
+                         "reported in the sweep table beside the same cases at the defaults, never in the main table")
     args = ap.parse_args()
+    from fastdm.errors import FastDMError
+
+    try:
+        overrides = parse_overrides(args.set)
+    except FastDMError as e:  # one line, no traceback
+        raise SystemExit(f"error: {e}") from None
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -187,6 +269,12 @@ def main() -> None:
     order = sorted(range(len(suite)), key=lambda i: (int(suite[i]["id"].split("-")[1]), ["colour", "shape", "both"].index(suite[i]["kind"])))
     cases = [suite[i] for i in order]
     cases = cases[: args.limit] if args.limit else cases
+    if args.cases:
+        ids = args.cases.split(",")
+        unknown = sorted(set(ids) - {c["id"] for c in suite})
+        if unknown:
+            raise SystemExit(f"error: unknown case id(s) {', '.join(unknown)}; ids look like colour-00, shape-03, both-05")
+        cases = [c for c in cases if c["id"] in ids]
     if args.shard:
         i, n = (int(v) for v in args.shard.split("/"))
         cases = cases[i::n]
@@ -195,7 +283,7 @@ def main() -> None:
     # case-major order: a suite cut short by --minutes still compares every config on the same cases
     for case, name in [(c, n) for c in cases for n in args.configs.split(",")]:
         use_mask = CONFIGS[name]["mask"]
-        cfg = edit_config(case, name, args.steps, args.lr)
+        cfg = edit_config(case, name, args.steps, args.lr, overrides)
         # cached runs count only for the same model, steps and every edit setting (defaults included)
         key = (name, case["id"], args.steps, cfg.fingerprint(), model_hash)
         if key in done:
@@ -206,12 +294,12 @@ def main() -> None:
         t0 = time.time()
         res = editor.edit(clip, cfg, mask=box_mask(clip) if use_mask else None)
         rec = {"config": name, "case": case["id"], "kind": case["kind"], "steps": args.steps, "lr": args.lr,
-               "edit_fingerprint": cfg.fingerprint(), "edit_config": cfg.to_dict(), "model_hash": model_hash, "seconds": time.time() - t0, "metrics": score(case, clip, res.frames)}
+               "edit_fingerprint": cfg.fingerprint(), "edit_config": cfg.to_dict(), "overrides": overrides, "model_hash": model_hash, "seconds": time.time() - t0, "metrics": score(case, clip, res.frames)}
         with open(cache, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
         done[key] = rec
         m = rec["metrics"]
-        print(f"{name:10s} {case['id']}  colour {m['colour_ok']!s:5s} shape {m['shape_ok']!s:5s} "
+        print(f"{name:10s} {overrides_label(overrides)} {case['id']}  colour {m['colour_ok']!s:5s} shape {m['shape_ok']!s:5s} "
               f"drift {m['drift_px']:.2f}px  mf {m['motion_fidelity']:.3f}  ({rec['seconds']:.0f}s)", flush=True)
         if args.save_videos:
             from fastdm.io import side_by_side, write_video
@@ -225,8 +313,10 @@ def main() -> None:
             "suite_size": len(suite), "steps": args.steps, "lr": args.lr,
             "timing_note": "s / edit from the runs' own clocks; shards may have run side by side (see --shard, --threads)"}
     summary = summarize(runs)
-    j, m = write_results(f"quality-{machine}", {"meta": meta, "summary": summary, "suite": suite}, markdown(summary, meta))
-    print(markdown(summary, meta))
+    sweep = sweep_summary(list(done.values()), runs, suite, args.steps, args.lr, model_hash)
+    md = markdown(summary, meta) + sweep_markdown(sweep)
+    j, m = write_results(f"quality-{machine}", {"meta": meta, "summary": summary, "sweep": sweep, "suite": suite}, md)
+    print(md)
     print("wrote", j, m)
 
 

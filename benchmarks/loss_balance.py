@@ -1,0 +1,138 @@
+"""How strong are S-SSM and T-SSM against V-DDS? Per-term gradient norms along real edits.
+
+The S-SSM/T-SSM weights only mean something relative to the V-DDS gradient. This walks the
+edit of a few quality-suite cases with the package defaults and, every ``--every`` steps, splits
+the update at that step's (t, e) into its three parts:
+
+    g_vdds                  the masked V-DDS gradient
+    g_s = d L_S-SSM / dx    (weight 1, masked like the update)
+    g_t = d L_T-SSM / dx    (weight 1, masked like the update)
+
+and reports ``|g_s| / |g_vdds|`` and ``|g_t| / |g_vdds|`` per unit weight, so a weight can be
+read off for a wanted share (e.g. the weight that makes the term a fifth of V-DDS). Early in
+an edit the edited keys still equal the source keys and both SSM gradients are ~0, so the
+medians are taken over the second half of the edit.
+
+    python -m benchmarks.loss_balance [--cases colour-00,colour-02] [--every 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import numpy as np
+import torch
+
+from benchmarks.common import machine_description, machine_name, write_results
+from benchmarks.quality import box_mask, build_suite, render_case
+
+
+def walk(editor, case: dict, config, every: int) -> list[dict]:
+    """Run one edit at ``config`` and decompose the update every ``every`` steps."""
+    from fastdm.driver.editor import frames_to_tensor
+    from fastdm.driver.plan import FAST
+    from fastdm.driver.step import DreamMotionStep
+    from fastdm.losses import VDDSConfig, sample_timestep
+    from fastdm.taps import resolve_layers
+
+    bb = editor.backbone
+    clip = render_case(case)
+    vcfg = VDDSConfig(config.guidance_scale, config.t_min, config.t_max, config.weighting)
+    layers = resolve_layers(bb, config.tap_layers)
+    text = editor._embed([config.target_prompt, config.negative_prompt, config.source_prompt])
+    x_src = bb.to_working(frames_to_tensor(clip))
+    mask = editor._mask_to_working(box_mask(clip), clip)
+    x = torch.nn.Parameter(x_src.clone())
+    opt = torch.optim.SGD([x], lr=config.lr)
+    gen = torch.Generator("cpu").manual_seed(config.seed)
+
+    def stepper(s: float, t: float) -> DreamMotionStep:
+        cfg = dataclasses.replace(config, s_ssm_weight=s, t_ssm_weight=t)
+        return DreamMotionStep(bb, cfg, FAST, vcfg, layers if (s or t) else [], clip.shape[0], text, mask)
+
+    main = stepper(config.s_ssm_weight, config.t_ssm_weight)
+    only_v, only_s, only_t = stepper(0.0, 0.0), stepper(1.0, 0.0), stepper(0.0, 1.0)
+    rows = []
+    for step in range(config.steps):
+        t = sample_timestep(vcfg, gen)
+        noise = torch.randn(x.shape, generator=gen)
+        if step % every == every - 1:
+            grads = {}
+            for name, st in (("v", only_v), ("s", only_s), ("t", only_t)):
+                x.grad = None
+                losses = st(x, x_src, t, noise)
+                grads[name] = x.grad.detach().clone()
+            g_v = grads["v"].norm().item()
+            g_s = (grads["s"] - grads["v"]).norm().item()
+            g_t = (grads["t"] - grads["v"]).norm().item()
+            rows.append({"step": step + 1, "t": int(t), "vdds_norm": g_v, "s_norm_per_weight": g_s, "t_norm_per_weight": g_t,
+                         "s_ratio_per_weight": g_s / g_v, "t_ratio_per_weight": g_t / g_v,
+                         "s_ssm_loss": float(losses["s_ssm"]),
+                         "t_ssm_loss": float(losses["t_ssm"])})
+        x.grad = None
+        main(x, x_src, t, noise)
+        opt.step()
+        if bb.valid_range is not None:
+            with torch.no_grad():
+                x.clamp_(*bb.valid_range)
+    return rows
+
+
+def markdown(per_case: dict, meta: dict) -> str:
+    lines = [
+        f"# S-SSM / T-SSM gradient against V-DDS ({meta['machine']})",
+        "",
+        (f"Machine: {meta['machine_description']}. Edits at the package defaults (S-SSM {meta['s_ssm_weight']:g}, "
+         f"T-SSM {meta['t_ssm_weight']:g}, lr {meta['lr']}, {meta['steps']} steps, box mask), decomposed every {meta['every']} steps."),
+        "Ratios are |term gradient| / |V-DDS gradient| at weight 1, median over the second half of the edit;",
+        "the last two columns are the weights that would make each term a fifth of the V-DDS gradient.",
+        "",
+        "| case | edit | S-SSM ratio / weight | T-SSM ratio / weight | S-SSM share at default | T-SSM share at default | S-SSM weight for 0.2 | T-SSM weight for 0.2 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for cid, c in per_case.items():
+        lines.append(
+            f"| {cid} | {c['edit']} | {c['s_ratio']:.3g} | {c['t_ratio']:.3g} | {c['s_ratio'] * meta['s_ssm_weight']:.3f} | "
+            f"{c['t_ratio'] * meta['t_ssm_weight']:.4f} | {0.2 / c['s_ratio']:.3g} | {0.2 / c['t_ratio']:.3g} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    from fastdm import EditConfig, Editor
+    from fastdm.backbone import default_model_path
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="colour-00,colour-02,colour-03,shape-01")
+    ap.add_argument("--every", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    suite = {c["id"]: c for c in build_suite()}
+    editor = Editor.from_pretrained(default_model_path())
+    per_case, raw = {}, {}
+    cfg0 = None
+    for cid in args.cases.split(","):
+        case = suite[cid]
+        cfg0 = EditConfig(case["source_prompt"], case["target_prompt"], steps=args.steps, seed=0)
+        t0 = time.time()
+        rows = walk(editor, case, cfg0, args.every)
+        late = [r for r in rows if r["step"] > args.steps // 2]
+        per_case[cid] = {"edit": f"{case['source_prompt']} -> {case['target_prompt']}",
+                         "s_ratio": float(np.median([r["s_ratio_per_weight"] for r in late])),
+                         "t_ratio": float(np.median([r["t_ratio_per_weight"] for r in late]))}
+        raw[cid] = rows
+        print(cid, per_case[cid], f"({time.time() - t0:.0f}s)", flush=True)
+    meta = {"machine": machine_name(), "machine_description": machine_description(), "every": args.every,
+            "steps": args.steps, "lr": cfg0.lr, "s_ssm_weight": cfg0.s_ssm_weight, "t_ssm_weight": cfg0.t_ssm_weight}
+    md = markdown(per_case, meta)
+    write_results(f"loss-balance-{meta['machine']}", {"meta": meta, "summary": per_case, "steps": raw}, md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""The quality suite's bookkeeping: the fixed case list, sweep overrides, and which cached runs count."""
+
+import pytest
+
+from benchmarks.quality import CONFIGS, box_mask, build_suite, edit_config, parse_overrides, render_case, summarize, sweep_summary
+from fastdm.errors import FastDMError
+from fastdm.shapes import COLOURS, SHAPES
+
+
+def test_suite_is_fixed_and_each_case_asks_for_a_change():
+    suite = build_suite()
+    assert suite == build_suite()  # seeded: the cache keys stay meaningful across sessions
+    assert [c["kind"] for c in suite].count("colour") == 12 and len(suite) == 24
+    for c in suite:
+        assert c["colour"] in COLOURS and c["target_colour"] in COLOURS and c["shape"] in SHAPES
+        if c["kind"] in ("colour", "both"):
+            assert c["target_colour"] != c["colour"]
+        if c["kind"] in ("shape", "both"):
+            assert c["target_shape"] != c["shape"]
+
+
+def test_box_mask_covers_the_object_in_every_frame():
+    case = build_suite()[0]
+    clip = render_case(case)
+    m = box_mask(clip)
+    assert m.shape == clip.shape[:3]
+    lit = clip.max(axis=-1) > 40
+    assert (m[lit] == 1).all() and 0 < m.mean() < 0.5
+
+
+def test_overrides_are_typed_and_bad_ones_say_what_to_do():
+    assert parse_overrides(["guidance_scale=15", "t_ssm_weight=1e4", "mask_scope=vdds"]) == {
+        "guidance_scale": 15.0, "t_ssm_weight": 1e4, "mask_scope": "vdds"}
+    with pytest.raises(FastDMError, match="FIELD=VALUE"):
+        parse_overrides(["no_such_field=1"])
+    with pytest.raises(FastDMError, match="not a float"):
+        parse_overrides(["guidance_scale=high"])
+
+
+def test_ablation_settings_win_over_a_sweep():
+    case = build_suite()[0]
+    cfg = edit_config(case, "no_tssm", 200, 0.4, {"t_ssm_weight": 1e4, "guidance_scale": 12.0})
+    assert cfg.t_ssm_weight == 0.0 and cfg.guidance_scale == 12.0
+    assert edit_config(case, "full", 200, 0.4, {"lr": 0.8}).lr == 0.8
+
+
+def _run(case, name, overrides, colour_ok, drift):
+    cfg = edit_config(case, name, 200, 0.4, overrides)
+    return {"config": name, "case": case["id"], "kind": case["kind"], "steps": 200, "model_hash": "m",
+            "edit_fingerprint": cfg.fingerprint(), "overrides": overrides, "seconds": 1.0,
+            "metrics": {"colour_ok": colour_ok, "shape_ok": False, "drift_px": drift, "motion_fidelity": 0.5,
+                        "flow_epe_px": 0.1, "frame_consistency": 0.9}}
+
+
+def test_sweep_rows_pair_with_the_same_cases_at_the_defaults():
+    suite = build_suite()
+    a, b = suite[0], suite[1]
+    defaults = [_run(a, "full", {}, False, 2.0), _run(b, "full", {}, True, 1.0)]
+    swept = [_run(a, "full", {"guidance_scale": 15.0}, True, 1.0)]
+    stale = dict(_run(b, "full", {"guidance_scale": 15.0}, True, 0.0), edit_fingerprint="old")
+    rows = sweep_summary(defaults + swept + [stale], defaults, suite, 200, 0.4, "m")
+    assert len(rows) == 1 and rows[0]["set"] == "guidance_scale=15" and rows[0]["cases"] == [a["id"]]
+    assert rows[0]["swept"]["colour_success"] == 1.0 and rows[0]["defaults"]["colour_success"] == 0.0
+    assert rows[0]["swept"]["mean_drift_px"] == 1.0 and rows[0]["defaults"]["mean_drift_px"] == 2.0
+    assert set(summarize(defaults)) == {"full"} and set(CONFIGS) >= {"full", "vdds_only", "no_sssm", "no_tssm", "no_mask"}
