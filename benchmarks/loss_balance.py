@@ -13,19 +13,25 @@ read off for a wanted share (e.g. the weight that makes the term a fifth of V-DD
 an edit the edited keys still equal the source keys and both SSM gradients are ~0, so the
 medians are taken over the second half of the edit.
 
-    python -m benchmarks.loss_balance [--cases colour-00,colour-02] [--every 20]
+It also measures what each loss can see: S-SSM and T-SSM between the keys of a source clip and
+of known variants of it (shifted 3 px, recoloured, another shape, frozen in place, played
+backwards) at the same t and noise. A loss that barely reacts to a variant cannot hold the edit
+against that change, whatever its weight.
+
+    python -m benchmarks.loss_balance [--cases colour-00,colour-02 | --cases none] [--every 20]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
 
 import numpy as np
 import torch
 
-from benchmarks.common import machine_description, machine_name, write_results
+from benchmarks.common import RESULTS, machine_description, machine_name, write_results
 from benchmarks.quality import box_mask, build_suite, render_case
 
 
@@ -80,6 +86,56 @@ def walk(editor, case: dict, config, every: int) -> list[dict]:
     return rows
 
 
+VARIANTS = ("shifted 3 px", "recoloured", "other shape", "frozen (no motion)", "played backwards")
+
+
+def sensitivity(editor, timesteps=(200, 500, 800), seed: int = 0) -> dict:
+    """S-SSM and T-SSM losses of variants of a red circle moving right against the clip itself."""
+    from fastdm.driver.editor import frames_to_tensor
+    from fastdm.losses import ssm_losses
+    from fastdm.shapes import render_clip
+    from fastdm.taps import KeyTaps, resolve_layers
+
+    bb = editor.backbone
+    layers = resolve_layers(bb, None)
+    kw = dict(size=32, frames=8, radius=6, speed=2)
+    src = render_clip("red", "circle", "right", **kw)
+    variants = dict(zip(VARIANTS, (np.roll(src, 3, axis=2), render_clip("blue", "circle", "right", **kw),
+                                   render_clip("red", "square", "right", **kw), np.repeat(src[3:4], len(src), 0),
+                                   src[::-1].copy())))
+    emb = editor._embed(["a red circle moving right"])
+    gen = torch.Generator("cpu").manual_seed(seed)
+
+    def keys(clip, t, noise):
+        a = float(bb.alphas_cumprod[t])
+        x_t = a ** 0.5 * bb.to_working(frames_to_tensor(clip)) + (1 - a) ** 0.5 * noise
+        taps = KeyTaps(bb, layers)
+        with taps, torch.no_grad():
+            bb.predict_noise(x_t, t, emb)
+            return taps.take(len(clip))
+
+    out = {name: {"s_ssm": [], "t_ssm": []} for name in variants}
+    for t in timesteps:
+        noise = torch.randn(bb.to_working(frames_to_tensor(src)).shape, generator=gen)
+        ref = keys(src, t, noise)
+        for name, clip in variants.items():
+            k = keys(clip, t, noise)
+            pairs = [ssm_losses(k[n], ref[n], "torch") for n in layers]
+            out[name]["s_ssm"].append(float(np.mean([float(p[0]) for p in pairs])))
+            out[name]["t_ssm"].append(float(np.mean([float(p[1]) for p in pairs])))
+    return {"timesteps": list(timesteps), "losses": out}
+
+
+def sensitivity_markdown(sens: dict) -> str:
+    lines = ["", "## What each loss sees", "",
+             (f"S-SSM and T-SSM between the keys of *a red circle moving right* (32x32, 8 frames) and of a variant, "
+              f"same t and noise, mean over t in {sens['timesteps']} (default tap layers)."), "",
+             "| variant | S-SSM loss | T-SSM loss |", "|---|---|---|"]
+    for name, v in sens["losses"].items():
+        lines.append(f"| {name} | {np.mean(v['s_ssm']):.2e} | {np.mean(v['t_ssm']):.2e} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(per_case: dict, meta: dict) -> str:
     lines = [
         f"# S-SSM / T-SSM gradient against V-DDS ({meta['machine']})",
@@ -114,9 +170,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     suite = {c["id"]: c for c in build_suite()}
     editor = Editor.from_pretrained(default_model_path())
+    sens = sensitivity(editor)
     per_case, raw = {}, {}
-    cfg0 = None
-    for cid in args.cases.split(","):
+    cfg0 = EditConfig("a", "b", steps=args.steps)
+    for cid in [c for c in args.cases.split(",") if c and c != "none"]:
         case = suite[cid]
         cfg0 = EditConfig(case["source_prompt"], case["target_prompt"], steps=args.steps, seed=0)
         t0 = time.time()
@@ -127,10 +184,17 @@ def main() -> None:
                          "t_ratio": float(np.median([r["t_ratio_per_weight"] for r in late]))}
         raw[cid] = rows
         print(cid, per_case[cid], f"({time.time() - t0:.0f}s)", flush=True)
+    stem = f"loss-balance-{machine_name()}"
+    old = RESULTS / f"{stem}.json"
+    if not per_case and old.exists():  # --cases none: refresh the sensitivity table, keep the walked cases
+        prev = json.loads(old.read_text())
+        per_case, raw = prev["summary"], prev["steps"]
+        cfg0 = dataclasses.replace(cfg0, steps=prev["meta"]["steps"], lr=prev["meta"]["lr"])
+        args.every, args.steps = prev["meta"]["every"], prev["meta"]["steps"]
     meta = {"machine": machine_name(), "machine_description": machine_description(), "every": args.every,
             "steps": args.steps, "lr": cfg0.lr, "s_ssm_weight": cfg0.s_ssm_weight, "t_ssm_weight": cfg0.t_ssm_weight}
-    md = markdown(per_case, meta)
-    write_results(f"loss-balance-{meta['machine']}", {"meta": meta, "summary": per_case, "steps": raw}, md)
+    md = (markdown(per_case, meta) if per_case else "") + sensitivity_markdown(sens)
+    write_results(stem, {"meta": meta, "summary": per_case, "steps": raw, "sensitivity": sens}, md)
     print(md)
 
 
