@@ -165,8 +165,11 @@ def sweep_summary(all_runs: list[dict], default_runs: list[dict], suite: list[di
         ov = r.get("overrides") or {}
         if not ov or r["steps"] != steps or r["model_hash"] != model_hash or r["case"] not in by_id:
             continue
-        if edit_config(by_id[r["case"]], r["config"], steps, lr, ov).fingerprint() != r.get("edit_fingerprint"):
+        fp = r.get("edit_fingerprint")
+        if edit_config(by_id[r["case"]], r["config"], steps, lr, ov).fingerprint() != fp:
             continue
+        if edit_config(by_id[r["case"]], r["config"], steps, lr).fingerprint() == fp:
+            continue  # the swept value is today's default: the run counts in the main table instead
         groups.setdefault((r["config"], overrides_label(ov)), []).append(r)
     base = {(r["config"], r["case"]): r for r in default_runs}
     rows = []

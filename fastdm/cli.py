@@ -11,7 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+from .driver.config import EditConfig
 from .errors import FastDMError
+
+_DEFAULTS = EditConfig("source", "target")  # one source of truth for the defaults the help shows
 
 DESCRIPTION = """\
 DreamMotion zero-shot video editing: optimizes the input video against a frozen text-to-video
@@ -55,9 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.4, help="learning rate (default 0.4, SGD as the paper)")
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--s-ssm-weight", type=float, default=1000.0, help="S-SSM (structure) loss weight; 0 turns it off")
-    p.add_argument("--t-ssm-weight", type=float, default=1000.0, help="T-SSM (motion) loss weight; 0 turns it off")
+    p.add_argument("--guidance-scale", type=float, default=_DEFAULTS.guidance_scale)
+    p.add_argument("--s-ssm-weight", type=float, default=_DEFAULTS.s_ssm_weight,
+                   help=f"S-SSM (structure) loss weight (default {_DEFAULTS.s_ssm_weight:g}); 0 turns it off")
+    p.add_argument("--t-ssm-weight", type=float, default=_DEFAULTS.t_ssm_weight,
+                   help=f"T-SSM (motion) loss weight (default {_DEFAULTS.t_ssm_weight:g}); 0 turns it off")
     p.add_argument("--layers", default=None, help="comma-separated glob patterns of self-attention layers to tap (default: decoder's coarsest attention level)")
     p.add_argument("--mask-scope", choices=("all", "vdds"), default="all",
                    help="what --mask/--boxes limit: the whole update (default: nothing outside changes) or only V-DDS")
@@ -111,10 +116,19 @@ def _quiet_libraries() -> None:
 def run(args: argparse.Namespace) -> int:
 
     from .backbone import default_model_path
-    from .driver import EditConfig, Editor
+    from .driver import Editor
     from .driver.plan import PLANS
+    from .io import (
+        boxes_to_mask,
+        check_output_path,
+        load_mask,
+        plan_crop,
+        read_frames,
+        resize_crop,
+        side_by_side,
+        write_video,
+    )
     from .io.atomic import write_json_atomic
-    from .io import boxes_to_mask, check_output_path, load_mask, plan_crop, read_frames, resize_crop, side_by_side, write_video
 
     inp = Path(args.input)
     out = Path(args.out) if args.out else Path(f"{inp.stem or 'video'}_edit.mp4")
