@@ -154,23 +154,23 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def sweep_summary(all_runs: list[dict], default_runs: list[dict], suite: list[dict], steps: int, lr: float, model_hash: str) -> list[dict]:
-    """One row per (config, overrides) swept with ``--set``, beside the same cases at the defaults.
+    """One row per (config, settings that differ from today's defaults), beside the same cases at the defaults.
 
-    A sweep run counts only while it is still what ``--set`` would run now (same fingerprint
-    under today's defaults), so a change of defaults retires stale sweep rows as it does runs.
+    Covers the ``--set`` sweeps and the runs of earlier defaults alike: a run's label is the list of
+    its EditConfig fields that differ from what the suite would run now, so a change of defaults
+    keeps the old runs as a measured comparison instead of dropping them.
     """
     by_id = {c["id"]: c for c in suite}
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in all_runs:
-        ov = r.get("overrides") or {}
-        if not ov or r["steps"] != steps or r["model_hash"] != model_hash or r["case"] not in by_id:
+        if r["steps"] != steps or r["model_hash"] != model_hash or r["case"] not in by_id or "edit_config" not in r:
             continue
-        fp = r.get("edit_fingerprint")
-        if edit_config(by_id[r["case"]], r["config"], steps, lr, ov).fingerprint() != fp:
-            continue
-        if edit_config(by_id[r["case"]], r["config"], steps, lr).fingerprint() == fp:
-            continue  # the swept value is today's default: the run counts in the main table instead
-        groups.setdefault((r["config"], overrides_label(ov)), []).append(r)
+        now = edit_config(by_id[r["case"]], r["config"], steps, lr)
+        if now.fingerprint() == r.get("edit_fingerprint"):
+            continue  # today's default: counted in the main table
+        cur = now.to_dict()
+        diff = {k: v for k, v in r["edit_config"].items() if k != "steps" and cur.get(k) != v}
+        groups.setdefault((r["config"], overrides_label(diff)), []).append(r)
     base = {(r["config"], r["case"]): r for r in default_runs}
     rows = []
     for (name, label), rs in sorted(groups.items()):
@@ -187,7 +187,8 @@ def sweep_markdown(rows: list[dict]) -> str:
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    lines = ["", "## Sweeps (`--set`): the same cases at the swept setting and at the defaults", "",
+    lines = ["", "## Other settings: the same cases at that setting and at today's defaults", "",
+             "Sweeps (`--set`) and runs made under earlier defaults; a setting names what differs from today's defaults.", "",
              "| config | setting | cases | colour success | shape success | mean drift (px) | motion fidelity |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

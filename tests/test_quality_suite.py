@@ -2,7 +2,16 @@
 
 import pytest
 
-from benchmarks.quality import CONFIGS, box_mask, build_suite, edit_config, parse_overrides, render_case, summarize, sweep_summary
+from benchmarks.quality import (
+    CONFIGS,
+    box_mask,
+    build_suite,
+    edit_config,
+    parse_overrides,
+    render_case,
+    summarize,
+    sweep_summary,
+)
 from fastdm.errors import FastDMError
 from fastdm.shapes import COLOURS, SHAPES
 
@@ -47,19 +56,24 @@ def test_ablation_settings_win_over_a_sweep():
 def _run(case, name, overrides, colour_ok, drift):
     cfg = edit_config(case, name, 200, 0.4, overrides)
     return {"config": name, "case": case["id"], "kind": case["kind"], "steps": 200, "model_hash": "m",
-            "edit_fingerprint": cfg.fingerprint(), "overrides": overrides, "seconds": 1.0,
+            "edit_fingerprint": cfg.fingerprint(), "edit_config": cfg.to_dict(), "overrides": overrides, "seconds": 1.0,
             "metrics": {"colour_ok": colour_ok, "shape_ok": False, "drift_px": drift, "motion_fidelity": 0.5,
                         "flow_epe_px": 0.1, "frame_consistency": 0.9}}
 
 
-def test_sweep_rows_pair_with_the_same_cases_at_the_defaults():
+def test_other_settings_pair_with_the_same_cases_at_the_defaults():
     suite = build_suite()
     a, b = suite[0], suite[1]
     defaults = [_run(a, "full", {}, False, 2.0), _run(b, "full", {}, True, 1.0)]
     swept = [_run(a, "full", {"guidance_scale": 15.0}, True, 1.0)]
-    stale = dict(_run(b, "full", {"guidance_scale": 15.0}, True, 0.0), edit_fingerprint="old")
-    rows = sweep_summary(defaults + swept + [stale], defaults, suite, 200, 0.4, "m")
-    assert len(rows) == 1 and rows[0]["set"] == "guidance_scale=15" and rows[0]["cases"] == [a["id"]]
-    assert rows[0]["swept"]["colour_success"] == 1.0 and rows[0]["defaults"]["colour_success"] == 0.0
-    assert rows[0]["swept"]["mean_drift_px"] == 1.0 and rows[0]["defaults"]["mean_drift_px"] == 2.0
+    # a run of earlier defaults (S-SSM 500) and a --set run equal to today's default
+    earlier = [_run(b, "full", {"s_ssm_weight": 500.0}, True, 3.0)]
+    same = [_run(b, "full", {"t_ssm_weight": edit_config(b, "full", 200, 0.4).t_ssm_weight}, True, 1.0)]
+    rows = sweep_summary(defaults + swept + earlier + same, defaults, suite, 200, 0.4, "m")
+    by_label = {r["set"]: r for r in rows}
+    assert set(by_label) == {"guidance_scale=15", "s_ssm_weight=500"}
+    g = by_label["guidance_scale=15"]
+    assert g["cases"] == [a["id"]] and g["swept"]["colour_success"] == 1.0 and g["defaults"]["colour_success"] == 0.0
+    assert g["swept"]["mean_drift_px"] == 1.0 and g["defaults"]["mean_drift_px"] == 2.0
+    assert by_label["s_ssm_weight=500"]["swept"]["mean_drift_px"] == 3.0
     assert set(summarize(defaults)) == {"full"} and set(CONFIGS) >= {"full", "vdds_only", "no_sssm", "no_tssm", "no_mask"}
