@@ -56,7 +56,8 @@ def walk(editor, case: dict, config, every: int) -> list[dict]:
 
     def stepper(s: float, t: float) -> DreamMotionStep:
         cfg = dataclasses.replace(config, s_ssm_weight=s, t_ssm_weight=t)
-        return DreamMotionStep(bb, cfg, FAST, vcfg, layers if (s or t) else [], clip.shape[0], text, mask)
+        # every split runs the keyed path (also at weights 0), so the parts differ only by the SSM terms
+        return DreamMotionStep(bb, cfg, FAST, vcfg, layers, clip.shape[0], text, mask)
 
     main = stepper(config.s_ssm_weight, config.t_ssm_weight)
     only_v, only_s, only_t = stepper(0.0, 0.0), stepper(1.0, 0.0), stepper(0.0, 1.0)
@@ -79,6 +80,10 @@ def walk(editor, case: dict, config, every: int) -> list[dict]:
                          "t_ssm_loss": float(losses["t_ssm"])})
         x.grad = None
         main(x, x_src, t, noise)
+        if rows and rows[-1]["step"] == step + 1:
+            # the split must add up: g_vdds + w_s g_s + w_t g_t is the update the edit applies
+            parts = grads["v"] + config.s_ssm_weight * (grads["s"] - grads["v"]) + config.t_ssm_weight * (grads["t"] - grads["v"])
+            rows[-1]["split_rel_error"] = ((parts - x.grad).norm() / x.grad.norm()).item()
         opt.step()
         if bb.valid_range is not None:
             with torch.no_grad():

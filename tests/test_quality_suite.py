@@ -77,3 +77,19 @@ def test_other_settings_pair_with_the_same_cases_at_the_defaults():
     assert g["swept"]["mean_drift_px"] == 1.0 and g["defaults"]["mean_drift_px"] == 2.0
     assert by_label["s_ssm_weight=500"]["swept"]["mean_drift_px"] == 3.0
     assert set(summarize(defaults)) == {"full"} and set(CONFIGS) >= {"full", "vdds_only", "no_sssm", "no_tssm", "no_mask"}
+
+
+def test_loss_balance_split_adds_up_to_the_update(editor):
+    """The V-DDS / S-SSM / T-SSM split of benchmarks.loss_balance recomposes the edit's own update."""
+    from benchmarks.loss_balance import sensitivity, walk
+    from fastdm import EditConfig
+
+    case = build_suite()[0]
+    cfg = EditConfig(case["source_prompt"], case["target_prompt"], steps=4, seed=0)
+    rows = walk(editor, case, cfg, every=2)
+    assert [r["step"] for r in rows] == [2, 4]
+    for r in rows:
+        assert r["split_rel_error"] < 1e-4
+        assert r["vdds_norm"] > 0 and r["s_norm_per_weight"] > 0 and r["t_norm_per_weight"] > 0
+    sens = sensitivity(editor, timesteps=(500,))
+    assert sens["losses"]["shifted 3 px"]["s_ssm"][0] > 0 and len(sens["losses"]) == 5
