@@ -120,8 +120,9 @@ def sensitivity(editor, timesteps=(200, 500, 800), seed: int = 0) -> dict:
             return taps.take(len(clip))
 
     out = {name: {"s_ssm": [], "t_ssm": []} for name in variants}
+    shape = bb.to_working(frames_to_tensor(src)).shape
     for t in timesteps:
-        noise = torch.randn(bb.to_working(frames_to_tensor(src)).shape, generator=gen)
+        noise = torch.randn(shape, generator=gen)
         ref = keys(src, t, noise)
         for name, clip in variants.items():
             k = keys(clip, t, noise)
@@ -177,12 +178,14 @@ def main() -> None:
     editor = Editor.from_pretrained(default_model_path())
     sens = sensitivity(editor)
     per_case, raw = {}, {}
-    cfg0 = EditConfig("a", "b", steps=args.steps)
+    cfg = EditConfig("a", "b", steps=args.steps)  # the walked edits' settings: the package defaults
+    walked = {"every": args.every, "steps": args.steps, "lr": cfg.lr, "s_ssm_weight": cfg.s_ssm_weight,
+              "t_ssm_weight": cfg.t_ssm_weight}
     for cid in [c for c in args.cases.split(",") if c and c != "none"]:
         case = suite[cid]
-        cfg0 = EditConfig(case["source_prompt"], case["target_prompt"], steps=args.steps, seed=0)
         t0 = time.time()
-        rows = walk(editor, case, cfg0, args.every)
+        rows = walk(editor, case, dataclasses.replace(cfg, source_prompt=case["source_prompt"],
+                                                      target_prompt=case["target_prompt"]), args.every)
         late = [r for r in rows if r["step"] > args.steps // 2]
         per_case[cid] = {"edit": f"{case['source_prompt']} -> {case['target_prompt']}",
                          "s_ratio": float(np.median([r["s_ratio_per_weight"] for r in late])),
@@ -192,12 +195,10 @@ def main() -> None:
     stem = f"loss-balance-{machine_name()}"
     old = RESULTS / f"{stem}.json"
     if not per_case and old.exists():  # --cases none: refresh the sensitivity table, keep the walked cases
-        prev = json.loads(old.read_text())
+        prev = json.loads(old.read_text())  # ... and the settings they were walked at
         per_case, raw = prev["summary"], prev["steps"]
-        cfg0 = dataclasses.replace(cfg0, steps=prev["meta"]["steps"], lr=prev["meta"]["lr"])
-        args.every, args.steps = prev["meta"]["every"], prev["meta"]["steps"]
-    meta = {"machine": machine_name(), "machine_description": machine_description(), "every": args.every,
-            "steps": args.steps, "lr": cfg0.lr, "s_ssm_weight": cfg0.s_ssm_weight, "t_ssm_weight": cfg0.t_ssm_weight}
+        walked = {k: prev["meta"][k] for k in walked}
+    meta = {"machine": machine_name(), "machine_description": machine_description(), **walked}
     md = (markdown(per_case, meta) if per_case else "") + sensitivity_markdown(sens)
     write_results(stem, {"meta": meta, "summary": per_case, "steps": raw, "sensitivity": sens}, md)
     print(md)
