@@ -11,6 +11,11 @@ On a GPU the results also state the roofline of the Triton S-SSM: one read of ke
 (forward, and again in the backward, plus the gradient write) against the C x C FLOPs at the
 card's measured fp32 (IEEE, no TF32) matmul rate.
 
+On CUDA the Triton rows also give each kernel's achieved fraction of its roofline: the kernel's
+device time (torch.profiler, one forward+backward) against max(FLOPs / peak, bytes / bandwidth)
+with the card's datasheet peaks (:data:`PEAKS`; TF32x3 products count 3 TF32 passes, the fp32
+kernels without tensor cores count against the fp32 non-tensor peak; bytes = compulsory traffic).
+
     python -m benchmarks.bench_ssm [--device cuda] [--frames 8,16,24] [--quick]
 Writes benchmarks/results/ssm-<machine>.{json,md}.
 """
@@ -25,6 +30,62 @@ import sys
 import time
 
 SIZES = [(2880, 320), (720, 640), (180, 1280), (45, 1280)]
+
+# Datasheet peaks (dense): TFLOP/s fp32 without tensor cores, tf32 / bf16 (= fp16) tensor cores,
+# TB/s memory bandwidth. Matched against torch.cuda.get_device_name() by substring, first match.
+PEAKS = [
+    ("H200", {"fp32": 67.0, "tf32": 495.0, "bf16": 989.0, "tbps": 4.8}),
+    ("H100 PCIe", {"fp32": 51.0, "tf32": 378.0, "bf16": 756.0, "tbps": 2.0}),
+    ("H100", {"fp32": 67.0, "tf32": 495.0, "bf16": 989.0, "tbps": 3.35}),  # SXM
+    ("A100", {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "tbps": 2.0}),
+    ("L40S", {"fp32": 91.6, "tf32": 183.0, "bf16": 362.0, "tbps": 0.864}),
+    ("4090", {"fp32": 82.6, "tf32": 82.6, "bf16": 165.0, "tbps": 1.008}),
+    ("3090", {"fp32": 35.6, "tf32": 35.6, "bf16": 71.0, "tbps": 0.936}),
+    ("A10", {"fp32": 31.2, "tf32": 62.5, "bf16": 125.0, "tbps": 0.6}),
+]
+
+
+def peaks_for(name: str) -> dict | None:
+    return next((p for key, p in PEAKS if key in name), None)
+
+
+def kernel_work(kernel: str, n: int, c: int, f: int, itemsize: int = 4) -> tuple[float, float, str]:
+    """(FLOPs counted at the peak named by the 3rd item, compulsory bytes, peak) of one launch set.
+
+    TF32x3 dots execute 3 TF32 passes: their useful FLOPs are multiplied by 3 against the tf32 peak."""
+    keys = f * n * c * itemsize
+    if "gram3" in kernel:  # 3 C x C grams over N, tf32x3
+        return 3 * 3 * 2.0 * f * n * c * c, 2 * keys + 3 * f * c * c * 4, "tf32"
+    if "grad_gram" in kernel:  # D G_A + B P
+        return 3 * 2 * 2.0 * f * n * c * c, 2 * keys + 2 * f * c * c * 4 + f * n * c * 4, "tf32"
+    if "tiles_fwd" in kernel:  # upper-triangle X tiles, 2 products over C
+        return 3 * 2 * 2.0 * f * n * n * c / 2, 2 * keys + f * n * n * 4, "tf32"
+    if "tiles_bwd" in kernel:  # X A
+        return 3 * 2.0 * f * n * n * c, keys + f * n * n * 4 + f * n * c * 4, "tf32"
+    if "row_fixup" in kernel:
+        return 0.0, keys + f * n * c * 4 + keys, "fp32"
+    return 0.0, 2 * keys, "fp32"  # row_stats, pair_stats, frame_sums: one read of keys and keys_ref
+
+
+def kernel_rooflines(step, n: int, c: int, f: int, device_name: str) -> list[dict]:
+    """Per Triton kernel of one forward+backward: device time and achieved fraction of its roofline."""
+    from torch.profiler import ProfilerActivity, profile
+
+    peaks = peaks_for(device_name)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+    out = []
+    for ev in prof.key_averages():
+        if not ev.key.startswith("_") or "kernel" not in ev.key:
+            continue
+        t = (getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)) * 1e-6
+        row = {"kernel": ev.key, "time_s": t, "calls": ev.count}
+        if peaks and t > 0:
+            flops, byts, kind = kernel_work(ev.key, n, c, f)
+            roof = max(flops / (peaks[kind] * 1e12), byts / (peaks["tbps"] * 1e12))
+            row.update(roofline_s=roof, fraction=roof / t, bound="flops" if flops / (peaks[kind] * 1e12) > byts / (peaks["tbps"] * 1e12) else "bandwidth")
+        out.append(row)
+    return out
 
 
 def run_one(loss: str, backend: str, n: int, c: int, f: int, device: str, repeats: int) -> dict:
@@ -58,7 +119,11 @@ def run_one(loss: str, backend: str, n: int, c: int, f: int, device: str, repeat
         step()
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"median_s": statistics.median(times), "extra_peak_bytes": max(0, peak - base)}
+    res = {"median_s": statistics.median(times), "extra_peak_bytes": max(0, peak - base)}
+    if device == "cuda" and backend == "triton":
+        res["device_name"] = torch.cuda.get_device_name()
+        res["kernels"] = kernel_rooflines(step, n, c, f, res["device_name"])
+    return res
 
 
 def matmul_tflops(device: str) -> float:
@@ -153,6 +218,15 @@ def main() -> None:
         roof = f" (roofline {r['roofline_s'] * 1e3:.2f} ms)" if "roofline_s" in r else ""
         lines.append(f"| {r['loss']} | {r['N']} | {r['C']} | {r['F']} | {r['backend']} | {r['median_s']:.4f}{roof} | "
                      f"{r['extra_peak_bytes'] / 2**20:.0f} | {sp} | {mem} |")
+    kern_rows = [(r, k) for r in rows for k in r.get("kernels", []) if "fraction" in k]
+    if kern_rows:
+        lines += ["", "Per Triton kernel, one forward+backward: device time vs roofline max(FLOPs / peak, bytes / bandwidth)",
+                  f"(datasheet peaks for {rows[0].get('device_name', kern_rows[0][0].get('device_name'))}, see PEAKS in benchmarks/bench_ssm.py).", "",
+                  "| loss | N | C | F | kernel | calls | device ms | roofline ms | bound | fraction of roofline |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r, k in kern_rows:
+            lines.append(f"| {r['loss']} | {r['N']} | {r['C']} | {r['F']} | {k['kernel']} | {k['calls']} | {k['time_s'] * 1e3:.3f} | "
+                         f"{k['roofline_s'] * 1e3:.3f} | {k['bound']} | {100 * k['fraction']:.0f}% |")
     j, m = write_results(f"ssm-{meta['machine']}", {"meta": meta, "rows": rows}, "\n".join(lines) + "\n")
     print("\n".join(lines))
     print("wrote", j, m)

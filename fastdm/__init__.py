@@ -11,14 +11,15 @@ Data flow (one package per stage):
 Python API::
 
     import fastdm
-    frames, fps = fastdm.read_video("in.mp4", size=(32, 32))
-    result = fastdm.edit(frames, fastdm.EditConfig("a red circle moving right", "a blue circle moving right"))
+    pipe = fastdm.DreamMotionPipeline.from_pretrained()   # the bundled model; or a local folder
+    frames, fps = fastdm.read_video("in.gif")
+    result = pipe(frames, "a red circle moving right", "a blue circle moving right", steps=50)
     fastdm.write_video("out.mp4", result.frames, fps)
 """
 
-from .driver import EditConfig, EditResult, Editor, StepInfo, edit
+from .driver import DreamMotionPipeline, EditConfig, EditResult, Editor, StepInfo, edit
 from .errors import FastDMError
 from .io import read_video, write_video
 
 __version__ = "0.1.0"
-__all__ = ["EditConfig", "EditResult", "Editor", "StepInfo", "edit", "FastDMError", "read_video", "write_video"]
+__all__ = ["DreamMotionPipeline", "EditConfig", "EditResult", "Editor", "StepInfo", "edit", "FastDMError", "read_video", "write_video"]

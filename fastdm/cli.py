@@ -6,12 +6,16 @@ Exit codes: 0 success, 2 bad usage or bad input (one-line error), 1 internal err
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
 from pathlib import Path
 
-from .driver.config import EditConfig
+from .backbone.engines import ENGINES
+from .backbone.loader import DTYPES
+from .driver.config import MASK_SCOPES, OPTIMIZERS, EditConfig
+from .driver.plan import PLANS
 from .errors import FastDMError
 
 _DEFAULTS = EditConfig("source", "target")  # one source of truth for the defaults the help shows
@@ -52,35 +56,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="local diffusers-format model folder (default: the bundled model)")
     p.add_argument("--out", default=None, help="output video, .mp4 or .gif (default: INPUT_edit.mp4 in the current folder)")
     m = p.add_mutually_exclusive_group()
-    m.add_argument("--mask", default=None, help="mask video, image or frame folder; white = editable")
+    m.add_argument("--mask", default=None, help="mask video, frame folder or image of the input's size; a video/folder needs the "
+                   "input's frame count, a single png/jpg applies to every frame; white = editable")
     m.add_argument("--boxes", default=None, help="JSON of per-frame [x0, y0, x1, y1] boxes in input pixels (keyframes are interpolated)")
-    p.add_argument("--steps", type=int, default=200, help="optimization steps (default 200, as the paper)")
-    p.add_argument("--lr", type=float, default=0.4, help="learning rate (default 0.4, SGD as the paper)")
-    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=_DEFAULTS.steps, help=f"optimization steps (default {_DEFAULTS.steps}, as the paper)")
+    p.add_argument("--lr", type=float, default=_DEFAULTS.lr, help=f"learning rate (default {_DEFAULTS.lr:g}, SGD as the paper)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=_DEFAULTS.optimizer)
+    p.add_argument("--seed", type=int, default=_DEFAULTS.seed)
     p.add_argument("--guidance-scale", type=float, default=_DEFAULTS.guidance_scale)
     p.add_argument("--s-ssm-weight", type=float, default=_DEFAULTS.s_ssm_weight,
                    help=f"S-SSM (structure) loss weight (default {_DEFAULTS.s_ssm_weight:g}); 0 turns it off")
     p.add_argument("--t-ssm-weight", type=float, default=_DEFAULTS.t_ssm_weight,
                    help=f"T-SSM (motion) loss weight (default {_DEFAULTS.t_ssm_weight:g}); 0 turns it off")
     p.add_argument("--layers", default=None, help="comma-separated glob patterns of self-attention layers to tap (default: decoder's coarsest attention level)")
-    p.add_argument("--mask-scope", choices=("all", "vdds"), default="all",
+    p.add_argument("--mask-scope", choices=MASK_SCOPES, default=_DEFAULTS.mask_scope,
                    help="what --mask/--boxes limit: the whole update (default: nothing outside changes) or only V-DDS")
     p.add_argument("--frames", type=int, default=None, help="use at most N frames")
     p.add_argument("--stride", type=int, default=1, help="use every K-th frame")
     p.add_argument("--size", type=_size, default=None, help="WxH to resize + centre-crop to (default: the model's native size)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="model weights' dtype (the edited video stays fp32)")
-    p.add_argument("--plan", choices=("fast", "fast-seq", "lean", "naive"), default=None,
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="model weights' dtype (the edited video stays fp32)")
+    p.add_argument("--plan", choices=tuple(PLANS), default=None,
                    help="execution plan: fast (default), fast-seq (no-grad calls one at a time), lean (least memory: "
-                        "sequential no-grad calls, block checkpointing, VAE tiling), naive (baseline)")
+                        "sequential no-grad calls, block checkpointing, VAE tiling), plain and naive (the baselines)")
     p.add_argument("--memory-budget", default=None, metavar="SIZE",
                    help="e.g. 8G: probe one step of fast, fast-seq, lean and run the fastest that fits (not with --plan)")
     p.add_argument("--compile-grad", action="store_true",
                    help="also torch.compile the grad branch (forward to the last tapped layer and its backward)")
     p.add_argument("--attention", choices=("sdpa", "xformers"), default="sdpa",
                    help="attention implementation: PyTorch SDPA (default) or xformers (CUDA, optional extra)")
-    p.add_argument("--backend", choices=("eager", "compile", "cudagraphs", "ort", "trt"), default="eager",
+    p.add_argument("--backend", choices=tuple(ENGINES), default="eager",
                    help="engine of the no-grad UNet calls: eager PyTorch, torch.compile, torch.compile with CUDA graphs (CUDA), "
                         "onnxruntime, or TensorRT (CUDA; engine cached on disk)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="write a resumable checkpoint every N steps")
@@ -116,19 +121,19 @@ def _quiet_libraries() -> None:
 def run(args: argparse.Namespace) -> int:
 
     from .backbone import default_model_path
-    from .driver import Editor
-    from .driver.plan import PLANS
+    from .driver import DreamMotionPipeline
+    from .backbone.loader import check_model_folder
     from .io import (
         boxes_to_mask,
         check_output_path,
-        load_mask,
+        check_report_path,
+        crop_mask,
         plan_crop,
+        read_boxes,
+        read_mask,
         read_frames,
         resize_crop,
-        side_by_side,
-        write_video,
     )
-    from .io.atomic import write_json_atomic
 
     inp = Path(args.input)
     out = Path(args.out) if args.out else Path(f"{inp.stem or 'video'}_edit.mp4")
@@ -143,6 +148,11 @@ def run(args: argparse.Namespace) -> int:
         tap_layers=tuple(s.strip() for s in args.layers.split(",") if s.strip()) if args.layers else None,
     )
     config.validate()
+    need_keys = config.s_ssm_weight > 0 or config.t_ssm_weight > 0
+    reasons = PLANS[args.plan or "fast"].not_supported_reasons(backend=args.backend, compile_grad=args.compile_grad,
+                                                               need_keys=need_keys)
+    if reasons:  # before anything is read or loaded
+        raise FastDMError("; ".join(reasons))
     budget = None
     if args.memory_budget is not None:
         if args.plan is not None:
@@ -155,75 +165,94 @@ def run(args: argparse.Namespace) -> int:
     inputs = [inp, args.mask, args.boxes]
     check_output_path(out, inputs=inputs)
     if not args.no_compare:
-        check_output_path(compare, inputs=inputs)
-    if report_path.suffix.lower() != ".json":
-        raise FastDMError(f"--report '{report_path}' must end in .json")
-    if not report_path.parent.is_dir():
-        raise FastDMError(f"report folder '{report_path.parent}' does not exist; create it or choose another --report")
+        check_output_path(compare, inputs=inputs, what="comparison video", flag="--out (or pass --no-compare)")
+    check_report_path(report_path, inputs=inputs)
     if args.resume and not Path(args.resume).is_dir():
         raise FastDMError(f"--resume {args.resume}: no such checkpoint folder")
+    if ckpt_dir and Path(ckpt_dir).exists() and not Path(ckpt_dir).is_dir():
+        raise FastDMError(f"--checkpoint-dir '{ckpt_dir}' is a file; give a folder (it is created if missing)")
+
+    check_model_folder(args.model or default_model_path())
 
     t0 = time.perf_counter()
-    mask_is_video = bool(args.mask) and not (Path(args.mask).is_file() and Path(args.mask).suffix.lower() in (".png", ".jpg", ".jpeg"))
-    raw, fps, indices, total = read_frames(inp, frames=args.frames, stride=args.stride, with_total=True) if mask_is_video \
+    need_total = bool(args.boxes or args.mask)  # to check their frame count against the whole input
+    raw, fps, indices, total = read_frames(inp, frames=args.frames, stride=args.stride, with_total=True) if need_total \
         else (*read_frames(inp, frames=args.frames, stride=args.stride), None)
     src_size = (raw.shape[2], raw.shape[1])
+    # mask and boxes are checked here, before the model loads; the crop comes after (it needs the model's size)
+    mask_raw = read_mask(args.mask, indices=indices, src_size=src_size, total_frames=total) if args.mask else None
+    boxes = read_boxes(args.boxes, src_size=src_size, total_frames=total) if args.boxes else None
 
     _quiet_libraries()
-    model = args.model or default_model_path()
-    editor = Editor.from_pretrained(model, args.device, args.dtype, args.allow_pickle, args.trust_remote_code,
-                                    keep_text_encoder=False)
-    editor.backbone.set_attention(args.attention)
-    info = editor.backbone.info
+    pipe = DreamMotionPipeline.from_pretrained(args.model, args.device, args.dtype, allow_pickle=args.allow_pickle,
+                                               trust_remote_code=args.trust_remote_code, attention=args.attention,
+                                               release_text_encoder=True)
+    info = pipe.backbone.info
     size = args.size or info.native_size
     if size[0] % info.size_multiple or size[1] % info.size_multiple:
         raise FastDMError(f"--size {size[0]}x{size[1]}: width and height must be multiples of {info.size_multiple} for this model")
     crop = plan_crop(src_size, size)
     frames = resize_crop(raw, crop)
     mask = None
-    if args.mask:
-        mask = load_mask(args.mask, indices=indices, src_size=src_size, total_frames=total, crop=crop)
-    elif args.boxes:
-        mask = boxes_to_mask(args.boxes, indices=indices, src_size=src_size, crop=crop)
+    if mask_raw is not None:
+        mask = crop_mask(mask_raw, crop)
+    elif boxes is not None:
+        mask = boxes_to_mask(boxes, indices=indices, src_size=src_size, crop=crop)
     load_s = time.perf_counter() - t0
 
-    bar = None
-    if not args.quiet:
-        from tqdm import tqdm
-
-        bar = tqdm(total=config.steps, desc="fastdm-edit", unit="step", dynamic_ncols=True)
-
-    def on_step(s):
-        if bar is not None:
-            bar.n = s.step
-            bar.set_postfix({k: f"{v:.3g}" for k, v in s.losses.items()} | {"t": s.timestep}, refresh=True)
-
-    try:
-        result = editor.edit(frames, config, mask=mask, callback=on_step, checkpoint_dir=ckpt_dir,
-                             checkpoint_every=args.checkpoint_every, resume=bool(args.resume),
-                             plan=None if budget is not None else PLANS[args.plan or "fast"], backend=args.backend,
-                             memory_budget=budget, compile_grad=args.compile_grad)
-    finally:
-        if bar is not None:
-            bar.close()
-    write_video(out, result.frames, fps)
-    written = [str(out)]
-    if not args.no_compare:
-        write_video(compare, side_by_side(frames, result.frames), fps)
-        written.append(str(compare))
+    with _progress(config.steps, args.quiet) as on_step:
+        result = pipe(frames, config=config, mask=mask, callback_on_step_end=on_step,
+                      callback_on_step_end_tensor_inputs=("losses",), checkpoint_dir=ckpt_dir,
+                      checkpoint_every=args.checkpoint_every, resume=bool(args.resume),
+                      plan=None if budget is not None else (args.plan or "fast"), backend=args.backend,
+                      memory_budget=budget, compile_grad=args.compile_grad)
     report = result.report
     report["input"] = {"path": str(inp), "fps": fps, "source_size": list(src_size), "frame_indices": indices,
                        "mask": args.mask, "boxes": args.boxes}
     report["timings"]["load_s"] = round(load_s, 4)
-    report["outputs"] = written
     if ckpt_dir:
         report["checkpoint_dir"] = ckpt_dir
-    write_json_atomic(report_path, report)
+    written = _write_outputs(result, frames, fps, out, None if args.no_compare else compare, report_path)
     if not args.quiet:
         t = report["timings"]
-        print(f"wrote {', '.join(written)}, {report_path} ({report['steps_run']} steps, {t['step_mean_s']} s/step, "
-              f"plan {report['plan']['name']}, peak memory {report['peak_memory_bytes'] / 2**20:.0f} MiB)")
+        print(f"wrote {', '.join(written)} ({report['steps_run']} steps, {t['step_mean_s']} s/step, "
+              f"plan {report['plan']['name']}, engine {report['backend']}, peak memory {report['peak_memory_bytes'] / 2**20:.0f} MiB)")
     return 0
+
+
+@contextlib.contextmanager
+def _progress(total: int, quiet: bool):
+    """A tqdm bar fed by the pipeline's step-end callback (reading the losses syncs: CLI only)."""
+    if quiet:
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="fastdm-edit", unit="step", dynamic_ncols=True)
+
+    def on_step(_pipe, step, t, tensors):
+        bar.n = step
+        bar.set_postfix({k: f"{float(v):.3g}" for k, v in tensors["losses"].items()} | {"t": t}, refresh=True)
+
+    try:
+        yield on_step
+    finally:
+        bar.close()
+
+
+def _write_outputs(result, frames, fps, out: Path, compare: Path | None, report_path: Path) -> list[str]:
+    """The edit, the side-by-side comparison and the JSON report, each written atomically."""
+    from .io import side_by_side, write_video
+    from .io.atomic import write_json_atomic
+
+    write_video(out, result.frames, fps)
+    written = [str(out)]
+    if compare is not None:
+        write_video(compare, side_by_side(frames, result.frames), fps)
+        written.append(str(compare))
+    result.report["outputs"] = written
+    write_json_atomic(report_path, result.report)
+    return [*written, str(report_path)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,63 +12,7 @@ from pathlib import Path
 
 import torch
 
-# Words that get a single token each; anything else falls back to characters.
-DEFAULT_WORDS = (
-    "a an the moving left right up down red green blue yellow magenta cyan white black orange purple "
-    "circle square triangle ball box car dog cat on background"
-).split()
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    # The byte -> printable-unicode table used by GPT-2/CLIP byte-level BPE.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def write_clip_tokenizer(folder: str | Path, words=DEFAULT_WORDS, max_length: int = 16) -> None:
-    """Write vocab.json/merges.txt/tokenizer_config.json for a small CLIP BPE tokenizer."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
-    vocab: list[str] = chars + [c + "</w>" for c in chars]
-    merges: list[str] = []
-    seen = set(vocab)
-    for word in words:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(symbols) > 1:
-            pair = (symbols[0], symbols[1])
-            merged = pair[0] + pair[1]
-            if merged not in seen:
-                merges.append(f"{pair[0]} {pair[1]}")
-                vocab.append(merged)
-                seen.add(merged)
-            symbols = [merged] + symbols[2:]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "CLIPTokenizer",
-                "model_max_length": max_length,
-                "bos_token": "<|startoftext|>",
-                "eos_token": "<|endoftext|>",
-                "unk_token": "<|endoftext|>",
-                "pad_token": "<|endoftext|>",
-                "do_lower_case": True,
-            }
-        )
-    )
-    (folder / "special_tokens_map.json").write_text(
-        json.dumps({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"})
-    )
+from .backbone.components import DEFAULT_WORDS, write_clip_tokenizer  # noqa: F401  (re-exported)
 
 
 def build_tiny_model(

@@ -5,13 +5,20 @@ One file per op, each holding its Triton kernels and ``torch.autograd.Function``
 * ``ssm_spatial``  fused S-SSM loss, forward + backward, never writes an N x N matrix
 * ``ssm_temporal`` fused T-SSM loss, one pass over the keys
 * ``key_stats``    one pass over keys and source keys giving what both losses need
+* ``launch``       block sizes / warps / stages (:func:`launch.config_for`, deterministic), autotune
+                   alternatives, dot precision (TF32x3 / native half), splits, the CUDA device guard
+* ``algebra``      plain-torch helpers (a deliberate copy of ``fastdm.losses.ssm.normalized_difference``:
+                   this package imports nothing from the rest of ``fastdm``)
+* ``aot``          ``python -m fastdm.kernels.aot``: compiles every launched specialization for
+                   sm_80/86/89/90a on the CPU and checks shared memory and register spills
 
 Their plain-PyTorch twins are the ``"torch"`` backends of ``fastdm.losses``. Like xformers'
 operators, the Triton backend says why it refuses an input (:func:`not_supported_reasons`);
 ``fastdm.losses`` dispatches on that.
 
 Triton runs on CUDA GPUs, or on the CPU through its interpreter when ``TRITON_INTERPRET=1`` is set
-before triton is imported (tests do this; it is slow and has no bf16 arithmetic).
+before triton is imported (tests do this when no CUDA GPU is present; it is slow and has no bf16
+arithmetic). The kernels take row-major contiguous (G, N, C) keys; the dispatch makes them so.
 """
 
 from __future__ import annotations

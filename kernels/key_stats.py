@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .ssm_spatial import EPS
+from .algebra import EPS
+from .launch import config_for, launch
 
 
 @triton.jit
@@ -51,11 +52,10 @@ def _pair_stats_kernel(k_ptr, r_ptr, inv_k_ptr, inv_r_ptr, coef_ptr, sk_ptr, sr_
 
 
 def pair_stats(k: torch.Tensor, r: torch.Tensor):
-    """(G, N, C) contiguous keys -> ((1/|k|, 1/|k_ref|, coef) per row, (sum K, sum K_ref, sum E) per frame)."""
+    """(G, N, C) contiguous (row-major, C innermost) keys -> ((1/|k|, 1/|k_ref|, coef) per row, (sum K, sum K_ref, sum E) per frame)."""
     g, n, c = k.shape
     rows = [torch.empty(g * n, device=k.device, dtype=torch.float32) for _ in range(3)]
     sums = [torch.zeros(g, c, device=k.device, dtype=torch.float32) for _ in range(3)]
-    br = max(16, min(64, triton.next_power_of_2(n)))
-    bc = max(16, min(128, triton.next_power_of_2(c)))
-    _pair_stats_kernel[(g, triton.cdiv(n, br))](k, r, *rows, *sums, n, c, EPS, BR=br, BC=bc)
+    cfg = config_for("pair_stats", n, c, k.dtype)
+    launch("pair_stats", _pair_stats_kernel, lambda m: (g, triton.cdiv(n, m["BR"])), [k, r, *rows, *sums, n, c, EPS], cfg)
     return tuple(rows), tuple(sums)

@@ -1,24 +1,38 @@
-"""Fused S-SSM loss (Triton): forward and backward without ever writing an N x N matrix.
+"""Fused S-SSM loss (Triton): forward and backward, no N x N matrix larger than the keys.
 
 Loss (per frame g, normalized key rows A = K/|K|, B = K_ref/|K_ref|, D = A - B):
 
-    L = sum_g ||A A^T - B B^T||_F^2 / (G N^2),   A A^T - B B^T = D A^T + B D^T
+    L = sum_g ||A A^T - B B^T||_F^2 / (G N^2),   A A^T - B B^T = D A^T + B D^T =: X
 
-D is formed without cancellation (``fastdm.losses.ssm.normalized_difference``): per row,
+D is formed without cancellation (:func:`fastdm.kernels.algebra.normalized_difference`): per row,
 ``D = E/|k| - k_ref * (E . (k + k_ref)) / (|k| |k_ref| (|k| + |k_ref|))`` with E = k - k_ref.
 
 Two algorithms, chosen by shape:
 
-* N > C ("gram"): accumulate three C x C products over N in fp32,
+* N > C ("gram"): three C x C products accumulated over N in fp32,
   G_B = B^T B, Q = D^T B, G_D = D^T D, then
-  ||.||^2 = 2<G_D, G_B> + 4<G_D, Q> + ||G_D||^2 + 2<Q, Q^T>;
+  ||X||^2 = 2<G_D, G_B> + 4<G_D, Q> + ||G_D||^2 + 2<Q, Q^T>;
   backward: dL/dA = 4 (D G_A + B P) / (G N^2) with G_A = G_B + Q + Q^T + G_D, P = Q + G_D.
-* N <= C ("tiles"): similarity-difference tiles X_ij = D_i A_j^T + B_i D_j^T computed on the fly,
-  squared and summed (flash-attention style); the backward recomputes the tiles:
-  dL/dA_i = 4 sum_j X_ij A_j / (G N^2).
+  When G * (C / BC)^2 programs fill few SMs, the N reduction is split over more programs and
+  the partial grams are summed afterwards (deterministic, no atomics).
+* N <= C ("tiles"): X (G x N x N, symmetric, no larger than the keys since N <= C; 2 MB at
+  N = 180, G = 16) is computed tile by tile, upper-triangle tiles only, the C contraction split
+  over more programs when few tiles exist; the backward is one batched product
+  dL/dA = 4 X A / (G N^2) from the saved X (no recomputation).
 
 Both end with the fused row-normalization backward ``dK = (dA - A (dA . A)) / |k|``.
-Inputs fp32/fp16/bf16; all arithmetic in fp32 with IEEE fp32 dot products (no TF32).
+
+Precision (see :mod:`fastdm.kernels.launch`): on sm_80+ every product that involves D (or X) is a
+TF32x3 tensor-core dot (about fp32 accuracy, D keeps full relative precision); with fp16 / bf16
+keys G_B = B^T B is a native half tensor-core dot with fp32 accumulation; all accumulation,
+row statistics and reductions are fp32. Measured against float64 (interpreter, see the table in
+``tests/test_kernels.py``): fp32 keys 1e-7..1e-6 relative loss error at any perturbation size
+(keys_ref = keys + 1e-5 noise included), TF32x3 emulated ~1e-6; fp16 keys ~1e-5..1e-4 (B rounded
+to fp16 in G_B). On-GPU tensor-core error is measured by the CUDA-only tests.
+
+Inputs: (G, N, C) keys and keys_ref of one dtype (fp32/fp16/bf16), made contiguous by the
+dispatch (the kernels assume row-major contiguous (G, N, C), C innermost). The scalar scale of
+the backward stays a device tensor (no host-device sync).
 Its plain-PyTorch twin is ``fastdm.losses.ssm._SpatialSSMTorch`` (same algebra, same D).
 """
 
@@ -28,7 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
-EPS = 1e-12
+from .algebra import EPS
+from .launch import config_for, dot_precision, launch, split_count
 
 
 @triton.jit
@@ -72,27 +87,34 @@ def _abd(k_ptr, r_ptr, inv_k_ptr, inv_r_ptr, coef_ptr, row0, offs_n, offs_c, N, 
 
 
 @triton.jit
-def _gram3_kernel(k_ptr, r_ptr, inv_k_ptr, inv_r_ptr, coef_ptr, gb_ptr, q_ptr, gd_ptr, N, C,
-                  BN: tl.constexpr, BC: tl.constexpr):
-    """Per frame g and C x C tile (i, j): G_B = B^T B, Q = D^T B, G_D = D^T D, summed over N."""
+def _gram3_kernel(k_ptr, r_ptr, inv_k_ptr, inv_r_ptr, coef_ptr, gb_ptr, q_ptr, gd_ptr, N, C, n_per,
+                  PREC: tl.constexpr, HALF: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
+    """Frame g, C x C tile t, N slice s: partial G_B = B^T B, Q = D^T B, G_D = D^T D."""
     g = tl.program_id(0)
-    ci = tl.program_id(1) * BC + tl.arange(0, BC)
-    cj = tl.program_id(2) * BC + tl.arange(0, BC)
+    t = tl.program_id(1)
+    s = tl.program_id(2)
+    cb = tl.cdiv(C, BC)
+    ci = (t // cb) * BC + tl.arange(0, BC)
+    cj = (t % cb) * BC + tl.arange(0, BC)
     acc_gb = tl.zeros([BC, BC], dtype=tl.float32)
     acc_q = tl.zeros([BC, BC], dtype=tl.float32)
     acc_gd = tl.zeros([BC, BC], dtype=tl.float32)
     row0 = g * N
-    for n0 in range(0, N, BN):
+    n_lo = s * n_per
+    for n0 in range(n_lo, tl.minimum(n_lo + n_per, N), BN):
         offs_n = n0 + tl.arange(0, BN)
         a_i, b_i, d_i = _abd(k_ptr, r_ptr, inv_k_ptr, inv_r_ptr, coef_ptr, row0, offs_n, ci, N, C)
         a_j, b_j, d_j = _abd(k_ptr, r_ptr, inv_k_ptr, inv_r_ptr, coef_ptr, row0, offs_n, cj, N, C)
         b_it = tl.trans(b_i)
         d_it = tl.trans(d_i)
-        acc_gb += tl.dot(b_it, b_j, input_precision="ieee")
-        acc_q += tl.dot(d_it, b_j, input_precision="ieee")
-        acc_gd += tl.dot(d_it, d_j, input_precision="ieee")
+        if HALF:  # O(1) x O(1): native fp16 / bf16 tensor-core dot, fp32 accumulation
+            acc_gb = tl.dot(b_it.to(k_ptr.dtype.element_ty), b_j.to(k_ptr.dtype.element_ty), acc_gb)
+        else:
+            acc_gb = tl.dot(b_it, b_j, acc_gb, input_precision=PREC)
+        acc_q = tl.dot(d_it, b_j, acc_q, input_precision=PREC)
+        acc_gd = tl.dot(d_it, d_j, acc_gd, input_precision=PREC)
     m = (ci[:, None] < C) & (cj[None, :] < C)
-    out = g * C * C + ci[:, None] * C + cj[None, :]
+    out = (s * tl.num_programs(0) + g) * C * C + ci[:, None] * C + cj[None, :]
     tl.store(gb_ptr + out, acc_gb, mask=m)
     tl.store(q_ptr + out, acc_q, mask=m)
     tl.store(gd_ptr + out, acc_gd, mask=m)
@@ -100,69 +122,75 @@ def _gram3_kernel(k_ptr, r_ptr, inv_k_ptr, inv_r_ptr, coef_ptr, gb_ptr, q_ptr, g
 
 @triton.jit
 def _grad_gram_kernel(k_ptr, r_ptr, inv_k_ptr, inv_r_ptr, coef_ptr, ga_ptr, p_ptr, out_ptr, N, C,
-                      BN: tl.constexpr, BC: tl.constexpr):
+                      PREC: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
     """dA rows = D G_A + B P for a row block and an output column block (G_A, P pre-scaled)."""
     g = tl.program_id(0)
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     co = tl.program_id(2) * BC + tl.arange(0, BC)
     acc = tl.zeros([BN, BC], dtype=tl.float32)
     row0 = g * N
-    for c0 in range(0, C, BC):
-        cc = c0 + tl.arange(0, BC)
+    for c0 in range(0, C, BK):
+        cc = c0 + tl.arange(0, BK)
         a, b, d = _abd(k_ptr, r_ptr, inv_k_ptr, inv_r_ptr, coef_ptr, row0, offs_n, cc, N, C)
         mm = (cc[:, None] < C) & (co[None, :] < C)
         idx = g * C * C + cc[:, None] * C + co[None, :]
         ga = tl.load(ga_ptr + idx, mask=mm, other=0.0)
         p = tl.load(p_ptr + idx, mask=mm, other=0.0)
-        acc += tl.dot(d, ga, input_precision="ieee")
-        acc += tl.dot(b, p, input_precision="ieee")
+        acc = tl.dot(d, ga, acc, input_precision=PREC)
+        acc = tl.dot(b, p, acc, input_precision=PREC)
     m = (offs_n[:, None] < N) & (co[None, :] < C)
     tl.store(out_ptr + (row0 + offs_n)[:, None] * C + co[None, :], acc, mask=m)
 
 
 @triton.jit
-def _x_tile(k_ptr, r_ptr, inv_k_ptr, inv_r_ptr, coef_ptr, row0, ni, nj, N, C,
-            BN: tl.constexpr, BC: tl.constexpr):
-    """X_ij = D_i A_j^T + B_i D_j^T for row blocks ni, nj (contracting over C)."""
-    acc = tl.zeros([BN, BN], dtype=tl.float32)
-    for c0 in range(0, C, BC):
-        cc = c0 + tl.arange(0, BC)
-        a_i, b_i, d_i = _abd(k_ptr, r_ptr, inv_k_ptr, inv_r_ptr, coef_ptr, row0, ni, cc, N, C)
-        a_j, b_j, d_j = _abd(k_ptr, r_ptr, inv_k_ptr, inv_r_ptr, coef_ptr, row0, nj, cc, N, C)
-        acc += tl.dot(d_i, tl.trans(a_j), input_precision="ieee")
-        acc += tl.dot(b_i, tl.trans(d_j), input_precision="ieee")
-    return acc
-
-
-@triton.jit
-def _tiles_fwd_kernel(k_ptr, r_ptr, inv_k_ptr, inv_r_ptr, coef_ptr, part_ptr, N, C, NB,
-                      BN: tl.constexpr, BC: tl.constexpr):
-    """Partial sums of X^2 over one N x N tile; the tile itself never leaves registers."""
+def _tiles_fwd_kernel(k_ptr, r_ptr, inv_k_ptr, inv_r_ptr, coef_ptr, x_ptr, N, C, c_per,
+                      PREC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Partial X_ij = D_i A_j^T + B_i D_j^T over one C slice, for upper-triangle tiles j >= i;
+    written to X[s, g, i, j] and (transposed, i != j) X[s, g, j, i]."""
     g = tl.program_id(0)
-    i = tl.program_id(1)
-    j = tl.program_id(2)
-    ni = i * BN + tl.arange(0, BN)
-    nj = j * BN + tl.arange(0, BN)
-    x = _x_tile(k_ptr, r_ptr, inv_k_ptr, inv_r_ptr, coef_ptr, g * N, ni, nj, N, C, BN, BC)
-    tl.store(part_ptr + (g * NB + i) * NB + j, tl.sum(tl.sum(x * x, axis=1), axis=0))
+    t = tl.program_id(1)
+    s = tl.program_id(2)
+    nb = tl.cdiv(N, BN)
+    i = t // nb
+    j = t % nb
+    if j >= i:
+        ni = i * BN + tl.arange(0, BN)
+        nj = j * BN + tl.arange(0, BN)
+        row0 = g * N
+        acc = tl.zeros([BN, BN], dtype=tl.float32)
+        c_lo = s * c_per
+        for c0 in range(c_lo, tl.minimum(c_lo + c_per, C), BK):
+            cc = c0 + tl.arange(0, BK)
+            a_i, b_i, d_i = _abd(k_ptr, r_ptr, inv_k_ptr, inv_r_ptr, coef_ptr, row0, ni, cc, N, C)
+            a_j, b_j, d_j = _abd(k_ptr, r_ptr, inv_k_ptr, inv_r_ptr, coef_ptr, row0, nj, cc, N, C)
+            acc = tl.dot(d_i, tl.trans(a_j), acc, input_precision=PREC)
+            acc = tl.dot(b_i, tl.trans(d_j), acc, input_precision=PREC)
+        base = x_ptr + (s * tl.num_programs(0) + g) * N * N
+        m = (ni[:, None] < N) & (nj[None, :] < N)
+        tl.store(base + ni[:, None] * N + nj[None, :], acc, mask=m)
+        tl.store(base + nj[None, :] * N + ni[:, None], acc, mask=m & (i != j))
 
 
 @triton.jit
-def _tiles_bwd_kernel(k_ptr, r_ptr, inv_k_ptr, inv_r_ptr, coef_ptr, out_ptr, scale, N, C,
-                      BN: tl.constexpr, BC: tl.constexpr):
-    """dA_i[:, cols] = scale * sum_j X_ij A_j[:, cols], recomputing each X_ij."""
+def _tiles_bwd_kernel(k_ptr, inv_k_ptr, x_ptr, scale_ptr, out_ptr, N, C,
+                      PREC: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr):
+    """dA_i[:, cols] = scale * sum_j X_ij A_j[:, cols] from the saved X (scale: a device scalar)."""
     g = tl.program_id(0)
     ni = tl.program_id(1) * BN + tl.arange(0, BN)
     co = tl.program_id(2) * BC + tl.arange(0, BC)
     row0 = g * N
+    mi = ni < N
+    mc = co < C
     acc = tl.zeros([BN, BC], dtype=tl.float32)
-    for j0 in range(0, N, BN):
-        nj = j0 + tl.arange(0, BN)
-        x = _x_tile(k_ptr, r_ptr, inv_k_ptr, inv_r_ptr, coef_ptr, row0, ni, nj, N, C, BN, BC)
-        a_j, b_j, d_j = _abd(k_ptr, r_ptr, inv_k_ptr, inv_r_ptr, coef_ptr, row0, nj, co, N, C)
-        acc += tl.dot(x, a_j, input_precision="ieee")
-    m = (ni[:, None] < N) & (co[None, :] < C)
-    tl.store(out_ptr + (row0 + ni)[:, None] * C + co[None, :], acc * scale, mask=m)
+    for j0 in range(0, N, BK):
+        nj = j0 + tl.arange(0, BK)
+        mj = nj < N
+        x = tl.load(x_ptr + g * N * N + ni[:, None] * N + nj[None, :], mask=mi[:, None] & mj[None, :], other=0.0)
+        k = tl.load(k_ptr + (row0 + nj)[:, None] * C + co[None, :], mask=mj[:, None] & mc[None, :], other=0.0)
+        ik = tl.load(inv_k_ptr + row0 + nj, mask=mj, other=0.0)
+        acc = tl.dot(x, k.to(tl.float32) * ik[:, None], acc, input_precision=PREC)
+    scale = tl.load(scale_ptr)
+    tl.store(out_ptr + (row0 + ni)[:, None] * C + co[None, :], acc * scale, mask=mi[:, None] & mc[None, :])
 
 
 @triton.jit
@@ -189,69 +217,79 @@ def _row_fixup_kernel(k_ptr, inv_k_ptr, ga_ptr, out_ptr, rows, C, BR: tl.constex
         tl.store(out_ptr + idx, ((ga - a * dot[:, None]) * ik[:, None]).to(out_ptr.dtype.element_ty), mask=m)
 
 
-def _blocks(n: int, c: int) -> tuple[int, int]:
-    bn = max(16, min(64, triton.next_power_of_2(n)))
-    bc = max(16, min(64, triton.next_power_of_2(c)))
-    return bn, bc
-
-
 def row_stats(k: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows, c = k.shape[0] * k.shape[1], k.shape[2]
     out = [torch.empty(rows, device=k.device, dtype=torch.float32) for _ in range(3)]
-    br, bc = 32, max(16, min(128, triton.next_power_of_2(c)))
-    _row_stats_kernel[(triton.cdiv(rows, br),)](k, r, *out, rows, c, EPS, BR=br, BC=bc)
+    cfg = config_for("row_stats", k.shape[1], c, k.dtype)
+    launch("row_stats", _row_stats_kernel, lambda m: (triton.cdiv(rows, m["BR"]),), [k, r, *out, rows, c, EPS], cfg)
     return tuple(out)
 
 
 def _row_fixup(k: torch.Tensor, inv_k: torch.Tensor, grad_a: torch.Tensor) -> torch.Tensor:
     rows, c = k.shape[0] * k.shape[1], k.shape[2]
     out = torch.empty_like(k)
-    bc = max(16, min(128, triton.next_power_of_2(c)))
-    _row_fixup_kernel[(triton.cdiv(rows, 32),)](k, inv_k, grad_a, out, rows, c, BR=32, BC=bc)
+    cfg = config_for("row_fixup", k.shape[1], c, k.dtype)
+    launch("row_fixup", _row_fixup_kernel, lambda m: (triton.cdiv(rows, m["BR"]),), [k, inv_k, grad_a, out, rows, c], cfg)
     return out
 
 
+def _half_dot(k: torch.Tensor, prec: str) -> bool:
+    return k.dtype in (torch.float16, torch.bfloat16) and prec != "ieee"
+
+
 class SpatialSSMTriton(torch.autograd.Function):
-    """S-SSM loss on (G, N, C) contiguous keys; returns an fp32 scalar."""
+    """S-SSM loss on (G, N, C) keys (made contiguous); returns an fp32 scalar."""
 
     @staticmethod
     def forward(ctx, keys: torch.Tensor, keys_ref: torch.Tensor, stats=None) -> torch.Tensor:
         k, r = keys.contiguous(), keys_ref.contiguous()
         g, n, c = k.shape
         inv_k, inv_r, coef = row_stats(k, r) if stats is None else stats
-        bn, bc = _blocks(n, c)
+        prec = dot_precision(k)
+        f32 = dict(device=k.device, dtype=torch.float32)
         if n > c:
-            gb, q, gd = (torch.empty(g, c, c, device=k.device, dtype=torch.float32) for _ in range(3))
-            grid = (g, triton.cdiv(c, bc), triton.cdiv(c, bc))
-            _gram3_kernel[grid](k, r, inv_k, inv_r, coef, gb, q, gd, n, c, BN=bn, BC=bc)
-            total = 2 * (gd * gb).sum() + 4 * (gd * q).sum() + (gd * gd).sum() + 2 * (q * q.transpose(1, 2)).sum()
-            ga = gb + q + q.transpose(1, 2) + gd
-            p = q + gd
-            ctx.save_for_backward(k, r, inv_k, inv_r, coef, ga, p)
+            cfg = config_for("gram3", n, c, k.dtype)
+            tiles = triton.cdiv(c, cfg.meta["BC"]) ** 2
+            splits, n_per = split_count(g * tiles, n, k)
+            gb, q, gd = (torch.empty(splits, g, c, c, **f32) for _ in range(3))
+            launch("gram3", _gram3_kernel, lambda m: (g, triton.cdiv(c, m["BC"]) ** 2, splits),
+                   [k, r, inv_k, inv_r, coef, gb, q, gd, n, c, n_per], cfg,
+                   {"PREC": prec, "HALF": _half_dot(k, prec)})
+            gb, q, gd = (x[0] if splits == 1 else x.sum(0) for x in (gb, q, gd))
+            qt = q.transpose(1, 2)
+            total = 2 * (gd * gb).sum() + 4 * (gd * q).sum() + (gd * gd).sum() + 2 * (q * qt).sum()
+            ctx.save_for_backward(k, r, inv_k, inv_r, coef, gb + q + qt + gd, q + gd)
         else:
-            nb = triton.cdiv(n, bn)
-            part = torch.empty(g, nb, nb, device=k.device, dtype=torch.float32)
-            _tiles_fwd_kernel[(g, nb, nb)](k, r, inv_k, inv_r, coef, part, n, c, nb, BN=bn, BC=bc)
-            total = part.sum()
-            ctx.save_for_backward(k, r, inv_k, inv_r, coef)
+            cfg = config_for("tiles_fwd", n, c, k.dtype)
+            nb = triton.cdiv(n, cfg.meta["BN"])
+            splits, c_per = split_count(g * nb * (nb + 1) // 2, c, k)
+            x = torch.empty(splits, g, n, n, **f32)
+            launch("tiles_fwd", _tiles_fwd_kernel, lambda m: (g, triton.cdiv(n, m["BN"]) ** 2, splits),
+                   [k, r, inv_k, inv_r, coef, x, n, c, c_per], cfg, {"PREC": prec})
+            x = x[0] if splits == 1 else x.sum(0)
+            total = (x * x).sum()
+            ctx.save_for_backward(k, r, inv_k, inv_r, coef, x)
         ctx.shape = (g, n, c)
+        ctx.prec = prec
         return total / (g * n * n)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         g, n, c = ctx.shape
-        bn, bc = _blocks(n, c)
-        scale = 4.0 / (g * n * n)
-        grad_a = torch.empty(g, n, c, device=grad_out.device, dtype=torch.float32)
+        k, r, inv_k, inv_r, coef, *mats = ctx.saved_tensors
+        s = grad_out.float() * (4.0 / (g * n * n))  # a device scalar: no host-device sync
+        grad_a = torch.empty(g, n, c, device=k.device, dtype=torch.float32)
         if n > c:
-            k, r, inv_k, inv_r, coef, ga, p = ctx.saved_tensors
-            s = grad_out.float() * scale
-            grid = (g, triton.cdiv(n, bn), triton.cdiv(c, bc))
-            _grad_gram_kernel[grid](k, r, inv_k, inv_r, coef, (ga * s).contiguous(), (p * s).contiguous(), grad_a, n, c, BN=bn, BC=bc)
+            ga, p = mats
+            cfg = config_for("grad_gram", n, c, k.dtype)
+            launch("grad_gram", _grad_gram_kernel, lambda m: (g, triton.cdiv(n, m["BN"]), triton.cdiv(c, m["BC"])),
+                   [k, r, inv_k, inv_r, coef, (ga * s).contiguous(), (p * s).contiguous(), grad_a, n, c], cfg,
+                   {"PREC": ctx.prec})
         else:
-            k, r, inv_k, inv_r, coef = ctx.saved_tensors
-            grid = (g, triton.cdiv(n, bn), triton.cdiv(c, bc))
-            _tiles_bwd_kernel[grid](k, r, inv_k, inv_r, coef, grad_a, float(grad_out) * scale, n, c, BN=bn, BC=bc)
+            (x,) = mats
+            cfg = config_for("tiles_bwd", n, c, k.dtype)
+            launch("tiles_bwd", _tiles_bwd_kernel, lambda m: (g, triton.cdiv(n, m["BN"]), triton.cdiv(c, m["BC"])),
+                   [k, inv_k, x, s.reshape(1).contiguous(), grad_a, n, c], cfg, {"PREC": ctx.prec})
         return _row_fixup(k, inv_k, grad_a), None, None
 
 

@@ -7,6 +7,8 @@ The kernel reads K and K_ref once and produces, per frame, sum(K), sum(K_ref) an
 in fp32 (the last keeps the mean difference exact when K ~= K_ref). The F x F algebra is tiny and
 runs in PyTorch on those sums, differentiated analytically at forward time; the backward of the
 mean is then dK[g, n, :] = (dL/dM + dL/dE)[g, :] / N for every token n, a single broadcast write.
+The N reduction is split over more programs when few would run (second reduction in PyTorch);
+the kernel assumes contiguous (G, N, C) keys (the dispatch makes them so).
 Its plain-PyTorch twin is ``fastdm.losses.ssm.temporal_ssm_loss(backend="torch")``.
 """
 
@@ -16,16 +18,22 @@ import torch
 import triton
 import triton.language as tl
 
+from .algebra import normalized_difference
+from .launch import config_for, launch, split_count
+
 
 @triton.jit
-def _frame_sums_kernel(k_ptr, r_ptr, sk_ptr, sr_ptr, se_ptr, N, C, BN: tl.constexpr, BC: tl.constexpr):
+def _frame_sums_kernel(k_ptr, r_ptr, sk_ptr, sr_ptr, se_ptr, N, C, n_per, BN: tl.constexpr, BC: tl.constexpr):
+    """Partial per-frame sums over the N slice s (program axis 2) into row (s, g) of each output."""
     g = tl.program_id(0)
+    s = tl.program_id(2)
     offs_c = tl.program_id(1) * BC + tl.arange(0, BC)
     mc = offs_c < C
     ak = tl.zeros([BC], dtype=tl.float32)
     ar = tl.zeros([BC], dtype=tl.float32)
     ae = tl.zeros([BC], dtype=tl.float32)
-    for n0 in range(0, N, BN):
+    n_lo = s * n_per
+    for n0 in range(n_lo, tl.minimum(n_lo + n_per, N), BN):
         offs_n = n0 + tl.arange(0, BN)
         m = (offs_n[:, None] < N) & mc[None, :]
         idx = (g * N + offs_n)[:, None] * C + offs_c[None, :]
@@ -34,24 +42,26 @@ def _frame_sums_kernel(k_ptr, r_ptr, sk_ptr, sr_ptr, se_ptr, N, C, BN: tl.conste
         ak += tl.sum(k, axis=0)
         ar += tl.sum(r, axis=0)
         ae += tl.sum(k - r, axis=0)
-    tl.store(sk_ptr + g * C + offs_c, ak, mask=mc)
-    tl.store(sr_ptr + g * C + offs_c, ar, mask=mc)
-    tl.store(se_ptr + g * C + offs_c, ae, mask=mc)
+    out = (s * tl.num_programs(0) + g) * C + offs_c
+    tl.store(sk_ptr + out, ak, mask=mc)
+    tl.store(sr_ptr + out, ar, mask=mc)
+    tl.store(se_ptr + out, ae, mask=mc)
 
 
 def frame_sums(k: torch.Tensor, r: torch.Tensor):
-    """(G, N, C) keys -> per-frame sums of K, K_ref and K - K_ref, each (G, C) fp32."""
+    """(G, N, C) contiguous keys -> per-frame sums of K, K_ref and K - K_ref, each (G, C) fp32.
+
+    When G * C / BC programs fill few SMs the N reduction is split over more programs; the
+    partial sums are added afterwards (deterministic)."""
     g, n, c = k.shape
-    out = [torch.empty(g, c, device=k.device, dtype=torch.float32) for _ in range(3)]
-    bc = max(16, min(128, triton.next_power_of_2(c)))
-    bn = max(16, min(64, triton.next_power_of_2(n)))
-    _frame_sums_kernel[(g, triton.cdiv(c, bc))](k, r, *out, n, c, BN=bn, BC=bc)
-    return out
+    cfg = config_for("frame_sums", n, c, k.dtype)
+    splits, n_per = split_count(g * triton.cdiv(c, cfg.meta["BC"]), n, k)
+    out = [torch.empty(splits, g, c, device=k.device, dtype=torch.float32) for _ in range(3)]
+    launch("frame_sums", _frame_sums_kernel, lambda m: (g, triton.cdiv(c, m["BC"]), splits), [k, r, *out, n, c, n_per], cfg)
+    return [o[0] if splits == 1 else o.sum(0) for o in out]
 
 
 def _fxf_loss(m: torch.Tensor, mr: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    from fastdm.losses.ssm import normalized_difference
-
     a, b, d = normalized_difference(m, mr, e=e)
     x = d @ a.transpose(-1, -2) + b @ d.transpose(-1, -2)
     return (x * x).mean()

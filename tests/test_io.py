@@ -6,7 +6,18 @@ import numpy as np
 import pytest
 
 from fastdm.errors import FastDMError
-from fastdm.io import boxes_to_mask, check_output_path, load_mask, plan_crop, read_frames, read_video, resize_crop, write_video
+from fastdm.io import (
+    boxes_to_mask,
+    check_output_path,
+    check_report_path,
+    load_mask,
+    plan_crop,
+    read_boxes,
+    read_frames,
+    read_video,
+    resize_crop,
+    write_video,
+)
 from fastdm.shapes import render_clip
 
 
@@ -133,3 +144,80 @@ def test_read_frames_counts_the_whole_input_in_one_pass(tmp_path):
     got, _, idx, total = read_frames(path, frames=2, stride=2, with_total=True)
     assert idx == [0, 2] and total == 7 and np.array_equal(got, clip[[0, 2]])
     assert len(read_frames(path, frames=2)) == 3  # the plain form is unchanged
+
+
+def test_one_frame_gif_mask_is_not_a_still(tmp_path):
+    """Only a png/jpg applies to every frame: a GIF of a static mask keeps one frame (writers merge
+    identical frames), and taking it for a still would hide a wrong frame count."""
+    still = np.zeros((3, 16, 16, 3), np.uint8)
+    still[:, 4:12, 4:12] = 255
+    write_video(tmp_path / "m.gif", still, fps=8)
+    crop = plan_crop((16, 16), (16, 16))
+    with pytest.raises(FastDMError, match="has 1 frame but the video has 8 .*GIF"):
+        load_mask(str(tmp_path / "m.gif"), indices=list(range(8)), src_size=(16, 16), total_frames=8, crop=crop)
+    write_video(tmp_path / "m.mp4", still, fps=8)
+    with pytest.raises(FastDMError, match="has 3 frames but the video has 8; give one mask frame per video frame"):
+        load_mask(str(tmp_path / "m.mp4"), indices=list(range(8)), src_size=(16, 16), total_frames=8, crop=crop)
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ("[[0, 0, 4, 4], [0, 0, 4, 4]]", "has 2 boxes but the video has 4 frames"),
+        ('{"0": [0, 0, 4, 4], "9": [0, 0, 4, 4]}', "keyframe 9 is past the video's last frame"),
+        ("[0, 0, 4, 4]", "list of boxes"),
+    ],
+)
+def test_boxes_must_match_the_frame_count(tmp_path, content, match):
+    p = tmp_path / "b.json"
+    p.write_text(content)
+    with pytest.raises(FastDMError, match=match):
+        read_boxes(p, src_size=(16, 16), total_frames=4)
+
+
+def test_single_box_applies_to_every_frame(tmp_path):
+    p = tmp_path / "b.json"
+    p.write_text("[[0, 0, 4, 4]]")
+    m = boxes_to_mask(read_boxes(p, src_size=(16, 16), total_frames=4), indices=[0, 1, 2, 3], src_size=(16, 16),
+                      crop=plan_crop((16, 16), (16, 16)))
+    assert m.shape == (4, 16, 16) and all(np.array_equal(m[i], m[0]) for i in range(4)) and m[0].sum() == 16
+
+
+def test_truncated_mp4_is_refused(tmp_path):
+    """With its index first (faststart), ffmpeg decodes what is left of a cut mp4 without a word."""
+    import imageio.v3 as iio
+
+    clip = render_clip("red", "circle", "right", size=64, frames=24, radius=8, speed=2)
+    clip = np.clip(clip + np.random.default_rng(0).integers(0, 40, clip.shape), 0, 255).astype(np.uint8)
+    p = tmp_path / "fs.mp4"
+    iio.imwrite(p, clip, plugin="FFMPEG", fps=8, codec="libx264", macro_block_size=1, ffmpeg_params=["-movflags", "+faststart"])
+    assert len(read_frames(p)[0]) == 24  # the whole file is fine
+    data = p.read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: int(len(data) * 0.8)])
+    with pytest.raises(FastDMError, match="is truncated"):
+        read_frames(tmp_path / "cut.mp4")
+
+
+def test_report_path_checks(tmp_path):
+    b = tmp_path / "b.json"
+    b.write_text("[]")
+    with pytest.raises(FastDMError, match="would overwrite the input"):
+        check_report_path(b, inputs=[b])
+    with pytest.raises(FastDMError, match="must end in .json"):
+        check_report_path(tmp_path / "r.txt")
+    with pytest.raises(FastDMError, match="does not exist"):
+        check_report_path(tmp_path / "no" / "r.json")
+    with pytest.raises(FastDMError, match="cannot write"):
+        check_report_path("/proc/r.json")
+    assert check_report_path(tmp_path / "r.json") == tmp_path / "r.json"
+
+
+def test_animated_png_is_a_video(tmp_path):
+    import imageio.v3 as iio
+
+    clip = render_clip("blue", "square", "up", size=16, frames=3, radius=4, speed=2)
+    iio.imwrite(tmp_path / "a.png", clip, extension=".png")
+    arr, _, idx = read_frames(tmp_path / "a.png")
+    assert arr.shape == (3, 16, 16, 3) and idx == [0, 1, 2]
+    with pytest.raises(FastDMError, match="has 3 frames but the video has 5"):
+        load_mask(str(tmp_path / "a.png"), indices=[0], src_size=(16, 16), total_frames=5, crop=plan_crop((16, 16), (16, 16)))

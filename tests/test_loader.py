@@ -98,3 +98,41 @@ def test_kernels_package_installed_under_fastdm():
     import fastdm.kernels
 
     assert fastdm.kernels.__name__ == "fastdm.kernels"
+
+
+def test_check_model_folder_fails_fast_and_names_the_hub_id(tiny_model):
+    from fastdm.backbone.loader import check_model_folder
+
+    assert check_model_folder(tiny_model).is_dir()
+    with pytest.raises(FastDMError, match="never downloads.*huggingface-cli download cerspense/zeroscope_v2_576w --local-dir DIR"):
+        check_model_folder("cerspense/zeroscope_v2_576w")
+
+
+def test_no_pickle_files_in_the_repository():
+    """Weights and training states are safetensors + JSON; a pickle can run code when loaded."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    pickles = [f for f in files if f.lower().endswith((".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")) and (root / f).exists()]
+    assert pickles == []
+
+
+def test_training_state_is_safetensors_plus_json():
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    d = Path(__file__).resolve().parents[1] / "tools" / "checkpoints" / "shapes"
+    meta = json.loads((d / "state.json").read_text())
+    assert meta["format"] == "fastdm-train-state/1" and meta["step"] == 3680
+    with safe_open(str(d / meta["tensors"]), "pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("rng/torch").dtype == torch.uint8
+    assert {k.split("/")[0] for k in keys} == {"unet", "text", "ema", "opt", "rng"}
+    assert len([k for k in keys if k.startswith("opt/")]) == 2 * len(meta["optimizer"]["state"])  # exp_avg, exp_avg_sq

@@ -58,8 +58,7 @@ def test_block_checkpointing_same_gradient(latent_editor):
     ref_in = x0 + 0.1 * torch.randn(x0.shape, generator=gen)
 
     def grad(checkpointing):
-        bb.set_block_checkpointing(checkpointing)
-        try:
+        with bb.block_checkpointing(checkpointing):
             with KeyTaps(bb, layers) as taps, torch.no_grad():
                 bb.predict_noise(ref_in, 400, text)
                 ref = taps.take(2)
@@ -69,8 +68,6 @@ def test_block_checkpointing_same_gradient(latent_editor):
                 keys = taps.take(2)
             sum(sum(ssm_losses(keys[n], ref[n])) for n in layers).backward()
             return x.grad
-        finally:
-            bb.set_block_checkpointing(False)
 
     a, b = grad(False), grad(True)
     assert a.abs().sum() > 0 and torch.allclose(a, b, rtol=1e-5, atol=1e-8)

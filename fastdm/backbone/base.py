@@ -1,15 +1,34 @@
-"""The small interface every backbone implements.
+"""The backbone protocol: everything the driver, taps, engines, budget and benchmarks may use.
 
 The optimizer driver only talks to this interface; diffusers/transformers classes stay inside
-the concrete backbone files (``unet3d.py`` for ``UNet3DConditionModel``).
+the concrete backbone files (``unet3d.py`` for ``UNet3DConditionModel``). A backbone says:
 
-Working space: the tensor the edit optimizes, shaped ``(B, C, F, h, w)`` in fp32 — VAE latents
-(times the VAE scaling factor) for latent models, pixels in [-1, 1] for pixel-space models.
+* **working space** (:meth:`to_working`, :meth:`from_working`, :meth:`working_shape`,
+  :attr:`valid_range`): the tensor the edit optimizes, ``(B, C, F, h, w)`` fp32 — VAE latents
+  (times the VAE scaling factor) for latent models, pixels in [-1, 1] for pixel-space models;
+* **noising** (:meth:`noise_coefficients`): ``x_t = a(t) x + b(t) e`` — DDPM
+  ``(sqrt(abar), sqrt(1 - abar))``; a flow-matching model ``(1 - s, s)``;
+* **prediction** (:attr:`BackboneInfo.prediction_type`, :meth:`denoiser_forward`,
+  :meth:`to_noise_prediction`): the raw model output and its conversion to a noise prediction,
+  so V-DDS is written once, on noise predictions;
+* **text** (:meth:`encode_prompts`, :meth:`text_embedding_shape`, :meth:`release_text_encoder`);
+* **taps**: which self-attention layers exist (:meth:`spatial_self_attention_layers`), the
+  default ones, the module whose output *is* the keys (:meth:`key_module`: the key-capture point)
+  and how its token layout maps to ``(batch, frames, tokens per frame, channels)``
+  (:meth:`keys_to_frames`);
+* **memory** (:meth:`modules`, :meth:`block_checkpointing`, :meth:`vae_tiling`) and an identity
+  for engine caches (:meth:`identity`).
+
+:meth:`predict_noise` and :class:`fastdm.taps.DenoiserWithKeys` are the only two callers of
+:meth:`denoiser_forward`; truncated backprop is wired once, in :func:`truncate_after`.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
+import hashlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +42,28 @@ def stop_recording(*_) -> None:
     torch.set_grad_enabled(False)
 
 
+def attach_stop(module: torch.nn.Module | None):
+    """Register :func:`stop_recording` on ``module`` (None: nothing); returns the handle or None.
+    Written as plain calls (not a context manager) so torch.compile and torch.export trace it."""
+    return None if module is None else module.register_forward_hook(stop_recording)
+
+
+def detach_stop(handle) -> None:
+    if handle is not None:
+        handle.remove()
+        torch.set_grad_enabled(True)
+
+
+@contextlib.contextmanager
+def truncate_after(module: torch.nn.Module | None):
+    """Autograd records until ``module`` has run, then stops (truncated backprop); None: no-op."""
+    handle = attach_stop(module)
+    try:
+        yield
+    finally:
+        detach_stop(handle)
+
+
 @dataclass(frozen=True)
 class BackboneInfo:
     name: str  # class name of the denoiser
@@ -32,6 +73,7 @@ class BackboneInfo:
     size_multiple: int  # input width/height must be multiples of this
     spatial_factor: int  # pixels per working-space cell (VAE factor; 1 in pixel space)
     num_train_timesteps: int
+    prediction_type: str = "epsilon"  # "epsilon" | "v_prediction" | "flow" (velocity e - x)
 
 
 class Backbone(abc.ABC):
@@ -39,24 +81,36 @@ class Backbone(abc.ABC):
     device: torch.device
     dtype: torch.dtype  # weights' dtype; the edited tensor stays fp32
 
+    # -- noising ------------------------------------------------------------------------------
     @property
     @abc.abstractmethod
     def alphas_cumprod(self) -> torch.Tensor:
-        """alpha_bar(t) for t = 0..T-1 as a float64 CPU tensor."""
+        """alpha_bar(t) for t = 0..T-1 as a float64 CPU tensor (DDPM-family backbones)."""
+
+    def noise_coefficients(self, t: int) -> tuple[float, float]:
+        """``(a, b)`` with ``x_t = a x + b e`` at integer timestep ``t``."""
+        abar = float(self.alphas_cumprod[t])
+        return math.sqrt(abar), math.sqrt(1.0 - abar)
 
     @property
     def valid_range(self) -> tuple[float, float] | None:
         """Range the edited working tensor is kept in (pixels: [-1, 1]); None when unbounded."""
         return (-1.0, 1.0) if self.info.space == "pixel" else None
 
+    # -- text ---------------------------------------------------------------------------------
     @abc.abstractmethod
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Text embeddings ``(len(prompts), L, D)`` on the backbone's device and dtype."""
 
     @abc.abstractmethod
-    def release_text_encoder(self) -> None:
-        """Free the text encoder (prompts are encoded once per edit)."""
+    def text_embedding_shape(self) -> tuple[int, int]:
+        """``(L, D)`` of one prompt's embedding (engines export with it)."""
 
+    @abc.abstractmethod
+    def release_text_encoder(self) -> None:
+        """Free the text encoder (prompts are encoded once and cached by the pipeline)."""
+
+    # -- working space ------------------------------------------------------------------------
     @abc.abstractmethod
     def to_working(self, frames: torch.Tensor) -> torch.Tensor:
         """Frames ``(F, 3, H, W)`` in [-1, 1] -> working tensor ``(1, C, F, h, w)`` fp32."""
@@ -69,29 +123,90 @@ class Backbone(abc.ABC):
     def working_shape(self, num_frames: int, size: tuple[int, int]) -> tuple[int, ...]:
         """Shape ``(1, C, F, h, w)`` of the working tensor for ``num_frames`` frames of ``size`` = (W, H)."""
 
+    # -- denoiser -----------------------------------------------------------------------------
+    @property
     @abc.abstractmethod
+    def denoiser(self) -> torch.nn.Module:
+        """The frozen denoiser module (layer names in :meth:`spatial_self_attention_layers` are relative to it)."""
+
+    @abc.abstractmethod
+    def denoiser_forward(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Raw model output for ``sample`` (in the weights' dtype) at ``timestep`` (a (B,) tensor)."""
+
+    def to_noise_prediction(self, out: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        """Convert the raw output to a noise prediction (fp32)."""
+        kind = self.info.prediction_type
+        out = out.float()
+        if kind == "epsilon":
+            return out
+        a, b = self.noise_coefficients(t)
+        if kind == "v_prediction":  # v = a e - b x  =>  e = a v + b x_t
+            return a * out + b * x_t.float()
+        if kind == "flow":  # x_t = (1 - s) x + s e, v = e - x  =>  e = x_t + (1 - s) v
+            return x_t.float() + a * out
+        raise FastDMError(f"unknown prediction type {kind!r}")
+
     def predict_noise(self, x_t: torch.Tensor, t: int, text: torch.Tensor, grad_until: str | None = None) -> torch.Tensor:
         """Noise prediction for a batch ``x_t (B, C, F, h, w)`` with text embeddings ``(B, L, D)``.
 
-        ``grad_until``: name of a module after which autograd stops recording (truncated backprop).
+        ``grad_until``: name of a module after which autograd stops recording (truncated backprop);
+        the output then carries no graph.
         """
+        timestep = torch.full((x_t.shape[0],), t, device=self.device, dtype=torch.long)
+        stop = self.denoiser.get_submodule(grad_until) if grad_until and torch.is_grad_enabled() else None
+        with truncate_after(stop):
+            out = self.denoiser_forward(x_t.to(self.dtype), timestep, text)
+        return self.to_noise_prediction(out, x_t, t)
 
-    def set_block_checkpointing(self, enabled: bool) -> None:  # noqa: B027 - optional
-        """Recompute block activations in the backward (optional; default: not supported, no-op)."""
+    # -- taps ---------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def spatial_self_attention_layers(self) -> dict[str, torch.nn.Module]:
+        """Self-attention modules whose keys can be tapped, by qualified name, in forward order."""
 
-    def set_vae_tiling(self, enabled: bool) -> None:  # noqa: B027 - optional
-        """Encode/decode latents tile by tile (latent models; no-op in pixel space)."""
+    @abc.abstractmethod
+    def default_tap_layers(self) -> list[str]:
+        """Names of the layers whose keys S-SSM/T-SSM use by default."""
+
+    def key_module(self, layer: str) -> torch.nn.Module:
+        """The module whose forward output is the layer's keys (the key-capture point)."""
+        return self.spatial_self_attention_layers()[layer].to_k
+
+    def keys_to_frames(self, keys: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """Captured keys -> ``(B, F, N, C)``. Default: UNet3D's ``(B*F, N, C)``, batch-major."""
+        return keys.reshape(-1, num_frames, *keys.shape[1:])
+
+    # -- memory and identity --------------------------------------------------------------------
+    @abc.abstractmethod
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The loaded modules that hold weights now (released ones are absent)."""
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for m in self.modules().values() for t in [*m.parameters(), *m.buffers()])
+
+    def identity(self) -> str:
+        """A string naming these exact weights, dtype and device (engine cache keys)."""
+        h = hashlib.sha256(f"{self.info.path}|{self.info.name}|{self.dtype}|{self.device.type}".encode())
+        for n, p in list(self.denoiser.named_parameters())[:4]:
+            h.update(f"{n}:{tuple(p.shape)}".encode())
+            if p.device.type != "meta":
+                h.update(f"{float(p.detach().float().abs().sum()):.6e}".encode())
+        return h.hexdigest()[:20]
+
+    @contextlib.contextmanager
+    def block_checkpointing(self, enabled: bool):
+        """Within the block: recompute block activations in the backward (optional; default: no-op)."""
+        yield
+
+    @contextlib.contextmanager
+    def vae_tiling(self, enabled: bool):
+        """Within the block: encode/decode latents tile by tile (latent models; default: no-op)."""
+        yield
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "Backbone":
+        raise FastDMError(f"{type(self).__name__} cannot be moved; load it again with the device and dtype you need")
 
     def set_attention(self, kind: str) -> None:
         """Attention implementation: ``"sdpa"`` (PyTorch scaled-dot-product attention, the default)
         or ``"xformers"``; refuses with the reason when one is unavailable."""
         if kind != "sdpa":
             raise FastDMError(f"--attention {kind}: {type(self).__name__} supports only sdpa")
-
-    @abc.abstractmethod
-    def spatial_self_attention_layers(self) -> dict[str, torch.nn.Module]:
-        """Spatial (per-frame) self-attention modules by qualified name, in forward order."""
-
-    @abc.abstractmethod
-    def default_tap_layers(self) -> list[str]:
-        """Names of the layers whose keys S-SSM/T-SSM use by default."""

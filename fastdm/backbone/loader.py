@@ -22,13 +22,13 @@ from ..errors import FastDMError
 from .base import Backbone
 
 REQUIRED = ("unet", "text_encoder", "tokenizer", "scheduler")
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise FastDMError(f"unknown dtype {name!r}; choose one of {', '.join(_DTYPES)}")
-    return _DTYPES[name]
+    if name not in DTYPES:
+        raise FastDMError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def _check_folder(path: str) -> Path:
@@ -36,8 +36,8 @@ def _check_folder(path: str) -> Path:
     if not p.exists():
         looks_like_hub_id = "/" in path and not path.startswith((".", "/", "~")) and path.count("/") == 1
         hint = (
-            f"'{path}' looks like a hub id; fastdm never downloads: download the model to a local folder first "
-            "(e.g. `huggingface-cli download ID --local-dir DIR`) and pass --model DIR"
+            f"--model '{path}' is not a local folder and fastdm never downloads; if it is a hub id, download it first "
+            f"(huggingface-cli download {path} --local-dir DIR) and pass --model DIR"
             if looks_like_hub_id
             else f"model folder '{path}' does not exist; pass --model with a local diffusers-format folder "
             "(the weights must be downloaded to a local folder first)"
@@ -51,6 +51,11 @@ def _check_folder(path: str) -> Path:
     if missing:
         raise FastDMError(f"model folder '{path}' lacks {', '.join(c + '/' for c in missing)}; it must hold {', '.join(REQUIRED)} (and vae/ for latent models)")
     return p
+
+
+def check_model_folder(path: str | os.PathLike) -> Path:
+    """Fail fast (before any work) unless ``path`` looks like a complete local diffusers-format folder."""
+    return _check_folder(str(path))
 
 
 def _component_class(root: Path, name: str, spec, trust_remote_code: bool):
@@ -136,22 +141,15 @@ def load_backbone(
     native = None
     meta = root / "fastdm.json"
     if meta.is_file():
-        native = json.loads(meta.read_text()).get("native_size")
-    from .unet3d import UNet3DBackbone
+        try:
+            native = json.loads(meta.read_text()).get("native_size")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise FastDMError(f"{meta} is not a JSON object ({e}); fix it or delete it") from None
+    from .components import from_components
 
-    if UNet3DBackbone.accepts(comps["unet"]):
-        return UNet3DBackbone(
-            unet=comps["unet"],
-            text_encoder=comps["text_encoder"],
-            tokenizer=comps["tokenizer"],
-            scheduler=comps["scheduler"],
-            vae=comps.get("vae"),
-            path=str(root),
-            native_size=native,
-            device=device,
-            dtype=dtype,
-        )
-    raise FastDMError(f"unsupported denoiser class {type(comps['unet']).__name__}; fastdm supports UNet3DConditionModel backbones")
+    return from_components(unet=comps["unet"], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"],
+                           scheduler=comps["scheduler"], vae=comps.get("vae"), path=str(root), native_size=native,
+                           device=device, dtype=dtype)
 
 
 def default_model_path() -> str:

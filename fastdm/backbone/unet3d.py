@@ -6,13 +6,14 @@ This is the only module that touches the (deprecated) UNet3D class directly.
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import FastDMError
-from .base import Backbone, BackboneInfo, stop_recording
+from .base import Backbone, BackboneInfo
 
 
 def xformers_unavailable_reason(device: torch.device) -> str | None:
@@ -61,6 +62,7 @@ class UNet3DBackbone(Backbone):
             size_multiple=factor * 2 ** (levels - 1),
             spatial_factor=factor,
             num_train_timesteps=int(scheduler.config.num_train_timesteps),
+            prediction_type=str(getattr(scheduler.config, "prediction_type", "epsilon") or "epsilon"),
         )
         if vae is None and unet.config.in_channels != 3:
             raise ValueError(f"a pixel-space UNet needs 3 input channels, this one has {unet.config.in_channels}")
@@ -88,6 +90,9 @@ class UNet3DBackbone(Backbone):
             return_tensors="pt",
         ).input_ids.to(self.device)
         return self.text_encoder(ids)[0].to(self.dtype)
+
+    def text_embedding_shape(self) -> tuple[int, int]:
+        return int(self.tokenizer.model_max_length), int(self.unet.config.cross_attention_dim)
 
     def release_text_encoder(self) -> None:
         self.text_encoder = None
@@ -121,42 +126,64 @@ class UNet3DBackbone(Backbone):
         return (1, int(self.unet.config.in_channels), num_frames, h // f, w // f)
 
     # -- denoiser ---------------------------------------------------------------------------
-    def predict_noise(self, x_t: torch.Tensor, t: int, text: torch.Tensor, grad_until: str | None = None) -> torch.Tensor:
-        timestep = torch.full((x_t.shape[0],), t, device=self.device, dtype=torch.long)
-        if grad_until is None or not torch.is_grad_enabled():
-            return self.unet(x_t.to(self.dtype), timestep, encoder_hidden_states=text, return_dict=False)[0].float()
-        # Truncated backprop: once `grad_until` has run, the rest of the UNet runs without autograd,
-        # so none of its activations are kept. The output carries no graph.
-        module = self.unet.get_submodule(grad_until)
-        handle = module.register_forward_hook(stop_recording)
-        try:
-            out = self.unet(x_t.to(self.dtype), timestep, encoder_hidden_states=text, return_dict=False)[0]
-        finally:
-            handle.remove()
-            torch.set_grad_enabled(True)
-        return out.float()
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.unet
 
-    def set_block_checkpointing(self, enabled: bool) -> None:
-        """Gradient checkpointing of the UNet blocks (diffusers has none for UNet3D): each down,
-        mid and up block recomputes its activations in the backward instead of keeping them."""
+    def denoiser_forward(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states=text, return_dict=False)[0]
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        mods = {"unet": self.unet, "text_encoder": self.text_encoder, "vae": self.vae}
+        return {k: m for k, m in mods.items() if m is not None}
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "UNet3DBackbone":
+        device = self.device if device is None else torch.device(device)
+        dtype = dtype or self.dtype
+        for m in self.modules().values():
+            m.to(device=device, dtype=dtype)
+        self.device, self.dtype = device, dtype
+        return self
+
+    @contextlib.contextmanager
+    def block_checkpointing(self, enabled: bool):
+        """Gradient checkpointing of the UNet blocks (diffusers has none for UNet3D) for the duration
+        of the block: each down, mid and up block recomputes its activations in the backward instead
+        of keeping them. The blocks' ``forward`` is swapped on entry and restored on exit, so nothing
+        outlives the call (the pipeline holds its lock around it)."""
+        if not enabled:
+            yield
+            return
         blocks = [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]
+        saved = [block.__dict__.get("forward") for block in blocks]
         for block in blocks:
-            if enabled and not hasattr(block, "_fastdm_forward"):
-                block._fastdm_forward = block.forward
+            original = block.forward
 
-                def fwd(*args, _f=block._fastdm_forward, **kwargs):
-                    if torch.is_grad_enabled():
-                        return checkpoint(_f, *args, use_reentrant=False, **kwargs)
-                    return _f(*args, **kwargs)
+            def fwd(*args, _f=original, **kwargs):
+                if torch.is_grad_enabled():
+                    return checkpoint(_f, *args, use_reentrant=False, **kwargs)
+                return _f(*args, **kwargs)
 
-                block.forward = fwd
-            elif not enabled and hasattr(block, "_fastdm_forward"):
-                block.forward = block._fastdm_forward
-                del block._fastdm_forward
+            block.forward = fwd
+        try:
+            yield
+        finally:
+            for block, old in zip(blocks, saved):
+                if old is None:
+                    del block.forward
+                else:
+                    block.forward = old
 
-    def set_vae_tiling(self, enabled: bool) -> None:
-        if self.vae is not None:
-            (self.vae.enable_tiling if enabled else self.vae.disable_tiling)()
+    @contextlib.contextmanager
+    def vae_tiling(self, enabled: bool):
+        if self.vae is None or not enabled or getattr(self.vae, "use_tiling", False):
+            yield
+            return
+        self.vae.enable_tiling()
+        try:
+            yield
+        finally:
+            self.vae.disable_tiling()
 
     def set_attention(self, kind: str) -> None:
         if kind == "sdpa":

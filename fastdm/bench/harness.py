@@ -31,9 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..driver.plan import PLANS
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from ..backbone.loader import DTYPES
 
 
 def _rss_bytes() -> int:
@@ -52,36 +50,35 @@ def _clip(preset: str, frames: int, size) -> np.ndarray:
     return rng.integers(0, 256, (frames, h, w, 3), dtype=np.uint8)
 
 
+def _mode(mode: str) -> dict:
+    """``plan[:engine][+grad]`` -> pipeline options."""
+    plan, _, backend = mode.removesuffix("+grad").partition(":")
+    return {"plan": plan, "backend": backend or "eager", "compile_grad": mode.endswith("+grad")}
+
+
 def count_step_flops(preset: str, frames: int, mode: str, dtype: torch.dtype = torch.float32) -> int:
-    """FLOPs of one step (forward and backward) on the meta device: no weights, no time."""
+    """FLOPs of one step (forward and backward) on the meta device: no weights, no time. The step is
+    the pipeline's own (:meth:`fastdm.driver.pipeline.EditRun.step`), observed by a FLOP counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ..driver.config import EditConfig
-    from ..driver.step import DreamMotionStep
-    from ..losses import VDDSConfig
-    from ..taps import resolve_layers
+    from ..driver.pipeline import DreamMotionPipeline
     from .presets import PRESETS, build_backbone
 
     bb = build_backbone(preset, "meta", dtype)
+    pipe = DreamMotionPipeline(bb)
+    pipe.encode_prompts = lambda prompts: torch.zeros(len(prompts), *bb.text_embedding_shape(), device="meta", dtype=dtype)
     w, h = PRESETS[preset]["size"]
-    cfg = EditConfig("a red circle moving right", "a blue circle moving right")
-    layers = resolve_layers(bb, None)
-    shape = bb.working_shape(frames, (w, h))
-    text_len = bb.tokenizer.model_max_length
-    dim = bb.unet.config.cross_attention_dim
-    text = torch.zeros(3, text_len, dim, device="meta", dtype=dtype)
-    step = DreamMotionStep(bb, cfg, PLANS[mode.removesuffix("+grad").partition(":")[0]], VDDSConfig(), layers, frames, text, None)
-    x_src = torch.zeros(shape, device="meta")
-    x = x_src.clone().requires_grad_(True)
+    opts = {**_mode(mode), "backend": "eager", "compile_grad": False}  # engines do the same arithmetic
+    run = pipe.prepare(_clip(preset, frames, (w, h)), "a red circle moving right", "a blue circle moving right", steps=1,
+                       **opts)
     with FlopCounterMode(display=False) as fc:
-        step(x, x_src, 500, torch.zeros(shape, device="meta"))
+        run.step()
     return int(fc.get_total_flops())
 
 
 def run_case(preset: str, frames: int, mode: str, steps: int, device: str, dtype: str) -> dict:
     """Measure one case in this process."""
-    from ..driver.config import EditConfig
-    from ..driver.editor import Editor
+    from ..driver.pipeline import DreamMotionPipeline
     from .presets import PRESETS, build_backbone
 
     torch.manual_seed(0)
@@ -100,23 +97,22 @@ def run_case(preset: str, frames: int, mode: str, steps: int, device: str, dtype
     profiled = device == "cpu"  # one extra step under the profiler's memory tracking
     prof = None
 
-    def on_step(info):
+    def on_step(_pipe, step, _t, tensors):
         nonlocal prof
         if device == "cuda":
             torch.cuda.synchronize()
         if prof is not None:
             prof.stop()
             return
-        times.append(info.seconds)
-        if profiled and info.step == steps + 1:
+        times.append(tensors["seconds"])
+        if profiled and step == steps + 1:
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
             prof.start()
 
-    cfg = EditConfig("a red circle moving right", "a blue circle moving right", steps=steps + 1 + profiled, seed=0)
-    grad = mode.endswith("+grad")
-    plan, _, backend = mode.removesuffix("+grad").partition(":")
-    res = Editor(bb).edit(clip, cfg, callback=on_step, plan=PLANS[plan], backend=backend or "eager", compile_grad=grad,
-                          engine_cache=os.path.join(tempfile.gettempdir(), "fastdm-bench-engines"))
+    pipe = DreamMotionPipeline(bb)
+    res = pipe(clip, "a red circle moving right", "a blue circle moving right", steps=steps + 1 + profiled, seed=0,
+               callback_on_step_end=on_step, callback_on_step_end_tensor_inputs=("seconds",),
+               engine_cache=os.path.join(tempfile.gettempdir(), "fastdm-bench-engines"), **_mode(mode))
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss_bytes()
     tensor_peak = None
     if prof is not None:
@@ -127,15 +123,16 @@ def run_case(preset: str, frames: int, mode: str, steps: int, device: str, dtype
     median = statistics.median(times[1:])
     setup = load_s + tm["encode_prompts_s"] + tm["prepare_s"]
     return {
+        "engine_build_s": tm["engine_build_s"],
         "median_step_s": median,
         "warmup_step_s": times[0],
         "setup_s": setup,
         "decode_s": tm["decode_s"],
-        "e2e_200_projected_s": setup + 200 * median + tm["decode_s"],
+        "e2e_200_projected_s": setup + tm["engine_build_s"] + 200 * median + tm["decode_s"],
         "peak_bytes": int(peak),
         "working_peak_bytes": int(max(0, peak - base)),
         "tensor_working_peak_bytes": tensor_peak,
-        "params": sum(p.numel() for p in bb.unet.parameters()),
+        "params": sum(p.numel() for p in bb.denoiser.parameters()),
     }
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..backbone.unet3d import UNet3DBackbone
-from ..testing import write_clip_tokenizer
+from ..backbone.base import Backbone
+from ..backbone.components import from_components, write_clip_tokenizer
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 PRESETS = {
@@ -46,15 +46,15 @@ def _zeroscope(device, dtype, size):
         text = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in cfg["text_encoder"].items() if k != "architectures"}))
         vae = AutoencoderKL.from_config(cfg["vae"])
     sched = DDIMScheduler.from_config(cfg["scheduler"])
-    return UNet3DBackbone(unet=unet, text_encoder=text, tokenizer=_tokenizer(77), scheduler=sched, vae=vae,
-                          path="preset:zeroscope-576w", native_size=size, device=device, dtype=dtype)
+    return from_components(unet=unet, text_encoder=text, tokenizer=_tokenizer(77), scheduler=sched, vae=vae,
+                           path="preset:zeroscope-576w", native_size=size, device=device, dtype=dtype)
 
 
-def build_backbone(preset: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> UNet3DBackbone:
+def build_backbone(preset: str, device: str = "cpu", dtype: torch.dtype = torch.float32, size=None) -> Backbone:
     """A backbone of the preset's architecture on ``device`` (``"meta"`` for FLOP counting)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    size = PRESETS[preset]["size"]
+    size = tuple(size or PRESETS[preset]["size"])
     if preset in ("zeroscope-576w", "modelscope-256"):
         return _zeroscope(device, dtype, size)
     if preset == "shapes":
@@ -66,8 +66,8 @@ def build_backbone(preset: str, device: str = "cpu", dtype: torch.dtype = torch.
         from ..shapes import build_model  # the architecture, random weights
 
         tok, text, unet, sched = build_model(Path(tempfile.mkdtemp(prefix="fastdm-shapes-")))
-        return UNet3DBackbone(unet=unet, text_encoder=text, tokenizer=tok, scheduler=sched, vae=None,
-                              path="preset:shapes(random)", native_size=size, device=device, dtype=dtype)
+        return from_components(unet=unet, text_encoder=text, tokenizer=tok, scheduler=sched, vae=None,
+                               path="preset:shapes(random)", native_size=size, device=device, dtype=dtype)
     from ..backbone import load_backbone
     from ..testing import build_tiny_model
 

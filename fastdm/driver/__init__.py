@@ -1,6 +1,8 @@
-"""The optimizer driver: runs an edit step by step, with checkpoints."""
+"""The optimizer driver: the pipeline, its one step loop, plans, budget and checkpoints."""
 
 from .config import EditConfig
-from .editor import EditResult, Editor, StepInfo, edit
+from .editor import Editor, StepInfo, edit
+from .pipeline import DreamMotionPipeline, EditResult, EditRun
+from .plan import PLANS, ExecutionPlan
 
-__all__ = ["EditConfig", "EditResult", "Editor", "StepInfo", "edit"]
+__all__ = ["DreamMotionPipeline", "EditRun", "EditConfig", "EditResult", "Editor", "ExecutionPlan", "PLANS", "StepInfo", "edit"]

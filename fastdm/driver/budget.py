@@ -51,10 +51,9 @@ def trace_tensor_peak(prof) -> int:
     return max([0, *mem])
 
 
-def _live_bytes(backbone, *tensors: torch.Tensor) -> int:
-    mods = [m for m in (backbone.unet, getattr(backbone, "vae", None)) if m is not None]
-    held = sum(p.numel() * p.element_size() for m in mods for p in [*m.parameters(), *m.buffers()])
-    return held + sum(t.numel() * t.element_size() for t in tensors)
+def live_bytes(backbone, *tensors: torch.Tensor) -> int:
+    """Bytes held before a step: the backbone's loaded weights plus ``tensors``."""
+    return backbone.weight_bytes() + sum(t.numel() * t.element_size() for t in tensors)
 
 
 def probe_peak(make_step, plan: ExecutionPlan, backbone, x: torch.Tensor, x_src: torch.Tensor) -> float:
@@ -75,7 +74,7 @@ def probe_peak(make_step, plan: ExecutionPlan, backbone, x: torch.Tensor, x_src:
         finally:
             del xp
         return float(torch.cuda.max_memory_allocated(backbone.device))
-    base = _live_bytes(backbone, x, x_src, xp)
+    base = live_bytes(backbone, x, x_src, xp)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         step(xp, x_src, t, noise)
     return float(base + trace_tensor_peak(prof))

@@ -18,6 +18,9 @@ from ..errors import FastDMError
 from .atomic import atomic_output
 
 VIDEO_EXTS = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v")
+ISOBMFF_EXTS = (".mp4", ".mov", ".m4v")
+_TOP_BOXES = {b"ftyp", b"styp", b"moov", b"mdat", b"moof", b"mfra", b"free", b"skip", b"wide", b"pdin", b"meta",
+              b"uuid", b"sidx", b"ssix", b"prft", b"pnot", b"junk", b"emsg"}  # top-level ISO BMFF / QuickTime boxes
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 OUTPUT_EXTS = (".mp4", ".gif")
 DEFAULT_FPS = 8.0
@@ -58,6 +61,32 @@ def _to_rgb(frame: np.ndarray) -> np.ndarray:
     return frame
 
 
+def _check_isobmff(path: Path, what: str) -> None:
+    """An mp4/mov is a chain of boxes (size, type); a box running past the end of the file means
+    the file was cut short. ffmpeg decodes what is left of such a file without a word."""
+    size = path.stat().st_size
+    pos = 0
+    with open(path, "rb") as f:
+        while pos + 8 <= size:
+            f.seek(pos)
+            head = f.read(16)
+            n, kind = int.from_bytes(head[:4], "big"), head[4:8]
+            if kind not in _TOP_BOXES:
+                return  # not (or no longer) a chain of known boxes: let the decoder judge the file
+            if n == 1 and len(head) == 16:
+                n = int.from_bytes(head[8:16], "big")
+            elif n == 0:  # the last box runs to the end of the file
+                return
+            if n < 8:
+                return
+            if pos + n > size:
+                raise FastDMError(
+                    f"{what} '{path}' is truncated: its '{kind.decode()}' box needs {pos + n} bytes but the file has "
+                    f"{size}; copy or download it again (or re-encode what is left with ffmpeg)"
+                )
+            pos += n
+
+
 def _iter_frames(path: Path, what: str):
     """Yield RGB uint8 frames of a video file, an image or a frame folder; also return fps."""
     import imageio.v3 as iio
@@ -78,6 +107,8 @@ def _iter_frames(path: Path, what: str):
         raise FastDMError(f"{what} '{path}' has an unsupported type '{ext or 'none'}'; use mp4, webm, gif, png/jpg or a folder of frames")
     if path.stat().st_size == 0:
         raise FastDMError(f"{what} '{path}' is empty (0 bytes); give a real video file")
+    if ext in ISOBMFF_EXTS:
+        _check_isobmff(path, what)
     try:
         if ext in VIDEO_EXTS:
             meta = iio.immeta(path, plugin="FFMPEG")
@@ -88,9 +119,9 @@ def _iter_frames(path: Path, what: str):
             dur = meta.get("duration") or 0
             fps = 1000.0 / dur if dur else DEFAULT_FPS
             it = iio.imiter(path)
-        else:
+        else:  # png/jpg: one frame, or several for an animated png
             fps = DEFAULT_FPS
-            it = iter([iio.imread(path)])
+            it = iio.imiter(path)
     except FastDMError:
         raise
     except Exception:
@@ -103,7 +134,8 @@ def _iter_frames(path: Path, what: str):
         except FastDMError:
             raise
         except Exception:
-            raise FastDMError(f"{what} '{path}' could not be decoded (corrupt file); re-encode it, e.g. with ffmpeg") from None
+            fix = "save it again as png/jpg" if ext in IMAGE_EXTS else "re-encode it, e.g. with ffmpeg"
+            raise FastDMError(f"{what} '{path}' could not be decoded (corrupt or cut-short file); {fix}") from None
 
     return gen(), fps
 
@@ -132,7 +164,8 @@ def read_frames(path: str | os.PathLike, *, frames: int | None = None, stride: i
         elif full and not with_total:
             break
     if not out:
-        raise FastDMError(f"{what} '{path}' has no frames; give a video with at least one frame")
+        raise FastDMError(f"{what} '{path}' has no frames that can be decoded (corrupt or cut short?); "
+                          "re-encode it, e.g. with ffmpeg, or give another file")
     return (np.stack(out), fps, idx, total) if with_total else (np.stack(out), fps, idx)
 
 
@@ -175,26 +208,44 @@ def read_video(path: str | os.PathLike, *, size: tuple[int, int] | None = None, 
     return arr, fps
 
 
-def check_output_path(path: str | os.PathLike, *, inputs: list[str | os.PathLike] = ()) -> Path:
-    """Fail early (before any work) if ``path`` cannot be written or would overwrite an input."""
-    p = Path(path)
-    if p.suffix.lower() not in OUTPUT_EXTS:
-        raise FastDMError(f"output '{path}' must end in {' or '.join(OUTPUT_EXTS)}")
+def _check_target(p: Path, inputs, what: str, flag: str) -> None:
+    """``p`` is not an input, its folder exists and a file can really be created there (as root,
+    ``os.access`` says yes to read-only folders, so this tries)."""
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
-        raise FastDMError(f"output folder '{parent}' does not exist; create it or choose another --out")
+        raise FastDMError(f"{what} folder '{parent}' does not exist; create it or choose another {flag}")
     for i in inputs:
         if i is None:
             continue
         ip = Path(i)
         if ip.resolve() == p.resolve() or (ip.exists() and p.exists() and os.path.samefile(ip, p)):
-            raise FastDMError(f"output '{path}' is an input file; fastdm never overwrites its input, choose another --out")
+            raise FastDMError(f"{what} '{p}' would overwrite the input '{i}'; fastdm never overwrites its inputs, choose another {flag}")
+    if p.is_dir():
+        raise FastDMError(f"{what} '{p}' is a folder; give a file name, e.g. {p / ('edit' + (p.suffix or '.mp4'))}")
     try:
         fd, tmp = tempfile.mkstemp(dir=parent, prefix=".fastdm-probe-")
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        raise FastDMError(f"cannot write to output folder '{parent}' ({e.strerror}); choose another --out") from None
+        raise FastDMError(f"cannot write to {what} folder '{parent}' ({e.strerror or e}); choose another {flag}") from None
+
+
+def check_output_path(path: str | os.PathLike, *, inputs: list[str | os.PathLike] = (), what: str = "output",
+                      flag: str = "--out") -> Path:
+    """Fail early (before any work) if ``path`` cannot be written or would overwrite an input."""
+    p = Path(path)
+    if p.suffix.lower() not in OUTPUT_EXTS:
+        raise FastDMError(f"{what} '{path}' must end in {' or '.join(OUTPUT_EXTS)}")
+    _check_target(p, inputs, what, flag)
+    return p
+
+
+def check_report_path(path: str | os.PathLike, *, inputs: list[str | os.PathLike] = ()) -> Path:
+    """The JSON report: ends in .json, is not an input, and its folder exists and is writable."""
+    p = Path(path)
+    if p.suffix.lower() != ".json":
+        raise FastDMError(f"--report '{path}' must end in .json")
+    _check_target(p, inputs, "report", "--report")
     return p
 
 
