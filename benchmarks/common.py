@@ -8,6 +8,17 @@ from pathlib import Path
 from fastdm.bench.machine import machine_description, machine_name  # noqa: F401  (re-exported)
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO = RESULTS.parent.parent
+
+
+def repo_relative(path: str | Path) -> str:
+    """``path`` relative to the repository when it lies inside it (results never carry a checkout's
+    absolute path), else as given."""
+    p = Path(path).resolve()
+    try:
+        return p.relative_to(REPO).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def write_results(stem: str, data: dict, markdown: str) -> tuple[Path, Path]:

@@ -35,85 +35,52 @@ from benchmarks.common import RESULTS, machine_description, machine_name, write_
 from benchmarks.quality import box_mask, build_suite, render_case
 
 
-def walk(editor, case: dict, config, every: int) -> list[dict]:
-    """Run one edit at ``config`` and decompose the update every ``every`` steps."""
-    from fastdm.driver.editor import frames_to_tensor
-    from fastdm.driver.plan import FAST
-    from fastdm.driver.step import DreamMotionStep
-    from fastdm.losses import VDDSConfig, sample_timestep
-    from fastdm.taps import resolve_layers
-
-    bb = editor.backbone
+def walk(pipe, case: dict, config, every: int) -> list[dict]:
+    """Run one edit at ``config`` through the pipeline and record the split of its update every
+    ``every`` steps: the pipeline's own step, asked for its gradient parts (``grad_parts``: V-DDS,
+    and S-SSM and T-SSM at unit weight, as applied), so nothing of the loop is re-implemented here."""
     clip = render_case(case)
-    vcfg = VDDSConfig(config.guidance_scale, config.t_min, config.t_max, config.weighting)
-    layers = resolve_layers(bb, config.tap_layers)
-    text = editor._embed([config.target_prompt, config.negative_prompt, config.source_prompt])
-    x_src = bb.to_working(frames_to_tensor(clip))
-    mask = editor._mask_to_working(box_mask(clip), clip)
-    x = torch.nn.Parameter(x_src.clone())
-    opt = torch.optim.SGD([x], lr=config.lr)
-    gen = torch.Generator("cpu").manual_seed(config.seed)
-
-    def stepper(s: float, t: float) -> DreamMotionStep:
-        cfg = dataclasses.replace(config, s_ssm_weight=s, t_ssm_weight=t)
-        # every split runs the keyed path (also at weights 0), so the parts differ only by the SSM terms
-        return DreamMotionStep(bb, cfg, FAST, vcfg, layers, clip.shape[0], text, mask)
-
-    main = stepper(config.s_ssm_weight, config.t_ssm_weight)
-    only_v, only_s, only_t = stepper(0.0, 0.0), stepper(1.0, 0.0), stepper(0.0, 1.0)
     rows = []
-    for step in range(config.steps):
-        t = sample_timestep(vcfg, gen)
-        noise = torch.randn(x.shape, generator=gen)
-        if step % every == every - 1:
-            grads = {}
-            for name, st in (("v", only_v), ("s", only_s), ("t", only_t)):
-                x.grad = None
-                losses = st(x, x_src, t, noise)
-                grads[name] = x.grad.detach().clone()
-            g_v = grads["v"].norm().item()
-            g_s = (grads["s"] - grads["v"]).norm().item()
-            g_t = (grads["t"] - grads["v"]).norm().item()
-            rows.append({"step": step + 1, "t": int(t), "vdds_norm": g_v, "s_norm_per_weight": g_s, "t_norm_per_weight": g_t,
-                         "s_ratio_per_weight": g_s / g_v, "t_ratio_per_weight": g_t / g_v,
-                         "s_ssm_loss": float(losses["s_ssm"]),
-                         "t_ssm_loss": float(losses["t_ssm"])})
-        x.grad = None
-        main(x, x_src, t, noise)
-        if rows and rows[-1]["step"] == step + 1:
-            # the split must add up: g_vdds + w_s g_s + w_t g_t is the update the edit applies
-            parts = grads["v"] + config.s_ssm_weight * (grads["s"] - grads["v"]) + config.t_ssm_weight * (grads["t"] - grads["v"])
-            rows[-1]["split_rel_error"] = ((parts - x.grad).norm() / x.grad.norm()).item()
-        opt.step()
-        if bb.valid_range is not None:
-            with torch.no_grad():
-                x.clamp_(*bb.valid_range)
+
+    def observe(_pipe, step, t, tensors):
+        if step % every:
+            return None
+        parts, losses = tensors["grad_parts"], tensors["losses"]
+        g_v = parts["vdds"].norm().item()
+        g_s, g_t = parts["s_ssm"].norm().item(), parts["t_ssm"].norm().item()
+        rows.append({"step": step, "t": int(t), "vdds_norm": g_v, "s_norm_per_weight": g_s, "t_norm_per_weight": g_t,
+                     "s_ratio_per_weight": g_s / g_v, "t_ratio_per_weight": g_t / g_v,
+                     "s_ssm_loss": float(losses["s_ssm"]), "t_ssm_loss": float(losses["t_ssm"])})
+        return None
+
+    pipe(clip, config=config, mask=box_mask(clip), callback_on_step_end=observe,
+         callback_on_step_end_tensor_inputs=("grad_parts", "losses"))
     return rows
 
 
 VARIANTS = ("shifted 3 px", "recoloured", "other shape", "frozen (no motion)", "played backwards")
 
 
-def sensitivity(editor, timesteps=(200, 500, 800), seed: int = 0) -> dict:
+def sensitivity(pipe, timesteps=(200, 500, 800), seed: int = 0) -> dict:
     """S-SSM and T-SSM losses of variants of a red circle moving right against the clip itself."""
-    from fastdm.driver.editor import frames_to_tensor
+    from fastdm.driver.pipeline import frames_to_tensor
     from fastdm.losses import ssm_losses
     from fastdm.shapes import render_clip
     from fastdm.taps import KeyTaps, resolve_layers
 
-    bb = editor.backbone
+    bb = pipe.backbone
     layers = resolve_layers(bb, None)
     kw = dict(size=32, frames=8, radius=6, speed=2)
     src = render_clip("red", "circle", "right", **kw)
     variants = dict(zip(VARIANTS, (np.roll(src, 3, axis=2), render_clip("blue", "circle", "right", **kw),
                                    render_clip("red", "square", "right", **kw), np.repeat(src[3:4], len(src), 0),
                                    src[::-1].copy())))
-    emb = editor._embed(["a red circle moving right"])
+    emb = pipe.encode_prompts(["a red circle moving right"])
     gen = torch.Generator("cpu").manual_seed(seed)
 
     def keys(clip, t, noise):
-        a = float(bb.alphas_cumprod[t])
-        x_t = a ** 0.5 * bb.to_working(frames_to_tensor(clip)) + (1 - a) ** 0.5 * noise
+        a, b = bb.noise_coefficients(t)
+        x_t = a * bb.to_working(frames_to_tensor(clip)) + b * noise
         taps = KeyTaps(bb, layers)
         with taps, torch.no_grad():
             bb.predict_noise(x_t, t, emb)
@@ -163,8 +130,7 @@ def markdown(per_case: dict, meta: dict) -> str:
 
 
 def main() -> None:
-    from fastdm import EditConfig, Editor
-    from fastdm.backbone import default_model_path
+    from fastdm import DreamMotionPipeline, EditConfig
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="colour-00,colour-02,colour-03,shape-01")
@@ -175,8 +141,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     suite = {c["id"]: c for c in build_suite()}
-    editor = Editor.from_pretrained(default_model_path())
-    sens = sensitivity(editor)
+    pipe = DreamMotionPipeline.from_pretrained()
+    sens = sensitivity(pipe)
     per_case, raw = {}, {}
     cfg = EditConfig("a", "b", steps=args.steps)  # the walked edits' settings: the package defaults
     walked = {"every": args.every, "steps": args.steps, "lr": cfg.lr, "s_ssm_weight": cfg.s_ssm_weight,
@@ -184,7 +150,7 @@ def main() -> None:
     for cid in [c for c in args.cases.split(",") if c and c != "none"]:
         case = suite[cid]
         t0 = time.time()
-        rows = walk(editor, case, dataclasses.replace(cfg, source_prompt=case["source_prompt"],
+        rows = walk(pipe, case, dataclasses.replace(cfg, source_prompt=case["source_prompt"],
                                                       target_prompt=case["target_prompt"]), args.every)
         late = [r for r in rows if r["step"] > args.steps // 2]
         per_case[cid] = {"edit": f"{case['source_prompt']} -> {case['target_prompt']}",

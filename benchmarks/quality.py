@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import RESULTS, machine_description, machine_name, write_results
+from benchmarks.common import repo_relative, RESULTS, machine_description, machine_name, write_results
 from benchmarks.shapes_metrics import centroid_drift, object_mask, video_summary
 from fastdm.shapes import COLOURS, DIRECTIONS, SHAPES, prompt, render_clip
 
@@ -228,7 +228,7 @@ def markdown(summary: dict, meta: dict) -> str:
 def main() -> None:
     import torch
 
-    from fastdm import Editor
+    from fastdm import DreamMotionPipeline
     from fastdm.backbone import default_model_path
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -282,7 +282,7 @@ def main() -> None:
     if args.shard:
         i, n = (int(v) for v in args.shard.split("/"))
         cases = cases[i::n]
-    editor = Editor.from_pretrained(model)
+    pipe = DreamMotionPipeline.from_pretrained(model)
     t_start = time.time()
     # case-major order: a suite cut short by --minutes still compares every config on the same cases
     for case, name in [(c, n) for c in cases for n in args.configs.split(",")]:
@@ -296,7 +296,7 @@ def main() -> None:
             break
         clip = render_case(case)
         t0 = time.time()
-        res = editor.edit(clip, cfg, mask=box_mask(clip) if use_mask else None)
+        res = pipe(clip, config=cfg, mask=box_mask(clip) if use_mask else None)
         rec = {"config": name, "case": case["id"], "kind": case["kind"], "steps": args.steps, "lr": args.lr,
                "edit_fingerprint": cfg.fingerprint(), "edit_config": cfg.to_dict(), "overrides": overrides, "model_hash": model_hash, "seconds": time.time() - t0, "metrics": score(case, clip, res.frames)}
         with open(cache, "a") as fh:
@@ -313,7 +313,7 @@ def main() -> None:
     wanted = {(n, c["id"]): edit_config(c, n, args.steps, args.lr).fingerprint() for c in suite for n in CONFIGS}
     runs = [r for r in done.values() if r["steps"] == args.steps and r["model_hash"] == model_hash
             and r.get("edit_fingerprint") == wanted.get((r["config"], r["case"]))]
-    meta = {"machine": machine, "machine_description": machine_description(), "model": model, "model_hash": model_hash,
+    meta = {"machine": machine, "machine_description": machine_description(), "model": repo_relative(model), "model_hash": model_hash,
             "suite_size": len(suite), "steps": args.steps, "lr": args.lr,
             "timing_note": "s / edit from the runs' own clocks; shards may have run side by side (see --shard, --threads)"}
     summary = summarize(runs)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import machine_description, machine_name, write_results
+from benchmarks.common import repo_relative, machine_description, machine_name, write_results
 from benchmarks.shapes_metrics import video_summary
 from fastdm.shapes import COLOURS, DIRECTIONS, SHAPES, prompt
 
@@ -66,7 +66,7 @@ def main() -> None:
     per_colour = {c: sum(r["got_colour"] == c for r in rows if r["colour"] == c) / sum(r["colour"] == c for r in rows) for c in COLOURS}
     per_shape = {s: sum(r["got_shape"] == s for r in rows if r["shape"] == s) / sum(r["shape"] == s for r in rows) for s in SHAPES}
     machine = machine_name()
-    meta = {"machine": machine, "machine_description": machine_description(), "model": model, "samples": n,
+    meta = {"machine": machine, "machine_description": machine_description(), "model": repo_relative(model), "samples": n,
             "ddim_steps": args.steps, "guidance_scale": args.guidance_scale, "eta": args.eta, "clip_x0": args.clip_x0, "seconds": round(time.time() - t0, 1)}
     md = [f"# Shapes model: samples classified ({machine})", "",
           f"Machine: {meta['machine_description']}. Model: `{model}`. {n} samples ({args.per_pair} per colour x shape),"

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -72,8 +74,6 @@ def export_onnx(backbone, path: str | os.PathLike, *, batch: int, frames: int, s
         import onnx  # noqa: F401
     except ImportError:
         raise FastDMError("ONNX export needs the onnx extra: pip install 'fastdm[onnx]'") from None
-    from ..io.atomic import atomic_output
-
     shape = list(backbone.working_shape(frames, size))
     shape[0] = batch
     dev, dt = backbone.device, backbone.dtype
@@ -83,9 +83,20 @@ def export_onnx(backbone, path: str | os.PathLike, *, batch: int, frames: int, s
 
     model = DenoiserWithKeys(backbone, layers).eval()
     path = Path(path)
-    with atomic_output(path) as tmp, torch.no_grad():
-        torch.onnx.export(model, args, tmp, input_names=["sample", "timestep", "text"],
-                          output_names=["eps", *[f"keys_{i}" for i in range(len(layers))]], dynamo=True, external_data=False)
+    # Above protobuf's 2 GB limit the weights go to an external data file (ZeroScope's UNet is 2.8 GB in
+    # fp16). Export into a private folder, move the data file(s) beside the target, the .onnx last: a
+    # crash leaves no .onnx that names missing weights.
+    external = backbone.weight_bytes() > 1_500_000_000
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.stem}-", dir=path.parent))
+    try:
+        with torch.no_grad():
+            torch.onnx.export(model, args, str(tmpdir / path.name), input_names=["sample", "timestep", "text"],
+                              output_names=["eps", *[f"keys_{i}" for i in range(len(layers))]], dynamo=True,
+                              external_data=external)
+        for f in sorted(tmpdir.iterdir(), key=lambda f: f.name == path.name):
+            os.replace(f, path.parent / f.name)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
     return path
 
 
@@ -95,6 +106,25 @@ _ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, 
 
 _ORT_BF16 = ("--backend ort does not run bf16 models (numpy has no bf16 and onnxruntime's kernels cover it only in part); "
              "use --dtype fp16 or fp32, or --backend compile or trt")
+
+
+def ort_unavailable_reason(device_type: str, dtype: torch.dtype | None = None) -> str | None:
+    """Why onnxruntime cannot serve a model on ``device_type`` in ``dtype`` here (None: it can).
+    Cheap, so a caller can refuse before the ONNX export."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return "onnxruntime is not installed (pip install 'fastdm[onnx]')"
+    if dtype == torch.bfloat16:
+        return "it " + _ORT_BF16.removeprefix("--backend ort ")
+    if device_type == "cuda":
+        available = ort.get_available_providers()
+        if "CUDAExecutionProvider" not in available:
+            return (f"a CUDA model needs onnxruntime-gpu (this onnxruntime offers only {', '.join(available)}): "
+                    "pip uninstall -y onnxruntime && pip install onnxruntime-gpu; or use --backend compile or trt")
+    elif device_type != "cpu":
+        return f"onnxruntime runs on cpu or cuda, not {device_type}; use --backend eager"
+    return None
 
 
 def _onnx_has_bf16(path) -> bool:
@@ -130,11 +160,9 @@ class OrtUNet:
         opts.log_severity_level = 3
         self.stream = None
         if cuda:
-            available = ort.get_available_providers()
-            if "CUDAExecutionProvider" not in available:
-                raise FastDMError("--backend ort on a CUDA model needs onnxruntime-gpu (this onnxruntime offers only "
-                                  f"{', '.join(available)}): pip uninstall -y onnxruntime && pip install onnxruntime-gpu; "
-                                  "or use --backend compile or trt")
+            reason = ort_unavailable_reason("cuda")
+            if reason:
+                raise FastDMError(f"--backend ort: {reason}")
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()
             self.device = torch.device("cuda", index)
             self.stream = torch.cuda.Stream(self.device)
@@ -407,10 +435,9 @@ def engine_unsupported_reasons(kind: str, backbone) -> list[str]:
     if kind == "cudagraphs" and backbone.device.type != "cuda":
         reasons.append("cudagraphs needs the model on a CUDA GPU (--device cuda); use --backend compile")
     if kind == "ort":
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            reasons.append("onnxruntime is not installed (pip install 'fastdm[onnx]')")
+        reason = ort_unavailable_reason(backbone.device.type, backbone.dtype)
+        if reason:
+            reasons.append(reason)
     if kind == "trt":
         reason = trt_unavailable_reason()
         if reason:
