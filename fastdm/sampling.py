@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .backbone import Backbone
-from .driver.editor import tensor_to_frames
+from .driver.pipeline import tensor_to_frames
 from .losses.vdds import guided_noise
 
 

@@ -145,34 +145,45 @@ class UNet3DBackbone(Backbone):
         self.device, self.dtype = device, dtype
         return self
 
+    def _checkpoint_units(self) -> list[torch.nn.Module]:
+        """What lean recomputes: every layer of every down, mid and up block (each resnet, temporal
+        convolution, spatial and temporal transformer, down/upsampler). Per layer rather than per
+        block: a whole block recomputed at full resolution holds all of its activations at once,
+        a layer only its own (measured with benchmarks/project_memory.py on ZeroScope 576w)."""
+        units = []
+        for block in [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]:
+            for child in block.children():
+                units.extend(child if isinstance(child, torch.nn.ModuleList) else [child])
+        return units
+
     @contextlib.contextmanager
     def block_checkpointing(self, enabled: bool):
-        """Gradient checkpointing of the UNet blocks (diffusers has none for UNet3D) for the duration
-        of the block: each down, mid and up block recomputes its activations in the backward instead
-        of keeping them. The blocks' ``forward`` is swapped on entry and restored on exit, so nothing
-        outlives the call (the pipeline holds its lock around it)."""
+        """Gradient checkpointing inside the UNet blocks (diffusers has none for UNet3D) for the
+        duration of the block: each layer of each block recomputes its activations in the backward
+        instead of keeping them. The layers' ``forward`` is swapped on entry and restored on exit, so
+        nothing outlives the call (the pipeline holds its lock around it)."""
         if not enabled:
             yield
             return
-        blocks = [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]
-        saved = [block.__dict__.get("forward") for block in blocks]
-        for block in blocks:
-            original = block.forward
+        units = self._checkpoint_units()
+        saved = [unit.__dict__.get("forward") for unit in units]
+        for unit in units:
+            original = unit.forward
 
             def fwd(*args, _f=original, **kwargs):
                 if torch.is_grad_enabled():
                     return checkpoint(_f, *args, use_reentrant=False, **kwargs)
                 return _f(*args, **kwargs)
 
-            block.forward = fwd
+            unit.forward = fwd
         try:
             yield
         finally:
-            for block, old in zip(blocks, saved):
+            for unit, old in zip(units, saved):
                 if old is None:
-                    del block.forward
+                    del unit.forward
                 else:
-                    block.forward = old
+                    unit.forward = old
 
     @contextlib.contextmanager
     def vae_tiling(self, enabled: bool):
