@@ -56,7 +56,11 @@ def _mode(mode: str) -> dict:
     return {"plan": plan, "backend": backend or "eager", "compile_grad": mode.endswith("+grad")}
 
 
-def count_step_flops(preset: str, frames: int, mode: str, dtype: torch.dtype = torch.float32) -> int:
+def _size(text: str | None):
+    return tuple(int(v) for v in text.lower().split("x")) if text else None
+
+
+def count_step_flops(preset: str, frames: int, mode: str, dtype: torch.dtype = torch.float32, size=None) -> int:
     """FLOPs of one step (forward and backward) on the meta device: no weights, no time. The step is
     the pipeline's own (:meth:`fastdm.driver.pipeline.EditRun.step`), observed by a FLOP counter."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -64,10 +68,10 @@ def count_step_flops(preset: str, frames: int, mode: str, dtype: torch.dtype = t
     from ..driver.pipeline import DreamMotionPipeline
     from .presets import PRESETS, build_backbone
 
-    bb = build_backbone(preset, "meta", dtype)
+    bb = build_backbone(preset, "meta", dtype, size)
     pipe = DreamMotionPipeline(bb)
     pipe.encode_prompts = lambda prompts: torch.zeros(len(prompts), *bb.text_embedding_shape(), device="meta", dtype=dtype)
-    w, h = PRESETS[preset]["size"]
+    w, h = size or PRESETS[preset]["size"]
     opts = {**_mode(mode), "backend": "eager", "compile_grad": False}  # engines do the same arithmetic
     run = pipe.prepare(_clip(preset, frames, (w, h)), "a red circle moving right", "a blue circle moving right", steps=1,
                        **opts)
@@ -76,14 +80,14 @@ def count_step_flops(preset: str, frames: int, mode: str, dtype: torch.dtype = t
     return int(fc.get_total_flops())
 
 
-def run_case(preset: str, frames: int, mode: str, steps: int, device: str, dtype: str) -> dict:
+def run_case(preset: str, frames: int, mode: str, steps: int, device: str, dtype: str, size=None) -> dict:
     """Measure one case in this process."""
     from ..driver.pipeline import DreamMotionPipeline
     from .presets import PRESETS, build_backbone
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    bb = build_backbone(preset, device, DTYPES[dtype])
+    bb = build_backbone(preset, device, DTYPES[dtype], size)
     load_s = time.perf_counter() - t0
     if device == "cuda":
         torch.cuda.synchronize()
@@ -91,7 +95,7 @@ def run_case(preset: str, frames: int, mode: str, steps: int, device: str, dtype
         torch.cuda.reset_peak_memory_stats()
     else:
         base = _rss_bytes()
-    clip = _clip(preset, frames, PRESETS[preset]["size"])
+    clip = _clip(preset, frames, size or PRESETS[preset]["size"])
     times: list[float] = []
 
     profiled = device == "cpu"  # one extra step under the profiler's memory tracking
@@ -188,11 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak rate for the roofline (default: measured matmul rate)")
     ap.add_argument("--flops-only", action="store_true", help="count FLOPs on the meta device only (no weights, no timing)")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--tag", default=None, help="name part of the result files: edit-TAG-<machine> (default: edit-<machine>)")
+    ap.add_argument("--size", default=None, help="WxH instead of the preset's size (e.g. 256x256 for zeroscope-576w)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
         preset, frames, mode = args.one.split(",")
-        print(json.dumps(run_case(preset, int(frames), mode, args.steps, args.device, args.dtype)))
+        print(json.dumps(run_case(preset, int(frames), mode, args.steps, args.device, args.dtype, _size(args.size))))
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("fastdm-bench: error: --device cuda but no CUDA GPU is available", file=sys.stderr)
@@ -208,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             for mode in modes:
                 row = {"preset": preset, "frames": frames, "mode": mode}
                 try:
-                    row["flops_per_step"] = count_step_flops(preset, frames, mode, DTYPES[args.dtype])
+                    row["flops_per_step"] = count_step_flops(preset, frames, mode, DTYPES[args.dtype], _size(args.size))
                     row["roofline_step_s"] = row["flops_per_step"] / (peak * 1e12)
                 except Exception as e:  # FLOP counting is best effort
                     row["flops_error"] = f"{type(e).__name__}: {e}"[:200]
@@ -216,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     for rnd in range(0 if args.flops_only else max(1, args.repeats)):
         for row in rows:  # one round over every case, so slow drift of the machine hits all modes alike
             cmd = [sys.executable, "-m", "fastdm.bench.harness", "--one", f"{row['preset']},{row['frames']},{row['mode']}",
-                   "--steps", str(args.steps), "--device", args.device, "--dtype", args.dtype]
+                   "--steps", str(args.steps), "--device", args.device, "--dtype", args.dtype,
+                   *(["--size", args.size] if args.size else [])]
             p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             if p.returncode == 0:
                 got = json.loads(p.stdout.strip().splitlines()[-1])
@@ -235,11 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_name(args.device)
     meta = {"machine": machine, "machine_description": machine_description(args.device), "device": args.device,
             "dtype": args.dtype, "peak_tflops": peak, "peak_source": "given" if args.peak_tflops else "measured matmul",
-            "timed_steps": args.steps, "rounds": args.repeats, "flops_only": args.flops_only}
+            "timed_steps": args.steps, "rounds": args.repeats, "flops_only": args.flops_only,
+            "size": args.size}
     md = _markdown(rows, meta)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"edit-{machine}" + ("-flops" if args.flops_only else "")
+    stem = f"edit-{args.tag + '-' if args.tag else ''}{machine}" + ("-flops" if args.flops_only else "")
     from ..io.atomic import write_json_atomic
 
     write_json_atomic(out / f"{stem}.json", {"meta": meta, "rows": rows})
@@ -251,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _markdown(rows: list[dict], meta: dict) -> str:
-    lines = [f"# DreamMotion step: naive vs fast ({meta['machine']})", "",
+    lines = [f"# DreamMotion step: every plan beside the naive and plain baselines ({meta['machine']})", "",
              f"Machine: {meta['machine_description']}. Weights {meta['dtype']}; edited tensor fp32. "
              f"Roofline at {meta['peak_tflops']} TFLOP/s ({meta['peak_source']}). "
              f"{meta.get('timed_steps')} timed steps per run, {meta.get('rounds', 1)} round(s) over all modes; "
@@ -263,28 +271,36 @@ def _markdown(rows: list[dict], meta: dict) -> str:
                 lines.append(f"| {r['preset']} | {r['frames']} | {r['mode']} | {r['flops_per_step'] / 1e12:.2f} | "
                              f"{r['roofline_step_s']:.3f} | {200 * r['roofline_step_s']:.1f} |")
         return "\n".join(lines) + "\n"
-    lines += ["| preset | frames | mode | s / step | vs naive | 200-step edit s (projected) | peak MiB | working MiB | vs naive "
-              "| step tensor peak MiB | vs naive | GFLOP / step | roofline s / step |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| preset | frames | mode | s / step | speed vs naive | speed vs plain | engine build s | 200-step edit s (projected) "
+              "| peak MiB | working MiB | step tensor peak MiB | memory vs naive | memory vs plain | GFLOP / step | roofline s / step |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "median_step_s" not in r:
             lines.append(f"| {r['preset']} | {r['frames']} | {r['mode']} | error: {r.get('error', '?')} | | | | | | | | | |")
             continue
-        base = next((b for b in rows if b["preset"] == r["preset"] and b["frames"] == r["frames"] and b["mode"] == "naive"
-                     and "median_step_s" in b), None)
-        sp = f"{base['median_step_s'] / r['median_step_s']:.2f}x" if base else "-"
-        mem = f"{base['working_peak_bytes'] / max(r['working_peak_bytes'], 1):.2f}x less" if base else "-"
+        def ratios(mode):
+            b = next((b for b in rows if b["preset"] == r["preset"] and b["frames"] == r["frames"] and b["mode"] == mode
+                      and "median_step_s" in b), None)
+            if b is None:
+                return "-", "-"
+            tp, btp = r.get("tensor_working_peak_bytes"), b.get("tensor_working_peak_bytes")
+            return (f"{b['median_step_s'] / r['median_step_s']:.2f}x",
+                    f"{btp / tp:.2f}x less" if tp and btp else f"{b['working_peak_bytes'] / max(r['working_peak_bytes'], 1):.2f}x less (RSS)")
+
+        (sp, mem), (sp_p, mem_p) = ratios("naive"), ratios("plain")
         tp = r.get("tensor_working_peak_bytes")
         tp_s = f"{tp / 2**20:.0f}" if tp else "-"
-        tp_x = f"{base['tensor_working_peak_bytes'] / tp:.2f}x less" if tp and base and base.get("tensor_working_peak_bytes") else "-"
         fl = f"{r['flops_per_step'] / 1e9:.1f}" if "flops_per_step" in r else "-"
         roof = f"{r['roofline_step_s']:.4f}" if "roofline_step_s" in r else "-"
-        lines.append(f"| {r['preset']} | {r['frames']} | {r['mode']} | {r['median_step_s']:.3f} | {sp} | {r['e2e_200_projected_s']:.0f} | "
-                     f"{r['peak_bytes'] / 2**20:.0f} | {r['working_peak_bytes'] / 2**20:.0f} | {mem} | {tp_s} | {tp_x} | {fl} | {roof} |")
+        lines.append(f"| {r['preset']} | {r['frames']} | {r['mode']} | {r['median_step_s']:.3f} | {sp} | {sp_p} | "
+                     f"{r.get('engine_build_s', 0):.1f} | {r['e2e_200_projected_s']:.0f} | {r['peak_bytes'] / 2**20:.0f} | "
+                     f"{r['working_peak_bytes'] / 2**20:.0f} | {tp_s} | {mem} | {mem_p} | {fl} | {roof} |")
     lines += ["", "peak = CUDA max allocated (GPU) or process peak RSS (CPU); working = peak minus memory held after the",
               "model was loaded. step tensor peak (CPU) = the most bytes of tensors allocated at once during one step,",
               "above what was live when it began (PyTorch profiler memory events).",
-              "200-step edit = setup + 200 x median step + decode, each measured."]
+              "memory vs naive/plain compares the step tensor peak where measured (CPU), else the working peak (RSS / CUDA).",
+              "engine build = torch.compile / ONNX export / TensorRT build, done once before the first step.",
+              "200-step edit = setup + engine build + 200 x median step + decode, each measured."]
     return "\n".join(lines) + "\n"
 
 
