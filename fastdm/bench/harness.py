@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                 got = json.loads(p.stdout.strip().splitlines()[-1])
                 row.setdefault("rounds", []).append(got)
             else:
-                row["error"] = (p.stderr.strip().splitlines() or ["failed"])[-1][:300]
+                row["error"] = ("killed by signal 9 (on Linux usually the out-of-memory killer)" if p.returncode in (-9, 137)
+                                else (p.stderr.strip().splitlines() or ["failed"])[-1][:300])
             print(json.dumps({"round": rnd, **{k: v for k, v in row.items() if k != "rounds"},
                               **(row["rounds"][-1] if p.returncode == 0 else {})}), flush=True)
     for row in rows:
