@@ -1,5 +1,7 @@
 """S-SSM / T-SSM losses against a float64 reference, including keys ~= keys_ref."""
 
+import zlib
+
 import pytest
 import torch
 
@@ -32,14 +34,16 @@ def rel(a, b):
 
 SHAPES = [(3, 20, 8), (2, 5, 16), (1, 1, 3), (4, 7, 3), (2, 3, 13, 6), (1, 33, 5), (2, 9, 40)]
 # (shape, perturbation, tolerance for "torch", tolerance for "naive" or None when naive cannot meet it)
-CASES = [(None, 1e-4, 1e-4), (1e-3, 2e-4, 5e-2), (1e-5, 2e-3, None)]
+# Unrelated keys: the naive form's fp32 error reaches 2e-4 on T-SSM (frame means of keys offset by
+# +0.3 are nearly parallel, so TS - TS_ref cancels; measured over 60 seeds per shape), hence 1e-3.
+CASES = [(None, 1e-4, 1e-3), (1e-3, 2e-4, 5e-2), (1e-5, 2e-3, None)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("noise,tol,tol_naive", CASES)
 @pytest.mark.parametrize("fn,ref", [(spatial_ssm_loss, ref_spatial), (temporal_ssm_loss, ref_temporal)])
 def test_loss_and_grad_match_float64(fn, ref, shape, noise, tol, tol_naive):
-    gen = torch.Generator().manual_seed(hash((shape, noise)) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, noise)).encode()))  # hash(None) varies per run
     kr = torch.randn(shape, generator=gen) + 0.3
     k = torch.randn(shape, generator=gen) + 0.3 if noise is None else kr + noise * torch.randn(shape, generator=gen)
     want_loss, want_grad = loss_and_grad(ref, k.double(), kr.double())
