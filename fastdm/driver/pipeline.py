@@ -373,9 +373,8 @@ class EditRun:
         self.last_t = t
         done = self.step_index
         checkpoint_now = self.checkpoint_every and (done % self.checkpoint_every == 0 or done == self.config.steps)
-        if bb.device.type == "meta":  # FLOP counting: nothing to check
-            pass
-        elif checkpoint_now or done == self.config.steps or bb.device.type == "cpu" or done % FINITE_CHECK_EVERY == 0:
+        due = checkpoint_now or done == self.config.steps or bb.device.type == "cpu" or done % FINITE_CHECK_EVERY == 0
+        if due and bb.device.type != "meta":  # (meta: FLOP counting, no values to check)
             self._check_finite()
         if checkpoint_now:
             self.save_checkpoint()
