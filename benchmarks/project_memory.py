@@ -49,6 +49,10 @@ from torch.utils._pytree import tree_flatten
 GiB = 2**30
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 GOAL = ("lean", 24, 8 * 10**9)  # the issue's goal: lean at 24 frames within 8 GB
+GOALS = {  # per preset: (plan, frames, limit in bytes); the first is also written as meta["goal"]
+    "zeroscope-576w": [GOAL],
+    "wan2.1-t2v-1.3b": [("fast", 33, 16 * 10**9), ("lean", 33, 10 * 10**9), ("lean", 81, 24 * 10**9)],  # issue 12
+}
 
 
 class LiveBytes(TorchDispatchMode):
@@ -100,7 +104,9 @@ def fused_attention(target: str):
     original = F.scaled_dot_product_attention
     aten = torch.ops.aten
 
-    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+    def sdpa(q=None, k=None, v=None, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        q, k, v = kw.pop("query", q), kw.pop("key", k), kw.pop("value", v)  # diffusers' dispatcher passes keywords
+        kw = {k: v for k, v in kw.items() if not (k == "enable_gqa" and not v)}  # diffusers' dispatcher passes it
         if q.device.type != "meta" or attn_mask is not None or kw or q.dim() != 4:
             return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
         if target == "cpu":
@@ -129,7 +135,7 @@ def _backbone(preset: str, device: str, dtype: torch.dtype):
     return build_backbone(preset, device, dtype)
 
 
-def _setup(bb, frames: int, size, plan_name: str, device: str):
+def _setup(bb, frames: int, size, plan_name: str, device: str, layers=None):
     from fastdm.driver.config import EditConfig
     from fastdm.driver.plan import PLANS
     from fastdm.driver.step import DreamMotionStep
@@ -137,7 +143,7 @@ def _setup(bb, frames: int, size, plan_name: str, device: str):
     from fastdm.taps import resolve_layers
 
     cfg = EditConfig("a red circle moving right", "a blue circle moving right")
-    layers = resolve_layers(bb, None)
+    layers = resolve_layers(bb, layers)
     shape = bb.working_shape(frames, size)
     gen = torch.Generator().manual_seed(0)
     text = torch.randn(3, *bb.text_embedding_shape(), generator=gen).to(device, bb.dtype)
@@ -149,9 +155,10 @@ def _setup(bb, frames: int, size, plan_name: str, device: str):
     return step, (x, x_src, noise), held
 
 
-def project_step(bb, frames: int, size, plan_name: str, target: str = "cuda") -> dict:
-    """Simulated-allocator working peak of one step of ``plan_name`` on the meta backbone ``bb``."""
-    step, (x, x_src, noise), held = _setup(bb, frames, size, plan_name, "meta")
+def project_step(bb, frames: int, size, plan_name: str, target: str = "cuda", layers=None) -> dict:
+    """Simulated-allocator working peak of one step of ``plan_name`` on the meta backbone ``bb``
+    (``layers``: tap-layer glob patterns; None = the backbone's default)."""
+    step, (x, x_src, noise), held = _setup(bb, frames, size, plan_name, "meta", layers)
     t = bb.info.num_train_timesteps // 2
     with fused_attention(target), LiveBytes() as mode:
         step(x, x_src, t, noise)
@@ -169,6 +176,11 @@ def project_vae(bb, frames: int, size, tiling: bool, target: str = "cuda") -> di
         with LiveBytes() as mode:
             x = bb.to_working(frames_t)
         out["encode_working_bytes"] = mode.peak
+        if hasattr(bb, "decode_working"):  # a backbone that decodes on its device (Wan: the whole clip, causally)
+            with LiveBytes() as mode:
+                bb.decode_working(x)
+            out["decode_working_bytes"] = mode.peak
+            return out
         sf = bb.vae.config.scaling_factor
         with LiveBytes() as mode:  # from_working without its final copy to the host
             lat = x[0].permute(1, 0, 2, 3)
@@ -177,25 +189,29 @@ def project_vae(bb, frames: int, size, tiling: bool, target: str = "cuda") -> di
     return out
 
 
-def project(preset: str, frames_list, plans, dtype: torch.dtype, target: str = "cuda") -> list[dict]:
+def project(preset: str, frames_list, plans, dtype: torch.dtype, target: str = "cuda", layers=None) -> list[dict]:
+    from fastdm.taps import resolve_layers
+
     from fastdm.bench.presets import PRESETS
 
     size = PRESETS[preset]["size"]
     bb = _backbone(preset, "meta", dtype)
-    weights = _module_bytes(bb.unet, getattr(bb, "vae", None))
-    text_encoder = _module_bytes(getattr(bb, "text_encoder", None))
+    weights = _module_bytes(bb.denoiser, getattr(bb, "vae", None))
+    # a text encoder kept on the CPU (Wan's UMT5) never occupies the accelerator
+    text_encoder = 0 if getattr(bb, "text_encoder_on_cpu", False) else _module_bytes(getattr(bb, "text_encoder", None))
     rows = []
     for frames in frames_list:
         for plan in plans:
             from fastdm.driver.plan import PLANS
 
             t0 = time.perf_counter()
-            s = project_step(bb, frames, size, plan, target)
+            s = project_step(bb, frames, size, plan, target, layers)
             v = project_vae(bb, frames, size, PLANS[plan].vae_tiling, target)
             phases = {"step": s["step_working_bytes"], "encode": v["encode_working_bytes"], "decode": v["decode_working_bytes"]}
             peak = weights + s["held_bytes"] + max(phases.values())
             load = weights + text_encoder  # at load, before the text encoder is released
             rows.append({"preset": preset, "frames": frames, "plan": plan, "dtype": str(dtype).removeprefix("torch."),
+                         "tap_layers": resolve_layers(bb, layers),
                          "weights_bytes": weights, "text_encoder_bytes": text_encoder, "held_bytes": s["held_bytes"],
                          **{f"{k}_working_bytes": b for k, b in phases.items()}, "peak_phase": max(phases, key=phases.get),
                          "projected_peak_bytes": max(peak, load), "projected_step_peak_bytes": weights + s["held_bytes"] + phases["step"],
@@ -266,9 +282,9 @@ def _markdown(meta: dict, rows: list[dict], checks: list[dict], measured: list[d
         L.append(f"| {r['preset']} | {r['frames']} | {r['plan']} | {r['weights_bytes'] / GiB:.2f} | {r['step_working_bytes'] / GiB:.2f} | "
                  f"{r['encode_working_bytes'] / GiB:.2f} | {r['decode_working_bytes'] / GiB:.2f} | {r['peak_phase']} | "
                  f"**{r['projected_peak_bytes'] / GiB:.2f}** | {r['projected_peak_bytes'] / 1e9:.2f} |")
-    goal = meta.get("goal")
-    if goal:
-        L += ["", f"**Goal (lean, 24 frames, <= 8 GB): {goal['verdict']}** — projected {goal['projected_bytes'] / 1e9:.2f} GB "
+    for goal in meta.get("goals", []):
+        L += ["", f"**Goal ({goal['plan']}, {goal['frames']} frames, <= {goal['limit_bytes'] / 1e9:.0f} GB): {goal['verdict']}** — "
+                  f"projected {goal['projected_bytes'] / 1e9:.2f} GB "
                   f"({goal['projected_bytes'] / GiB:.2f} GiB); the unprojected workspaces and allocator rounding come on top "
                   "(see below), so the GPU check's measurement decides."]
     if checks:
@@ -293,7 +309,7 @@ def _markdown(meta: dict, rows: list[dict], checks: list[dict], measured: list[d
                      f"{m['measured_peak_bytes'] / GiB:.2f} | {100 * m['relative_error']:+.1f}% |")
     L += ["", "Not projected (a GPU peak lies above by these): cuBLAS/cuDNN workspaces, the caching allocator's rounding and "
               "fragmentation, the Triton loss kernels' own buffers (the torch loss backend runs on meta), torch.compile / engine "
-              "buffers. Peak = weights (UNet + VAE) + held tensors (edited, source, noise, prompts) + the largest working peak "
+              "buffers. Peak = weights (denoiser + VAE) + held tensors (edited, source, noise, prompts) + the largest working peak "
               "of the step, the VAE encode and the VAE decode; at load the text encoder is also resident (counted when larger)."]
     return "\n".join(L) + "\n"
 
@@ -339,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", default="cuda", choices=("cuda", "cpu"), help="whose fused attention kernel to project")
     ap.add_argument("--no-check", action="store_true", help="skip the CPU check of the method")
     ap.add_argument("--check-only", action="store_true")
+    ap.add_argument("--layers", default=None, help="tap layers (comma-separated glob patterns) instead of the default")
+    ap.add_argument("--tag", default=None, help="extra name part of the result files")
+    ap.add_argument("--check-cases", default="tiny:4,shapes:8", help="PRESET:FRAMES,... for the CPU check (e.g. wan-tiny:5)")
     ap.add_argument("--measured", nargs="*", default=[],
                     help="fastdm-bench JSON files or logs (GPU, CUDA max allocated) to compare with; missing ones are ignored")
     ap.add_argument("--projection", default=None, help="a projection JSON written earlier: compare it, project nothing")
@@ -357,22 +376,31 @@ def main(argv: list[str] | None = None) -> int:
         prev = json.loads(Path(args.projection).read_text())
         rows, checks = prev["rows"], prev.get("check", [])
     else:
-        rows = [] if args.check_only else project(args.preset, frames, plans, dtype, args.target)
-        checks = [] if args.no_check else check()
+        layers = args.layers.split(",") if args.layers else None
+        rows = [] if args.check_only else project(args.preset, frames, plans, dtype, args.target, layers)
+        cases = tuple((c.split(":")[0], int(c.split(":")[1])) for c in args.check_cases.split(",") if c)
+        checks = [] if args.no_check else check(cases)
     meta = {"machine": args.machine or _machine(), "dtype": args.dtype, "target": args.target, "torch": torch.__version__,
             "method": "meta device + TorchDispatchMode simulated allocator (storage bytes, freed on weakref finalize)"}
-    goal_row = next((r for r in rows if (r["plan"], r["frames"]) == GOAL[:2]), None)
-    if goal_row:
-        ok = goal_row["projected_peak_bytes"] <= GOAL[2]
-        meta["goal"] = {"plan": GOAL[0], "frames": GOAL[1], "limit_bytes": GOAL[2], "projected_bytes": goal_row["projected_peak_bytes"],
-                        "meets": ok, "verdict": "met by the projection" if ok else "NOT met by the projection"}
+    meta["goals"] = []
+    for plan, n, limit in GOALS.get(rows[0]["preset"] if rows else args.preset, []):
+        goal_row = next((r for r in rows if (r["plan"], r["frames"]) == (plan, n)), None)
+        if goal_row is None:
+            continue
+        ok = goal_row["projected_peak_bytes"] <= limit
+        meta["goals"].append({"plan": plan, "frames": n, "limit_bytes": limit, "projected_bytes": goal_row["projected_peak_bytes"],
+                              "meets": ok, "verdict": "met by the projection" if ok else "NOT met by the projection"})
+    if meta["goals"]:
+        meta["goal"] = meta["goals"][0]
     if checks:
         errs = [abs(c["relative_error"]) for c in checks]
         meta["check"] = {"max_abs_relative_error": max(errs), "mean_abs_relative_error": sum(errs) / len(errs)}
     measured = compare_measured(rows, [p for p in args.measured if Path(p).is_file()])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"memory-projection-{meta['machine']}"
+    named = args.preset if args.preset != "zeroscope-576w" and not args.check_only else ""  # ZeroScope keeps the old name
+    named = "-".join(p for p in (named, args.tag) if p)
+    stem = f"memory-projection-{named + '-' if named else ''}{meta['machine']}"
     from fastdm.io.atomic import write_json_atomic
 
     write_json_atomic(out / f"{stem}.json", {"meta": meta, "rows": rows, "check": checks, "measured": measured})

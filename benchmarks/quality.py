@@ -3,13 +3,17 @@
 A fixed suite of edits (colour swaps, shape swaps, both) on generated clips, each run with
 
     full       V-DDS + S-SSM + T-SSM, box mask       (DreamMotion; the mask limits the whole update)
+    auto_mask  V-DDS + S-SSM + T-SSM, automatic mask (fastdm's --mask auto, from cross-attention)
     vdds_only  V-DDS alone, box mask                 (w/o S-SSM and T-SSM)
     no_sssm    V-DDS + T-SSM, box mask               (w/o S-SSM)
     no_tssm    V-DDS + S-SSM, box mask               (w/o T-SSM)
     no_mask    V-DDS + S-SSM + T-SSM, no mask        (w/o mask)
 
 and scored with weight-free metrics: target colour reached in every frame, target shape in most
-frames, centroid drift (px), optical-flow motion fidelity and frame consistency.
+frames, centroid drift (px), optical-flow motion fidelity and frame consistency; and, for the
+mask axis (none / auto / box), area kept (the object's area within 0.5x-2x of the source's in every
+frame) and background change (mean absolute change, 0-255, outside the source object grown by
+3 px). ``--mask-iou`` measures the automatic mask against the true object instead.
 
 Runs are cached one line each in ``results/quality-<machine>.runs.jsonl`` so the suite can be
 run in pieces (``--minutes``) across sessions; the summary files
@@ -39,7 +43,13 @@ CONFIGS = {
     "no_sssm": dict(mask=True, s_ssm_weight=0.0),
     "no_tssm": dict(mask=True, t_ssm_weight=0.0),
     "no_mask": dict(mask=False),
+    "auto_mask": dict(mask="auto"),
 }
+# the mask axis: the full method with no mask, the automatic mask and the box mask
+MASK_AXIS = {"none": "no_mask", "auto": "auto_mask", "box": "full"}
+# metrics a run must have to count (runs scored before a metric existed are run again when asked for)
+SCORE_KEYS = ("colour_ok", "shape_ok", "drift_px", "motion_fidelity", "flow_epe_px", "frame_consistency", "area_kept",
+              "background_change")
 
 
 def build_suite(seed: int = 0, n_colour: int = 12, n_shape: int = 6, n_both: int = 6, size: int = 32, frames: int = 8) -> list[dict]:
@@ -111,6 +121,70 @@ def box_mask(clip: np.ndarray, margin: int = 2) -> np.ndarray:
     return out
 
 
+def mask_iou(mask: np.ndarray, obj: np.ndarray) -> float:
+    m = mask > 0.5
+    return float((m & obj).sum() / max(1, (m | obj).sum()))
+
+
+def mask_iou_table(pipe, suite: list[dict], settings: dict[str, dict]) -> dict:
+    """IoU of the automatic mask with the true object (and of the box mask, for reference) on every
+    suite clip, per setting of :func:`fastdm.automask.estimate_mask`; also its object coverage and area."""
+    from fastdm.automask import estimate_mask
+    from fastdm.driver.pipeline import frames_to_tensor
+
+    bb = pipe.backbone
+    rows = {name: [] for name in ["box", *settings]}
+    for case in suite:
+        clip = render_case(case)
+        obj = np.stack([object_mask(f) for f in clip])
+        box = box_mask(clip)
+        rows["box"].append({"case": case["id"], "iou": mask_iou(box, obj), "coverage": 1.0, "area": float(box.mean())})
+        x = bb.to_working(frames_to_tensor(clip))
+        text = pipe.encode_prompts([case["source_prompt"], case["target_prompt"]])
+        for name, kw in settings.items():
+            am = estimate_mask(bb, x, text, case["source_prompt"], case["target_prompt"], (clip.shape[2], clip.shape[1]), **kw)
+            if am.mask is None:
+                rows[name].append({"case": case["id"], "iou": 0.0, "coverage": 0.0, "area": 0.0, "fallback": am.fallback})
+                continue
+            m = am.mask > 0.5
+            rows[name].append({"case": case["id"], "iou": mask_iou(am.mask, obj), "coverage": float((m & obj).sum() / max(1, obj.sum())),
+                               "area": float(m.mean()), "foreground": am.foreground, "seconds": am.seconds})
+    summary = {name: {"cases": len(rs), "mean_iou": float(np.mean([r["iou"] for r in rs])),
+                      "min_iou": float(np.min([r["iou"] for r in rs])),
+                      "mean_coverage": float(np.mean([r["coverage"] for r in rs])),
+                      "min_coverage": float(np.min([r["coverage"] for r in rs])),
+                      "mean_area": float(np.mean([r["area"] for r in rs])),
+                      "fallbacks": sum("fallback" in r for r in rs),
+                      "settings": settings.get(name, "bounding box of the object + 2 px")}
+               for name, rs in rows.items()}
+    return {"summary": summary, "rows": rows}
+
+
+def area_kept(source: np.ndarray, edit: np.ndarray, low: float = 0.5, high: float = 2.0) -> bool:
+    """The edited object's area is within ``low``-``high`` times the source object's in every frame."""
+    for a, b in zip(source, edit):
+        sa, ea = object_mask(a).sum(), object_mask(b).sum()
+        if sa == 0 or not (low * sa <= ea <= high * sa):
+            return False
+    return True
+
+
+def background_change(source: np.ndarray, edit: np.ndarray, grow: int = 3) -> float:
+    """Mean absolute change (0-255) outside the source object grown by ``grow`` px, over all frames."""
+    import cv2
+
+    kernel = np.ones((2 * grow + 1, 2 * grow + 1), np.uint8)
+    outside = np.stack([cv2.dilate(object_mask(f).astype(np.uint8), kernel) == 0 for f in source])
+    diff = np.abs(edit.astype(np.float32) - source.astype(np.float32)).mean(-1)
+    return float(diff[outside].mean()) if outside.any() else 0.0
+
+
+def case_mask(case: dict, clip: np.ndarray, name: str):
+    """The mask a configuration edits with: the box mask, ``"auto"`` or None."""
+    kind = CONFIGS[name]["mask"]
+    return box_mask(clip) if kind is True else (kind or None)
+
+
 def score(case: dict, source: np.ndarray, edit: np.ndarray) -> dict:
     from fastdm.metrics import frame_consistency, motion_fidelity
 
@@ -126,6 +200,8 @@ def score(case: dict, source: np.ndarray, edit: np.ndarray) -> dict:
         "motion_fidelity": mf["fidelity"],
         "flow_epe_px": mf["epe"],
         "frame_consistency": frame_consistency(edit),
+        "area_kept": area_kept(source, edit),
+        "background_change": background_change(source, edit),
     }
 
 
@@ -150,7 +226,43 @@ def summarize(runs: list[dict]) -> dict:
             "frame_consistency": float(np.mean([r["metrics"]["frame_consistency"] for r in rs])),
             "seconds_per_edit": float(np.median([r["seconds"] for r in rs])),  # median: robust to a busy machine
         }
+        scored = [r for r in rs if "area_kept" in r["metrics"]]
+        if scored:
+            out[name]["area_kept"] = sum(r["metrics"]["area_kept"] for r in scored) / len(scored)
+            out[name]["background_change"] = float(np.mean([r["metrics"]["background_change"] for r in scored]))
+            out[name]["scored_mask_metrics"] = len(scored)
     return out
+
+
+def mask_axis(runs: list[dict]) -> dict:
+    """The mask axis on the cases where none, auto and box all have runs with every metric."""
+    by = {(r["config"], r["case"]): r for r in runs if all(k in r["metrics"] for k in SCORE_KEYS)}
+    cases = sorted({c for (_, c) in by if all((cfg, c) in by for cfg in MASK_AXIS.values())})
+    table = {axis: summarize([by[(cfg, c)] for c in cases]).get(cfg) for axis, cfg in MASK_AXIS.items()}
+    fallbacks = [by[("auto_mask", c)].get("auto_mask", {}).get("fallback") for c in cases]
+    return {"cases": cases, "table": table if cases else {}, "auto_fallbacks": sum(f is not None for f in fallbacks),
+            "auto_iou": [by[("auto_mask", c)].get("auto_mask", {}).get("iou") for c in cases]}
+
+
+def mask_axis_markdown(axis: dict) -> str:
+    if not axis.get("cases"):
+        return ""
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    lines = ["", "## Mask axis: none / auto / box (the full method)", "",
+             f"Cases ({len(axis['cases'])}): {', '.join(axis['cases'])}. The automatic mask fell back to no mask on "
+             f"{axis['auto_fallbacks']} of them.", "",
+             "| mask | edits | colour success | shape success | mean drift (px) | area kept | background change (0-255) | motion fidelity | flow EPE (px) | frame consistency |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, s in axis["table"].items():
+        lines.append(f"| {name} | {s['edits']} | {f(s['colour_success'], '.0%')} | {f(s['shape_success'], '.0%')} | "
+                     f"{f(s['mean_drift_px'], '.2f')} | {s['area_kept']:.0%} | {s['background_change']:.2f} | "
+                     f"{s['motion_fidelity']:.3f} | {s['flow_epe_px']:.2f} | {s['frame_consistency']:.3f} |")
+    lines += ["", "Area kept: the object's area within 0.5x-2x of the source's in every frame. Background change: mean",
+              "absolute change outside the source object grown by 3 px."]
+    return "\n".join(lines) + "\n"
 
 
 def sweep_summary(all_runs: list[dict], default_runs: list[dict], suite: list[dict], steps: int, lr: float, model_hash: str) -> list[dict]:
@@ -225,6 +337,38 @@ def markdown(summary: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# the automatic mask's settings compared by --mask-iou (the first is fastdm's default)
+MASK_IOU_SETTINGS = {
+    "default (t 0.5T, margin 4%)": {},
+    "margin 8%": dict(margin=0.08),
+    "margin 0": dict(margin=0.0),
+    "t 0.3T, 0.5T, 0.7T": dict(timestep_fractions=(0.3, 0.5, 0.7)),
+    "source prompt only": dict(prompts="source"),
+}
+
+
+def write_mask_iou(pipe, suite, machine: str, model: str, model_hash: str) -> None:
+    from fastdm.automask import MAX_FOREGROUND
+
+    t0 = time.time()
+    res = mask_iou_table(pipe, suite, MASK_IOU_SETTINGS)
+    meta = {"machine": machine, "machine_description": machine_description(), "model": repo_relative(model),
+            "model_hash": model_hash, "suite_size": len(suite), "seconds": round(time.time() - t0, 1),
+            "command": "python -m benchmarks.quality --mask-iou"}
+    lines = [f"# Automatic mask against the true object ({machine})", "",
+             f"Machine: {meta['machine_description']}. Model: `{meta['model']}` (unet sha256 {model_hash}). "
+             f"Command: `{meta['command']}`. Every suite clip ({len(suite)}); object = the renderer's object mask.", "",
+             "| mask | mean IoU | min IoU | mean object coverage | min coverage | mean area | fallbacks |", "|---|---|---|---|---|---|---|"]
+    for name, s in res["summary"].items():
+        lines.append(f"| {name} | {s['mean_iou']:.3f} | {s['min_iou']:.3f} | {s['mean_coverage']:.3f} | {s['min_coverage']:.3f} | "
+                     f"{s['mean_area']:.3f} | {s['fallbacks']} |")
+    fg = [r["foreground"] for r in res["rows"][next(iter(MASK_IOU_SETTINGS))] if r.get("foreground") is not None]
+    lines += ["", f"Foreground before dilation (default setting): {min(fg):.3f}-{max(fg):.3f} of the clip "
+              f"(the flat-map fallback starts above {MAX_FOREGROUND})." if fg else ""]
+    write_results(f"automask-iou-{machine}", {"meta": meta, **res}, "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     import torch
 
@@ -243,6 +387,9 @@ def main() -> None:
                     help="only cases I, I+N, I+2N, ... (run N processes side by side; they share the cache)")
     ap.add_argument("--save-videos", default=None, help="folder for source|edit GIFs")
     ap.add_argument("--cases", default=None, help="only these case ids (comma-separated), e.g. for a sweep")
+    ap.add_argument("--mask-iou", action="store_true",
+                    help="measure the automatic mask against the true object on every suite clip (no edits) and write "
+                         "results/automask-iou-<machine>.{json,md}")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="sweep: override an EditConfig setting for every config (repeatable); such runs are "
                          "reported in the sweep table beside the same cases at the defaults, never in the main table")
@@ -283,22 +430,29 @@ def main() -> None:
         i, n = (int(v) for v in args.shard.split("/"))
         cases = cases[i::n]
     pipe = DreamMotionPipeline.from_pretrained(model)
+    if args.mask_iou:
+        write_mask_iou(pipe, suite, machine, model, model_hash)
+        return
     t_start = time.time()
     # case-major order: a suite cut short by --minutes still compares every config on the same cases
     for case, name in [(c, n) for c in cases for n in args.configs.split(",")]:
-        use_mask = CONFIGS[name]["mask"]
         cfg = edit_config(case, name, args.steps, args.lr, overrides)
         # cached runs count only for the same model, steps and every edit setting (defaults included)
         key = (name, case["id"], args.steps, cfg.fingerprint(), model_hash)
-        if key in done:
+        if key in done and all(k in done[key]["metrics"] for k in SCORE_KEYS):
             continue
         if args.minutes is not None and time.time() - t_start > args.minutes * 60:
             break
         clip = render_case(case)
         t0 = time.time()
-        res = pipe(clip, config=cfg, mask=box_mask(clip) if use_mask else None)
+        res = pipe(clip, config=cfg, mask=case_mask(case, clip, name))
         rec = {"config": name, "case": case["id"], "kind": case["kind"], "steps": args.steps, "lr": args.lr,
-               "edit_fingerprint": cfg.fingerprint(), "edit_config": cfg.to_dict(), "overrides": overrides, "model_hash": model_hash, "seconds": time.time() - t0, "metrics": score(case, clip, res.frames)}
+               "edit_fingerprint": cfg.fingerprint(), "edit_config": cfg.to_dict(), "overrides": overrides, "model_hash": model_hash,
+               "machine_description": machine_description(), "seconds": time.time() - t0, "metrics": score(case, clip, res.frames)}
+        if "auto_mask" in res.report:
+            rec["auto_mask"] = res.report["auto_mask"]
+            if res.mask is not None:
+                rec["auto_mask"]["iou"] = mask_iou(res.mask, np.stack([object_mask(f) for f in clip]))
         with open(cache, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
         done[key] = rec
@@ -313,13 +467,19 @@ def main() -> None:
     wanted = {(n, c["id"]): edit_config(c, n, args.steps, args.lr).fingerprint() for c in suite for n in CONFIGS}
     runs = [r for r in done.values() if r["steps"] == args.steps and r["model_hash"] == model_hash
             and r.get("edit_fingerprint") == wanted.get((r["config"], r["case"]))]
-    meta = {"machine": machine, "machine_description": machine_description(), "model": repo_relative(model), "model_hash": model_hash,
+    recorded_on: dict[str, int] = {}
+    for r in runs:
+        d = r.get("machine_description", "AMD EPYC, 2 cores, torch 2.13.0+cpu (runs before 2026-11-26; not recorded per run)")
+        recorded_on[d] = recorded_on.get(d, 0) + 1
+    meta = {"machine": machine, "machine_description": "; ".join(f"{n} runs on {d}" for d, n in recorded_on.items()),
+            "model": repo_relative(model), "model_hash": model_hash,
             "suite_size": len(suite), "steps": args.steps, "lr": args.lr,
             "timing_note": "s / edit from the runs' own clocks; shards may have run side by side (see --shard, --threads)"}
     summary = summarize(runs)
     sweep = sweep_summary(list(done.values()), runs, suite, args.steps, args.lr, model_hash)
-    md = markdown(summary, meta) + sweep_markdown(sweep)
-    j, m = write_results(f"quality-{machine}", {"meta": meta, "summary": summary, "sweep": sweep, "suite": suite}, md)
+    axis = mask_axis(runs)
+    md = markdown(summary, meta) + mask_axis_markdown(axis) + sweep_markdown(sweep)
+    j, m = write_results(f"quality-{machine}", {"meta": meta, "summary": summary, "mask_axis": axis, "sweep": sweep, "suite": suite}, md)
     print(md)
     print("wrote", j, m)
 

@@ -54,10 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-prompt", required=True, help="text describing the input video")
     p.add_argument("--target-prompt", required=True, help="text describing the edited video")
     p.add_argument("--model", default=None, help="local diffusers-format model folder (default: the bundled model)")
+    p.add_argument("--cascade", default=None, metavar="FILE", help="cascaded edit: a cascade JSON file (edit at the base "
+                   "stage's size and keyframes, then interpolate / upscale / refine stages; see README) or a built-in "
+                   "name: shapes")
     p.add_argument("--out", default=None, help="output video, .mp4 or .gif (default: INPUT_edit.mp4 in the current folder)")
     m = p.add_mutually_exclusive_group()
     m.add_argument("--mask", default=None, help="mask video, frame folder or image of the input's size; a video/folder needs the "
-                   "input's frame count, a single png/jpg applies to every frame; white = editable")
+                   "input's frame count, a single png/jpg applies to every frame; white = editable. 'auto': estimated from "
+                   "the model's cross-attention to the words that differ between the prompts (written to OUT_mask); "
+                   "'none': no mask (a file of that name: ./auto, ./none)")
     m.add_argument("--boxes", default=None, help="JSON of per-frame [x0, y0, x1, y1] boxes in input pixels (keyframes are interpolated)")
     p.add_argument("--steps", type=int, default=_DEFAULTS.steps, help=f"optimization steps (default {_DEFAULTS.steps}, as the paper)")
     p.add_argument("--lr", type=float, default=_DEFAULTS.lr, help=f"learning rate (default {_DEFAULTS.lr:g}, SGD as the paper)")
@@ -118,8 +123,19 @@ def _quiet_libraries() -> None:
         pass
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, *, pipe=None, on_step=None, tensor_inputs: tuple[str, ...] = ("losses",),
+        check_only: bool = False, config_overrides: dict | None = None) -> int:
+    """One edit as the command line describes it. The other front ends (``fastdm-batch``, ``fastdm-app``)
+    call this too, so every input check and one-line message is the CLI's: ``pipe`` is an already
+    loaded pipeline (else ``args.model`` is loaded), ``on_step`` replaces the progress bar as the
+    step-end callback (it receives ``tensor_inputs``), ``check_only`` stops after the checks made
+    before the model loads, ``config_overrides`` sets ``EditConfig`` fields by name."""
 
+    if getattr(args, "cascade", None):  # cascaded edit: fastdm/cascade (the other front ends never set it)
+        from .cascade import run_cascade
+
+        return run_cascade(args, pipe=pipe, on_step=on_step, tensor_inputs=tensor_inputs, check_only=check_only,
+                           config_overrides=config_overrides)
     from .backbone import default_model_path
     from .driver import DreamMotionPipeline
     from .backbone.loader import check_model_folder
@@ -147,6 +163,10 @@ def run(args: argparse.Namespace) -> int:
         s_ssm_weight=args.s_ssm_weight, t_ssm_weight=args.t_ssm_weight, mask_scope=args.mask_scope,
         tap_layers=tuple(s.strip() for s in args.layers.split(",") if s.strip()) if args.layers else None,
     )
+    if config_overrides:
+        import dataclasses
+
+        config = dataclasses.replace(config, **config_overrides)
     config.validate()
     need_keys = config.s_ssm_weight > 0 or config.t_ssm_weight > 0
     reasons = PLANS[args.plan or "fast"].not_supported_reasons(backend=args.backend, compile_grad=args.compile_grad,
@@ -162,11 +182,16 @@ def run(args: argparse.Namespace) -> int:
         budget = parse_size(args.memory_budget)
     if args.checkpoint_every < 0:
         raise FastDMError("--checkpoint-every must be >= 0")
-    inputs = [inp, args.mask, args.boxes]
+    mask_mode = args.mask if args.mask in ("auto", "none") else ("file" if args.mask else "none")
+    mask_file = args.mask if mask_mode == "file" else None
+    mask_out = out.with_name(f"{out.stem}_mask{out.suffix}") if mask_mode == "auto" else None
+    inputs = [inp, mask_file, args.boxes]
     check_output_path(out, inputs=inputs)
     if not args.no_compare:
         check_output_path(compare, inputs=inputs, what="comparison video", flag="--out (or pass --no-compare)")
     check_report_path(report_path, inputs=inputs)
+    if mask_out is not None:
+        check_output_path(mask_out, inputs=inputs, what="mask video", flag="--out")
     if args.resume and not Path(args.resume).is_dir():
         raise FastDMError(f"--resume {args.resume}: no such checkpoint folder")
     if ckpt_dir and Path(ckpt_dir).exists() and not Path(ckpt_dir).is_dir():
@@ -175,44 +200,53 @@ def run(args: argparse.Namespace) -> int:
     check_model_folder(args.model or default_model_path())
 
     t0 = time.perf_counter()
-    need_total = bool(args.boxes or args.mask)  # to check their frame count against the whole input
+    need_total = bool(args.boxes or mask_file)  # to check their frame count against the whole input
     raw, fps, indices, total = read_frames(inp, frames=args.frames, stride=args.stride, with_total=True) if need_total \
         else (*read_frames(inp, frames=args.frames, stride=args.stride), None)
     src_size = (raw.shape[2], raw.shape[1])
     # mask and boxes are checked here, before the model loads; the crop comes after (it needs the model's size)
-    mask_raw = read_mask(args.mask, indices=indices, src_size=src_size, total_frames=total) if args.mask else None
+    mask_raw = read_mask(mask_file, indices=indices, src_size=src_size, total_frames=total) if mask_file else None
     boxes = read_boxes(args.boxes, src_size=src_size, total_frames=total) if args.boxes else None
+    if check_only:
+        return 0
 
-    _quiet_libraries()
-    pipe = DreamMotionPipeline.from_pretrained(args.model, args.device, args.dtype, allow_pickle=args.allow_pickle,
-                                               trust_remote_code=args.trust_remote_code, attention=args.attention,
-                                               release_text_encoder=True)
+    if pipe is None:
+        _quiet_libraries()
+        pipe = DreamMotionPipeline.from_pretrained(args.model, args.device, args.dtype, allow_pickle=args.allow_pickle,
+                                                   trust_remote_code=args.trust_remote_code, attention=args.attention,
+                                                   release_text_encoder=True)
     info = pipe.backbone.info
     size = args.size or info.native_size
     if size[0] % info.size_multiple or size[1] % info.size_multiple:
         raise FastDMError(f"--size {size[0]}x{size[1]}: width and height must be multiples of {info.size_multiple} for this model")
     crop = plan_crop(src_size, size)
     frames = resize_crop(raw, crop)
-    mask = None
+    mask = "auto" if mask_mode == "auto" else None
     if mask_raw is not None:
         mask = crop_mask(mask_raw, crop)
     elif boxes is not None:
         mask = boxes_to_mask(boxes, indices=indices, src_size=src_size, crop=crop)
     load_s = time.perf_counter() - t0
 
-    with _progress(config.steps, args.quiet) as on_step:
-        result = pipe(frames, config=config, mask=mask, callback_on_step_end=on_step,
-                      callback_on_step_end_tensor_inputs=("losses",), checkpoint_dir=ckpt_dir,
+    with _progress(config.steps, args.quiet or on_step is not None) as bar_step:
+        result = pipe(frames, config=config, mask=mask, callback_on_step_end=on_step or bar_step,
+                      callback_on_step_end_tensor_inputs=tensor_inputs, checkpoint_dir=ckpt_dir,
                       checkpoint_every=args.checkpoint_every, resume=bool(args.resume),
                       plan=None if budget is not None else (args.plan or "fast"), backend=args.backend,
                       memory_budget=budget, compile_grad=args.compile_grad)
     report = result.report
     report["input"] = {"path": str(inp), "fps": fps, "source_size": list(src_size), "frame_indices": indices,
                        "mask": args.mask, "boxes": args.boxes}
+    if mask_mode == "auto" and not args.quiet:
+        am = report["auto_mask"]
+        words = ", ".join(am["words"]["source"] + am["words"]["target"])
+        print(f"auto mask: {am['fallback']}; editing without a mask" if am["fallback"] else
+              f"auto mask from the words {words}: {am['area_fraction']:.0%} of the frame editable "
+              f"({am['denoiser_calls']} extra model call(s), {am['seconds']:.1f} s)")
     report["timings"]["load_s"] = round(load_s, 4)
     if ckpt_dir:
         report["checkpoint_dir"] = ckpt_dir
-    written = _write_outputs(result, frames, fps, out, None if args.no_compare else compare, report_path)
+    written = _write_outputs(result, frames, fps, out, None if args.no_compare else compare, report_path, mask_out)
     if not args.quiet:
         t = report["timings"]
         print(f"wrote {', '.join(written)} ({report['steps_run']} steps, {t['step_mean_s']} s/step, "
@@ -240,15 +274,29 @@ def _progress(total: int, quiet: bool):
         bar.close()
 
 
-def _write_outputs(result, frames, fps, out: Path, compare: Path | None, report_path: Path) -> list[str]:
-    """The edit, the side-by-side comparison and the JSON report, each written atomically."""
+def _mask_frames(mask, like):
+    """A (F, H, W) 0/1 mask as RGB frames, white = editable (all white when there is none: all editable)."""
+    import numpy as np
+
+    if mask is None:
+        return np.full_like(like, 255)
+    return np.repeat((np.asarray(mask) > 0.5).astype(np.uint8)[..., None] * 255, 3, axis=-1)
+
+
+def _write_outputs(result, frames, fps, out: Path, compare: Path | None, report_path: Path, mask_out: Path | None = None) -> list[str]:
+    """The edit, the side-by-side comparison (input | mask | edit with an automatic mask), the mask
+    video (automatic mask) and the JSON report, each written atomically."""
     from .io import side_by_side, write_video
     from .io.atomic import write_json_atomic
 
     write_video(out, result.frames, fps)
     written = [str(out)]
+    if mask_out is not None:
+        write_video(mask_out, _mask_frames(result.mask, frames), fps)
+        written.append(str(mask_out))
     if compare is not None:
-        write_video(compare, side_by_side(frames, result.frames), fps)
+        panels = [frames, result.frames] if mask_out is None else [frames, _mask_frames(result.mask, frames), result.frames]
+        write_video(compare, side_by_side(*panels), fps)
         written.append(str(compare))
     result.report["outputs"] = written
     write_json_atomic(report_path, result.report)

@@ -30,9 +30,18 @@ def ddim_sample(backbone: Backbone, prompt: str, *, frames: int = 8, size: tuple
     gen = torch.Generator("cpu").manual_seed(seed)
     x = torch.randn(shape, generator=gen).to(backbone.device)
     text = backbone.encode_prompts([prompt, negative_prompt])
-    alphas = backbone.alphas_cumprod
     n_train = backbone.info.num_train_timesteps
     ts = [i * (n_train // steps) + 1 for i in reversed(range(steps))]  # DDIM "leading" spacing, offset 1
+    x = ddim_loop(backbone, x, ts, text, guidance_scale=guidance_scale, gen=gen, eta=eta, clip_x0=clip_x0)
+    return tensor_to_frames(backbone.from_working(x))
+
+
+@torch.no_grad()
+def ddim_loop(backbone: Backbone, x: torch.Tensor, ts: list[int], text: torch.Tensor, *, guidance_scale: float,
+              gen: torch.Generator, eta: float = 0.0, clip_x0: bool = False) -> torch.Tensor:
+    """DDIM from the working tensor ``x`` at timestep ``ts[0]`` down to a clean one; ``text`` is
+    ``[prompt, negative]``. The loop of :func:`ddim_sample` and :func:`ddim_video_to_video`."""
+    alphas = backbone.alphas_cumprod
     lo_hi = backbone.valid_range
     for i, t in enumerate(ts):
         eps = backbone.predict_noise(torch.cat([x, x]), t, text)
@@ -47,4 +56,24 @@ def ddim_sample(backbone: Backbone, prompt: str, *, frames: int = 8, size: tuple
         x = a_prev**0.5 * x0 + (1 - a_prev - sigma**2) ** 0.5 * e
         if sigma > 0:
             x = x + sigma * torch.randn(x.shape, generator=gen).to(x.device)
+    return x
+
+
+@torch.no_grad()
+def ddim_video_to_video(backbone: Backbone, frames: np.ndarray, prompt: str, *, strength: float = 0.8, steps: int = 50,
+                        guidance_scale: float = 7.5, seed: int = 0, negative_prompt: str = "", eta: float = 0.0) -> np.ndarray:
+    """Video-to-video (SDEdit, as diffusers' ``VideoToVideoSDPipeline``): the video ``(F, H, W, 3)`` uint8 is
+    noised to ``strength`` of the schedule (the last ``round(steps * strength)`` of ``steps`` DDIM steps)
+    and denoised with ``prompt``. Deterministic for a seed."""
+    from .driver.pipeline import frames_to_tensor
+
+    x0 = backbone.to_working(frames_to_tensor(frames))
+    n_train = backbone.info.num_train_timesteps
+    ts = [i * (n_train // steps) + 1 for i in reversed(range(steps))]
+    ts = ts[steps - max(1, min(steps, round(steps * strength))):]
+    gen = torch.Generator("cpu").manual_seed(seed)
+    a, b = backbone.noise_coefficients(ts[0])
+    x = a * x0 + b * torch.randn(x0.shape, generator=gen).to(x0.device)
+    text = backbone.encode_prompts([prompt, negative_prompt])
+    x = ddim_loop(backbone, x, ts, text, guidance_scale=guidance_scale, gen=gen, eta=eta)
     return tensor_to_frames(backbone.from_working(x))

@@ -91,3 +91,82 @@ def build_tiny_model(
         index["vae"] = ["diffusers", "AutoencoderKL"]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
+
+
+def build_tiny_wan_model(
+    folder: str | Path,
+    *,
+    latent: bool = True,
+    text_dim: int = 16,
+    seed: int = 0,
+    words=DEFAULT_WORDS,
+    max_length: int = 16,
+    num_layers: int = 2,
+    shift: float = 3.0,
+    native_size: tuple[int, int] | None = None,
+) -> Path:
+    """A random-weight Wan 2.1 text-to-video model of the real classes, saved as a diffusers folder:
+    ``WanTransformer3DModel`` (2 layers, 2 heads of 12 channels, patch (1, 2, 2), as diffusers' own
+    Wan tests), a tiny ``AutoencoderKLWan`` (``latent=True``; else the transformer works on pixels),
+    a 2-layer ``UMT5EncoderModel``, a local ``T5TokenizerFast`` and a flow ``UniPCMultistepScheduler``."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
+
+    from .backbone.wan import write_t5_tokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_t5_tokenizer(folder / "tokenizer", words, max_length=max_length)
+    tok = T5TokenizerFast.from_pretrained(str(folder / "tokenizer"))
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tok), d_model=text_dim, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                                               relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                               decoder_start_token_id=tok.pad_token_id, feed_forward_proj="gated-gelu"))
+    channels = 16 if latent else 3
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                        in_channels=channels, out_channels=channels, text_dim=text_dim, freq_dim=256,
+                                        ffn_dim=32, num_layers=num_layers, cross_attn_norm=True,
+                                        qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift,
+                                        num_train_timesteps=1000)
+    index = {
+        "_class_name": "WanPipeline",
+        "_diffusers_version": "0.42.1",
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", "T5TokenizerFast"],
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+        "vae": [None, None],
+    }
+    transformer.save_pretrained(folder / "transformer", safe_serialization=True)
+    text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    scheduler.save_pretrained(folder / "scheduler")
+    if latent:
+        vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               temperal_downsample=[False, True, True])
+        vae.save_pretrained(folder / "vae", safe_serialization=True)
+        index["vae"] = ["diffusers", "AutoencoderKLWan"]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    if native_size is not None:
+        (folder / "fastdm.json").write_text(json.dumps({"native_size": list(native_size)}))
+    return folder
+
+
+def build_tiny_stage_model(folder: str | Path, kind: str, *, size: int = 16, channels: tuple[int, ...] = (16, 32),
+                           seed: int = 0, words=DEFAULT_WORDS) -> Path:
+    """A random-weight cascade stage model (see ``fastdm.cascade``) saved as a diffusers folder: the
+    :func:`build_tiny_model` folder with the UNet rebuilt for the stage's conditioning channels:
+    ``upscale`` 6 inputs ([noisy, upsampled low-res]), ``interpolate`` 7 ([noisy, interpolated
+    keyframes, keyframe mask]), ``refine`` a latent model (VAE latents in and out), ``edit`` the plain
+    pixel model."""
+    from diffusers import UNet3DConditionModel
+
+    folder = build_tiny_model(folder, latent=kind == "refine", size=size, channels=channels, seed=seed, words=words)
+    if kind in ("upscale", "interpolate"):
+        cfg = dict(UNet3DConditionModel.load_config(str(Path(folder) / "unet")))
+        cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+        cfg["in_channels"] = 6 if kind == "upscale" else 7
+        torch.manual_seed(seed + 1)
+        UNet3DConditionModel(**cfg).save_pretrained(Path(folder) / "unet", safe_serialization=True)
+    return Path(folder)

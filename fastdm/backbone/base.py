@@ -1,7 +1,8 @@
 """The backbone protocol: everything the driver, taps, engines, budget and benchmarks may use.
 
 The optimizer driver only talks to this interface; diffusers/transformers classes stay inside
-the concrete backbone files (``unet3d.py`` for ``UNet3DConditionModel``). A backbone says:
+the concrete backbone files (``unet3d.py`` for ``UNet3DConditionModel``, ``wan.py`` for Wan 2.1's
+``WanTransformer3DModel``). A backbone says:
 
 * **working space** (:meth:`to_working`, :meth:`from_working`, :meth:`working_shape`,
   :attr:`valid_range`): the tensor the edit optimizes, ``(B, C, F, h, w)`` fp32 — VAE latents
@@ -12,6 +13,8 @@ the concrete backbone files (``unet3d.py`` for ``UNet3DConditionModel``). A back
   :meth:`to_noise_prediction`): the raw model output and its conversion to a noise prediction,
   so V-DDS is written once, on noise predictions;
 * **text** (:meth:`encode_prompts`, :meth:`text_embedding_shape`, :meth:`release_text_encoder`);
+* **cross-attention** (:meth:`cross_attention_layers`, :meth:`word_token_positions`): where the
+  automatic mask (:mod:`fastdm.automask`) reads which video tokens attend to which prompt words;
 * **taps**: which self-attention layers exist (:meth:`spatial_self_attention_layers`), the
   default ones, the module whose output *is* the keys (:meth:`key_module`: the key-capture point)
   and how its token layout maps to ``(batch, frames, tokens per frame, channels)``
@@ -62,6 +65,46 @@ def truncate_after(module: torch.nn.Module | None):
         yield
     finally:
         detach_stop(handle)
+
+
+@dataclass(frozen=True)
+class CrossAttention:
+    """One cross-attention layer as the automatic mask reads it: the modules whose outputs are
+    the queries (video tokens) and the keys (text tokens), after any q/k normalization and
+    before any positional rotation, the head count and the softmax scale."""
+
+    query: torch.nn.Module
+    key: torch.nn.Module
+    heads: int
+    scale: float
+
+
+def word_token_positions(tokenizer, prompt: str, max_length: int) -> list[list[int]]:
+    """Token positions of each whitespace-separated word of ``prompt`` in its tokenization.
+
+    Tokenizes growing prefixes (``"a"``, ``"a red"``, ...) with the special tokens the encoder
+    sees, so it works for tokenizers with a start token (CLIP) and without (T5): the empty
+    prompt's tokens that also start the first word's tokenization are the leading specials,
+    the rest trail the words. Positions at or past
+    ``max_length`` (truncated away) are dropped.
+    """
+    words = prompt.split()
+
+    def ids(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=True, truncation=False).input_ids)
+
+    empty = ids("")  # the special tokens alone: those before the words (start) and after (end)
+    first = ids(words[0]) if words else empty
+    lead = 0
+    while lead < min(len(empty), len(first)) and empty[lead] == first[lead]:
+        lead += 1
+    tail = len(empty) - lead
+    out, prev = [], lead
+    for k in range(1, len(words) + 1):
+        end = len(ids(" ".join(words[:k]))) - tail
+        out.append([i for i in range(prev, end) if i < max_length])
+        prev = end
+    return out
 
 
 @dataclass(frozen=True)
@@ -123,6 +166,16 @@ class Backbone(abc.ABC):
     def working_shape(self, num_frames: int, size: tuple[int, int]) -> tuple[int, ...]:
         """Shape ``(1, C, F, h, w)`` of the working tensor for ``num_frames`` frames of ``size`` = (W, H)."""
 
+    def frame_count_problem(self, num_frames: int) -> str | None:
+        """Why this backbone cannot take a ``num_frames``-frame video (one line), or None.
+        Default: any count (Wan's VAE needs 4k+1 frames)."""
+        return None
+
+    def mask_frames_to_working(self, mask: torch.Tensor) -> torch.Tensor:
+        """A mask ``(F, ...)`` per video frame -> per working-space frame (default: the same frames;
+        a VAE that compresses time pools the frames of each latent frame)."""
+        return mask
+
     # -- denoiser -----------------------------------------------------------------------------
     @property
     @abc.abstractmethod
@@ -174,6 +227,15 @@ class Backbone(abc.ABC):
     def keys_to_frames(self, keys: torch.Tensor, num_frames: int) -> torch.Tensor:
         """Captured keys -> ``(B, F, N, C)``. Default: UNet3D's ``(B*F, N, C)``, batch-major."""
         return keys.reshape(-1, num_frames, *keys.shape[1:])
+
+    def cross_attention_layers(self) -> dict[str, CrossAttention]:
+        """Cross-attention layers (video tokens attending to text) by qualified name, in forward
+        order; their queries map to frames with :meth:`keys_to_frames`. Default: none."""
+        return {}
+
+    def word_token_positions(self, prompt: str) -> list[list[int]]:
+        """Token positions of each word of ``prompt`` in the text embedding (automatic mask)."""
+        raise FastDMError(f"{type(self).__name__} cannot map prompt words to tokens; give --mask or --boxes")
 
     # -- memory and identity --------------------------------------------------------------------
     @abc.abstractmethod

@@ -20,19 +20,28 @@ from .base import Backbone
 
 def _registry() -> list[type]:
     from .unet3d import UNet3DBackbone
+    from .wan import WanBackbone
 
-    return [UNet3DBackbone]
+    return [UNet3DBackbone, WanBackbone]
 
 
-def from_components(*, unet, text_encoder, tokenizer, scheduler, vae=None, path: str, native_size=None,
-                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Backbone:
-    """The backbone for these components (the first class in the registry that accepts the denoiser)."""
+def from_components(*, denoiser=None, unet=None, transformer=None, text_encoder, tokenizer, scheduler, vae=None, path: str,
+                    native_size=None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Backbone:
+    """The backbone for these components (the first class in the registry that accepts the denoiser).
+
+    The denoiser comes as ``denoiser=`` or under its diffusers folder name (``unet=`` for UNet3D,
+    ``transformer=`` for Wan); exactly one of the three."""
+    given = [m for m in (denoiser, unet, transformer) if m is not None]
+    if len(given) != 1:
+        raise TypeError("from_components takes exactly one of denoiser=, unet=, transformer=")
+    denoiser = given[0]
     for cls in _registry():
-        if cls.accepts(unet):
-            return cls(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, vae=vae, path=path,
-                       native_size=native_size, device=device, dtype=dtype)
+        if cls.accepts(denoiser):
+            keyword = getattr(cls, "denoiser_keyword", "unet")
+            return cls(**{keyword: denoiser}, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, vae=vae,
+                       path=path, native_size=native_size, device=device, dtype=dtype)
     names = ", ".join(c.__name__ for c in _registry())
-    raise FastDMError(f"unsupported denoiser class {type(unet).__name__}; fastdm supports: {names}")
+    raise FastDMError(f"unsupported denoiser class {type(denoiser).__name__}; fastdm supports: {names}")
 
 
 # Words that get a single token each; anything else falls back to characters.

@@ -1,8 +1,10 @@
 """Load a backbone from a local diffusers-format folder.
 
 Layout: ``model_index.json``, ``unet/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/`` and an
-optional ``vae/`` (with it the edit runs in latent space, without it in pixel space). An optional
-``fastdm.json`` may give ``{"native_size": [W, H]}``.
+optional ``vae/`` (with it the edit runs in latent space, without it in pixel space). A Wan 2.1
+folder holds ``transformer/`` in place of ``unet/`` (and needs ``accelerate`` installed, which
+diffusers uses to load ``WanTransformer3DModel``). An optional ``fastdm.json`` may give
+``{"native_size": [W, H]}``.
 
 Weights load from safetensors only unless ``allow_pickle``; a component whose class is not a
 diffusers/transformers class (custom model code shipped in the folder) loads only with
@@ -22,6 +24,12 @@ from ..errors import FastDMError
 from .base import Backbone
 
 REQUIRED = ("unet", "text_encoder", "tokenizer", "scheduler")
+WAN_REQUIRED = ("transformer", "text_encoder", "tokenizer", "scheduler")  # Wan 2.1 (diffusers' WanPipeline layout)
+
+
+def _required(p: Path) -> tuple[str, ...]:
+    """The layout of folder ``p``: UNet3D (``unet/``) or Wan (``transformer/`` and no ``unet/``)."""
+    return WAN_REQUIRED if (p / "transformer").is_dir() and not (p / "unet").is_dir() else REQUIRED
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -47,9 +55,14 @@ def _check_folder(path: str) -> Path:
         raise FastDMError(f"--model '{path}' is a file; pass the diffusers-format folder that holds model_index.json")
     if not (p / "model_index.json").is_file():
         raise FastDMError(f"'{path}' has no model_index.json; pass the root of a diffusers-format model folder")
-    missing = [c for c in REQUIRED if not (p / c).is_dir()]
+    required = _required(p)
+    missing = [c for c in required if not (p / c).is_dir()]
     if missing:
-        raise FastDMError(f"model folder '{path}' lacks {', '.join(c + '/' for c in missing)}; it must hold {', '.join(REQUIRED)} (and vae/ for latent models)")
+        alt = " (a Wan model: transformer/ in place of unet/)" if required is REQUIRED else ""
+        raise FastDMError(f"model folder '{path}' lacks {', '.join(c + '/' for c in missing)}; it must hold {', '.join(required)}{alt} (and vae/ for latent models)")
+    if required is WAN_REQUIRED and importlib.util.find_spec("accelerate") is None:
+        raise FastDMError("loading a Wan model needs the accelerate package, which diffusers uses for WanTransformer3DModel: "
+                          "pip install accelerate (or pip install 'fastdm[wan]')")
     return p
 
 
@@ -125,11 +138,12 @@ def load_backbone(
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FastDMError(f"{root / 'model_index.json'} is not valid JSON ({e}); fix or re-download the model") from None
     comps = {}
-    for name in REQUIRED + (("vae",) if (root / "vae").is_dir() and "vae" in index and index["vae"][0] is not None else ()):
+    required = _required(root)
+    for name in required + (("vae",) if (root / "vae").is_dir() and "vae" in index and index["vae"][0] is not None else ()):
         if name not in index:
             raise FastDMError(f"model_index.json has no entry for '{name}'")
         cls = _component_class(root, name, index[name], trust_remote_code)
-        if name in ("unet", "text_encoder", "vae"):
+        if name in ("unet", "transformer", "text_encoder", "vae"):
             _check_weights(root / name, allow_pickle)
         try:
             comps[name] = _load(cls, root / name, allow_pickle)
@@ -147,7 +161,7 @@ def load_backbone(
             raise FastDMError(f"{meta} is not a JSON object ({e}); fix it or delete it") from None
     from .components import from_components
 
-    return from_components(unet=comps["unet"], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"],
+    return from_components(denoiser=comps[required[0]], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"],
                            scheduler=comps["scheduler"], vae=comps.get("vae"), path=str(root), native_size=native,
                            device=device, dtype=dtype)
 

@@ -13,7 +13,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import FastDMError
-from .base import Backbone, BackboneInfo
+from .base import Backbone, BackboneInfo, CrossAttention, word_token_positions
 
 
 def xformers_unavailable_reason(device: torch.device) -> str | None:
@@ -29,6 +29,9 @@ def xformers_unavailable_reason(device: torch.device) -> str | None:
 # Spatial self-attention in UNet3D: Transformer2DModel blocks under `attentions`
 # (temporal attention lives under `temp_attentions` and `transformer_in`).
 _SPATIAL_SELF_ATTN = re.compile(r"^(down_blocks|up_blocks)\.\d+\.attentions\.\d+\.transformer_blocks\.\d+\.attn1$|^mid_block\.attentions\.\d+\.transformer_blocks\.\d+\.attn1$")
+
+
+_SPATIAL_CROSS_ATTN = re.compile(_SPATIAL_SELF_ATTN.pattern.replace("attn1", "attn2"))
 
 
 _STAGE = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
@@ -212,6 +215,14 @@ class UNet3DBackbone(Backbone):
     def spatial_self_attention_layers(self) -> dict[str, torch.nn.Module]:
         found = {n: m for n, m in self.unet.named_modules() if _SPATIAL_SELF_ATTN.match(n)}
         return {n: found[n] for n in sorted(found, key=_forward_order)}
+
+    def cross_attention_layers(self) -> dict[str, CrossAttention]:
+        found = {n: m for n, m in self.unet.named_modules() if _SPATIAL_CROSS_ATTN.match(n)}
+        return {n: CrossAttention(found[n].to_q, found[n].to_k, int(found[n].heads), float(found[n].scale))
+                for n in sorted(found, key=_forward_order)}
+
+    def word_token_positions(self, prompt: str) -> list[list[int]]:
+        return word_token_positions(self.tokenizer, prompt, int(self.tokenizer.model_max_length))
 
     def default_tap_layers(self) -> list[str]:
         """Spatial self-attention of the decoder's coarsest attention level.

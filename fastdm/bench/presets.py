@@ -6,6 +6,10 @@
 * ``shapes``          the bundled shapes model when it is there, else its architecture with random
                       weights (``tools/train_shapes.py``); 32x32.
 * ``tiny``            a 2-level UNet3D of a few hundred thousand parameters; 16x16.
+* ``wan2.1-t2v-1.3b`` Wan 2.1 T2V 1.3B: its ``WanTransformer3DModel`` (1.42 B parameters), UMT5-XXL
+                      text encoder (5.68 B; kept on the CPU, released after the prompts) and
+                      ``AutoencoderKLWan``, from the configs in ``configs/wan2.1-t2v-1.3b``; 832x480.
+* ``wan-tiny``        a 2-layer Wan transformer with a tiny AutoencoderKLWan (tests' size); 256x256.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ PRESETS = {
     "modelscope-256": {"size": (256, 256)},
     "shapes": {"size": (32, 32)},
     "tiny": {"size": (16, 16)},
+    "wan2.1-t2v-1.3b": {"size": (832, 480)},
+    "wan-tiny": {"size": (256, 256)},
 }
 
 
@@ -50,6 +56,32 @@ def _zeroscope(device, dtype, size):
                            path="preset:zeroscope-576w", native_size=size, device=device, dtype=dtype)
 
 
+def _wan(device, dtype, size):
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
+
+    from ..backbone.components import DEFAULT_WORDS
+    from ..backbone.wan import MAX_TEXT_TOKENS, write_t5_tokenizer
+
+    folder = CONFIGS / "wan2.1-t2v-1.3b"
+    cfg = {n: json.loads((folder / f"{n}.json").read_text()) for n in ("transformer", "text_encoder", "vae", "scheduler")}
+    tok_dir = Path(tempfile.mkdtemp(prefix="fastdm-t5tok-"))
+    write_t5_tokenizer(tok_dir, DEFAULT_WORDS, max_length=MAX_TEXT_TOKENS)
+    default = torch.get_default_dtype()
+    with torch.device(device if str(device) == "meta" else "cpu"):
+        transformer = WanTransformer3DModel.from_config(cfg["transformer"])
+        vae = AutoencoderKLWan.from_config(cfg["vae"])
+        # UMT5-XXL is built in the dtype it will be kept in (5.7 B parameters: 23 GB in fp32)
+        torch.set_default_dtype(torch.float32 if dtype == torch.float32 else torch.bfloat16)
+        try:
+            text = UMT5EncoderModel(UMT5Config.from_dict(cfg["text_encoder"]))
+        finally:
+            torch.set_default_dtype(default)
+    sched = UniPCMultistepScheduler.from_config(cfg["scheduler"])
+    return from_components(transformer=transformer, text_encoder=text, tokenizer=T5TokenizerFast.from_pretrained(str(tok_dir)),
+                           scheduler=sched, vae=vae, path="preset:wan2.1-t2v-1.3b", native_size=size, device=device, dtype=dtype)
+
+
 def build_backbone(preset: str, device: str = "cpu", dtype: torch.dtype = torch.float32, size=None) -> Backbone:
     """A backbone of the preset's architecture on ``device`` (``"meta"`` for FLOP counting)."""
     if preset not in PRESETS:
@@ -57,6 +89,14 @@ def build_backbone(preset: str, device: str = "cpu", dtype: torch.dtype = torch.
     size = tuple(size or PRESETS[preset]["size"])
     if preset in ("zeroscope-576w", "modelscope-256"):
         return _zeroscope(device, dtype, size)
+    if preset == "wan2.1-t2v-1.3b":
+        return _wan(device, dtype, size)
+    if preset == "wan-tiny":
+        from ..backbone import load_backbone
+        from ..testing import build_tiny_wan_model
+
+        folder = build_tiny_wan_model(Path(tempfile.mkdtemp(prefix="fastdm-wan-tiny-")), native_size=size)
+        return load_backbone(str(folder), device, dtype)
     if preset == "shapes":
         from ..backbone import default_model_path, load_backbone
 

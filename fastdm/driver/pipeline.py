@@ -52,6 +52,7 @@ class EditResult:
     frames: np.ndarray  # (F, H, W, 3) uint8, the edited video
     report: dict = field(default_factory=dict)
     working: torch.Tensor | None = None  # the edited working tensor (1, C, F, h, w), fp32 on CPU
+    mask: np.ndarray | None = None  # (F, H, W) the mask the edit used (given or estimated), 1 = editable
 
 
 def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
@@ -73,6 +74,9 @@ def check_frames(frames: np.ndarray, backbone: Backbone) -> None:
     m = backbone.info.size_multiple
     if h % m or w % m:
         raise FastDMError(f"frame size {w}x{h} is not a multiple of {m}, which this model needs; resize with --size")
+    problem = backbone.frame_count_problem(f)
+    if problem:
+        raise FastDMError(problem)
 
 
 def mask_to_working(mask: np.ndarray | None, frames: np.ndarray, backbone: Backbone) -> torch.Tensor | None:
@@ -86,7 +90,7 @@ def mask_to_working(mask: np.ndarray | None, frames: np.ndarray, backbone: Backb
     factor = backbone.info.spatial_factor
     if factor > 1:  # any editable pixel makes its latent cell editable
         m = torch.nn.functional.max_pool2d(m, factor)
-    m = (m > 0.5).float()
+    m = backbone.mask_frames_to_working((m > 0.5).float())  # (F_working, 1, h, w)
     return m.permute(1, 0, 2, 3).unsqueeze(0).to(backbone.device)
 
 
@@ -213,7 +217,9 @@ class DreamMotionPipeline:
                  callback_on_step_end_tensor_inputs: tuple[str, ...] = ("x",), **kwargs) -> EditResult:
         """Edit ``video`` ((F, H, W, 3) uint8) from ``source_prompt`` to ``target_prompt``.
 
-        ``mask`` ((F, H, W), 1 = editable). Settings: any :class:`EditConfig` field by name (``steps``,
+        ``mask`` ((F, H, W), 1 = editable; ``"auto"``: estimated from the model's cross-attention
+        on the source video, see :mod:`fastdm.automask`; the report's ``auto_mask`` says how, and
+        ``result.mask`` holds it). Settings: any :class:`EditConfig` field by name (``steps``,
         ``lr``, ``seed``, ...) or ``config=EditConfig(...)``; ``plan`` (``"fast"``, ``"fast-seq"``,
         ``"lean"``, ``"plain"``, ``"naive"`` or an :class:`ExecutionPlan`), ``backend`` (engine of the
         no-grad calls), ``compile_grad``, ``memory_budget`` (bytes; picks the plan),
@@ -284,8 +290,19 @@ class EditRun:
         self.timings["encode_s"] = time.perf_counter() - self.timings["start"]
         with pipe.lock, bb.vae_tiling((plan or FAST).vae_tiling):
             self.x_src = bb.to_working(frames_to_tensor(video))
+        self.auto_mask = None
+        if isinstance(mask, str):
+            if mask != "auto":
+                raise FastDMError(f"mask {mask!r}: give an (F, H, W) array, \"auto\" (estimated from the model's cross-attention) or None")
+            from ..automask import estimate_mask
+
+            with pipe.lock:  # hooks on the denoiser for one batch-2 call
+                self.auto_mask = estimate_mask(bb, self.x_src, self.text[[2, 0]], config.source_prompt, config.target_prompt,
+                                               self.size, seed=config.seed, num_frames=self.num_frames)
+            mask = self.auto_mask.mask
         self.mask = mask_to_working(mask, video, bb)
         self.masked = mask is not None
+        self.pixel_mask = None if mask is None else np.asarray(mask, np.float32)
         self.x = torch.nn.Parameter(self.x_src.clone())
         self.opt = torch.optim.SGD([self.x], lr=config.lr) if config.optimizer == "sgd" else torch.optim.Adam([self.x], lr=config.lr)
         self.gen = torch.Generator("cpu").manual_seed(config.seed)
@@ -450,4 +467,7 @@ class EditRun:
             "peak_memory_kind": self.memory.kind,
             "final_losses": {k: float(v) for k, v in self.losses.items() if v.device.type != "meta"},
         }
-        return EditResult(out, report, self.x.detach().cpu())
+        if self.auto_mask is not None:
+            report["auto_mask"] = self.auto_mask.report()
+            report["timings"]["auto_mask_s"] = round(self.auto_mask.seconds, 4)
+        return EditResult(out, report, self.x.detach().cpu(), self.pixel_mask)

@@ -62,7 +62,7 @@ class DreamMotionStep:
         eps_tgt_c, eps_tgt_u, eps_src_c, eps_src_u = eps
         e_tgt = guided_noise(eps_tgt_u, eps_tgt_c, self.vdds.guidance_scale)
         e_src = guided_noise(eps_src_u, eps_src_c, self.vdds.guidance_scale)
-        g = vdds_gradient(e_tgt, e_src, a * a, self.vdds, self.mask)
+        g = vdds_gradient(e_tgt, e_src, float(self.bb.alphas_cumprod[t]), self.vdds, self.mask)  # (DDPM: a^2; flow: same SNR)
         diff2 = (e_tgt - e_src).pow(2)
         if self.mask is not None:
             diff2 = diff2 * self.mask

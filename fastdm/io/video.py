@@ -266,6 +266,6 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None
             iio.imwrite(tmp, frames, extension=".gif", duration=1000.0 / fps, loop=0)
 
 
-def side_by_side(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Input | edit, frame by frame."""
-    return np.concatenate([a, b], axis=2)
+def side_by_side(*videos: np.ndarray) -> np.ndarray:
+    """Videos of one size side by side, frame by frame (input | edit, or input | mask | edit)."""
+    return np.concatenate(videos, axis=2)

@@ -1,0 +1,348 @@
+"""Backbone for Wan 2.1 text-to-video: diffusers ``WanTransformer3DModel`` (a flow-matching video
+diffusion transformer), ``AutoencoderKLWan`` (a 3D causal VAE, 4x in time, 8x in space), a UMT5
+text encoder and a flow-matching scheduler (``UniPCMultistepScheduler`` with flow sigmas, or
+``FlowMatchEulerDiscreteScheduler``). Without ``vae/`` the transformer works on pixels (the
+shapes-dit model). This is the only module touching these classes.
+
+Timesteps and noise (the decision is argued in ARCHITECTURE.md, "Wan 2.1"):
+
+* The driver's integer timestep ``t`` in ``[0, T)`` (T = ``num_train_timesteps``, 1000) is a
+  position on the scheduler's own schedule: ``u = t / T``, shifted as the scheduler shifts it,
+  ``s = shift * u / (1 + (shift - 1) * u)`` (``flow_shift`` of UniPC / ``shift`` of FlowMatchEuler;
+  Wan 2.1 at 480p: 3.0). ``x_t = (1 - s) x + s e`` and the transformer is fed ``s * T``, exactly
+  what the diffusers sampler feeds it at noise level ``s``. With the default ``t ~ U{50..950}``
+  and shift 3, ``s`` lies in ``[0.136, 0.983]`` with density ``shift / (shift - (shift-1) s)^2 / 0.9``.
+* The transformer predicts the velocity ``v = e - x``; :meth:`Backbone.to_noise_prediction`
+  turns it into ``e_hat = x_t + (1 - s) v_hat`` and V-DDS runs unchanged on noise predictions.
+
+Keys: ``attn1`` of each transformer block attends over the joint space-time token sequence
+(frame-major: Conv3d patches flattened over (frames, height, width)). The capture point is the
+output of ``attn1.norm_k`` — after the key projection and its RMS norm, before the rotary
+position embedding is applied (diffusers' ``WanAttnProcessor`` applies ``norm_k`` and then the
+rotary embedding), so positions do not enter the self-similarities.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import string
+from pathlib import Path
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import FastDMError
+from .base import Backbone, BackboneInfo
+
+MAX_TEXT_TOKENS = 512  # Wan's text length: the embeddings are zero-padded to it
+
+
+def flow_shift(scheduler) -> float:
+    """The timestep shift of a flow-matching scheduler (1.0 = none); refuses schedulers that are
+    not flow matching or that shift by resolution at run time."""
+    cfg = scheduler.config
+    if cfg.get("use_dynamic_shifting", False):
+        raise FastDMError(f"{type(scheduler).__name__} uses dynamic (resolution-dependent) shifting, which fastdm does not "
+                          "model; set use_dynamic_shifting false and a fixed shift in scheduler/scheduler_config.json")
+    if "use_flow_sigmas" in cfg:  # UniPC / DPM-Solver with flow sigmas
+        if not cfg.get("use_flow_sigmas") or cfg.get("prediction_type") != "flow_prediction":
+            raise FastDMError(f"{type(scheduler).__name__} is not configured for flow matching (use_flow_sigmas true and "
+                              "prediction_type flow_prediction); a Wan transformer predicts flow velocities")
+        return float(cfg.get("flow_shift", 1.0) or 1.0)
+    if "shift" in cfg:  # FlowMatchEulerDiscreteScheduler
+        return float(cfg.get("shift", 1.0) or 1.0)
+    raise FastDMError(f"{type(scheduler).__name__} is not a flow-matching scheduler; a Wan model needs "
+                      "UniPCMultistepScheduler (use_flow_sigmas) or FlowMatchEulerDiscreteScheduler")
+
+
+def shifted_sigma(u, shift: float):
+    """``s = shift u / (1 + (shift - 1) u)`` (works on floats and tensors)."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def _clean(prompt: str) -> str:
+    return " ".join(prompt.split())
+
+
+def write_t5_tokenizer(folder: str | Path, words, max_length: int = 16) -> None:
+    """A real ``T5TokenizerFast`` (SentencePiece-style Unigram model, built here without downloads):
+    one piece per word of ``words``, characters as the fallback; for tiny Wan models."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + w.lower(), -1.0) for w in dict.fromkeys(words)]
+    vocab += [(c, -5.0) for c in string.ascii_lowercase + string.digits + string.punctuation]
+    tk = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    tk.decoder = decoders.Metaspace()
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok = T5TokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0,
+                          model_max_length=max_length)
+    tok.save_pretrained(str(folder))
+
+
+def _cast(module: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
+    """Move ``module`` to ``device`` and its floating tensors to ``dtype``, except those named by the
+    class's ``_keep_in_fp32_modules``, which stay fp32 as diffusers' ``from_pretrained(torch_dtype=...)``
+    keeps them (Wan: rope, time embedder, modulation tables, norms). Tensor by tensor, so diffusers'
+    warning about casting with ``.to()`` does not apply."""
+    module.to(device=device)
+    keep = set(getattr(module, "_keep_in_fp32_modules", None) or [])
+    for name, sub in module.named_modules():
+        for table in (sub._parameters, sub._buffers):
+            for tname, t in table.items():
+                if t is None or not t.is_floating_point():
+                    continue
+                full = f"{name}.{tname}" if name else tname
+                want = torch.float32 if keep.intersection(full.split(".")) else dtype
+                if t.dtype != want:
+                    table[tname] = (torch.nn.Parameter(t.detach().to(want), requires_grad=False)
+                                    if isinstance(t, torch.nn.Parameter) else t.to(want))
+    return module
+
+
+class WanBackbone(Backbone):
+    denoiser_keyword = "transformer"
+    text_encoder_on_cpu = True  # never on the accelerator (memory projections leave it out)
+
+    def __init__(self, *, transformer, text_encoder, tokenizer, scheduler, vae, path: str, native_size, device, dtype):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.transformer = _cast(transformer, device, dtype).eval().requires_grad_(False)
+        # The text encoder never occupies the accelerator (UMT5-XXL has 4x the transformer's
+        # parameters): it stays on the CPU (meta for FLOP counting), in bf16 unless fp32 was asked
+        # for (T5-family encoders overflow in fp16), and is released after the prompts are encoded.
+        te_device = "meta" if self.device.type == "meta" else "cpu"
+        te_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
+        self.text_encoder = _cast(text_encoder, te_device, te_dtype).eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.vae = None if vae is None else _cast(vae, device, dtype).eval().requires_grad_(False)
+        self.shift = flow_shift(scheduler)
+        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
+        cfg = transformer.config
+        self.patch = tuple(int(p) for p in cfg.patch_size)
+        if vae is None:
+            factor, self.temporal_factor = 1, 1
+            if cfg.in_channels != 3:
+                raise ValueError(f"a pixel-space Wan transformer needs 3 input channels, this one has {cfg.in_channels}")
+        else:
+            factor = int(vae.config.scale_factor_spatial)
+            self.temporal_factor = int(vae.config.scale_factor_temporal)
+            self._lat_mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+            self._lat_std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        if native_size is None:
+            native_size = (832, 480) if vae is not None else (32, 32)
+        self.info = BackboneInfo(
+            name=type(transformer).__name__,
+            space="pixel" if vae is None else "latent",
+            path=path,
+            native_size=tuple(native_size),
+            size_multiple=factor * max(self.patch[1], self.patch[2]),
+            spatial_factor=factor,
+            num_train_timesteps=self.num_train_timesteps,
+            prediction_type="flow",
+        )
+
+    @staticmethod
+    def accepts(denoiser) -> bool:
+        from diffusers import WanTransformer3DModel
+
+        return isinstance(denoiser, WanTransformer3DModel)
+
+    # -- noising ----------------------------------------------------------------------------
+    def sigma(self, t) -> float:
+        """Noise level ``s`` of integer timestep ``t`` (see the module docstring)."""
+        return float(shifted_sigma(t / self.num_train_timesteps, self.shift))
+
+    def noise_coefficients(self, t: int) -> tuple[float, float]:
+        s = self.sigma(t)
+        return 1.0 - s, s
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """The DDPM alpha_bar with the same signal-to-noise ratio as each flow level:
+        ``(1 - s)^2 / ((1 - s)^2 + s^2)`` (x_t / sqrt((1-s)^2 + s^2) is that DDPM's x_t)."""
+        if getattr(self, "_abar", None) is None:
+            s = shifted_sigma(torch.arange(self.num_train_timesteps, dtype=torch.float64) / self.num_train_timesteps, self.shift)
+            self._abar = (1 - s) ** 2 / ((1 - s) ** 2 + s**2)
+        return self._abar
+
+    # -- text -------------------------------------------------------------------------------
+    def text_length(self) -> int:
+        return int(min(self.tokenizer.model_max_length, MAX_TEXT_TOKENS))
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """UMT5 embeddings, zero beyond each prompt's tokens, padded to :meth:`text_length` (as the
+        diffusers Wan pipeline does). Only the longest prompt's tokens are run through the encoder:
+        with its attention mask and relative positions the padded positions change nothing."""
+        if self.text_encoder is None:
+            raise RuntimeError("the text encoder was released; encode prompts before releasing it")
+        length = self.text_length()
+        enc = self.tokenizer([_clean(p) for p in prompts], padding="longest", max_length=length, truncation=True,
+                             add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        te_device = next(self.text_encoder.parameters()).device
+        hidden = self.text_encoder(enc.input_ids.to(te_device), attention_mask=enc.attention_mask.to(te_device)).last_hidden_state
+        out = torch.zeros(len(prompts), length, hidden.shape[-1], device=te_device, dtype=hidden.dtype)
+        for i, n in enumerate(enc.attention_mask.sum(1).tolist()):
+            out[i, :n] = hidden[i, :n]
+        return out.to(self.device, self.dtype)
+
+    def text_embedding_shape(self) -> tuple[int, int]:
+        return self.text_length(), int(self.transformer.config.text_dim)
+
+    def release_text_encoder(self) -> None:
+        self.text_encoder = None
+
+    # -- frames and working space -----------------------------------------------------------
+    def latent_frames(self, num_frames: int) -> int:
+        """Latent frames of a ``num_frames`` video (the VAE keeps frame 0 and packs 4 per latent frame)."""
+        return (num_frames - 1) // self.temporal_factor + 1
+
+    def frame_count_problem(self, num_frames: int) -> str | None:
+        k = self.temporal_factor
+        if k > 1 and (num_frames - 1) % k:
+            fit = (num_frames - 1) // k * k + 1
+            return (f"this Wan model's VAE takes {k}k+1 frames (1, {k + 1}, {2 * k + 1}, ..., 33, ..., 81) and the video has "
+                    f"{num_frames}; pass --frames {fit}")
+        if self.patch[0] > 1 and self.latent_frames(num_frames) % self.patch[0]:
+            return f"the transformer patches {self.patch[0]} latent frames together; {num_frames} frames do not divide"
+        return None
+
+    def mask_frames_to_working(self, mask: torch.Tensor) -> torch.Tensor:
+        """A per-frame mask ``(F, ...)`` -> per latent frame: latent frame 0 holds frame 0, latent
+        frame j >= 1 frames 4j-3..4j; a latent cell is editable when any of its frames is."""
+        k = self.temporal_factor
+        if k == 1:
+            return mask
+        rest = mask[1:].reshape(-1, k, *mask.shape[1:]).amax(1)
+        return torch.cat([mask[:1], rest])
+
+    @torch.no_grad()
+    def to_working(self, frames: torch.Tensor) -> torch.Tensor:
+        problem = self.frame_count_problem(frames.shape[0])
+        if problem:
+            raise FastDMError(problem)
+        video = frames.to(self.device).permute(1, 0, 2, 3).unsqueeze(0)  # (1, 3, F, H, W)
+        if self.vae is None:
+            return video.float().contiguous()
+        # the causal encoder runs frame 0, then 4 frames at a time, with a feature cache (so time
+        # is already sliced); spatial tiles under vae_tiling
+        z = self.vae.encode(video.to(self.dtype)).latent_dist.mode().float()
+        return ((z - self._lat_mean.to(z.device)) / self._lat_std.to(z.device)).contiguous()
+
+    @torch.no_grad()
+    def decode_working(self, x: torch.Tensor) -> torch.Tensor:
+        """Working tensor -> frames ``(F, 3, H, W)`` in [-1, 1] on the backbone's device (fp32)."""
+        if self.vae is not None:
+            z = x.float() * self._lat_std.to(x.device) + self._lat_mean.to(x.device)
+            x = self.vae.decode(z.to(self.dtype)).sample
+        return x[0].permute(1, 0, 2, 3).float().clamp(-1, 1)
+
+    def from_working(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode_working(x).cpu()
+
+    def working_shape(self, num_frames: int, size: tuple[int, int]) -> tuple[int, ...]:
+        w, h = size
+        f = self.info.spatial_factor
+        return (1, int(self.transformer.config.in_channels), self.latent_frames(num_frames), h // f, w // f)
+
+    # -- denoiser ---------------------------------------------------------------------------
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.transformer
+
+    def denoiser_forward(self, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The transformer's velocity at integer timesteps ``timestep``, which it is fed as ``s(t) * T``."""
+        T = self.num_train_timesteps
+        model_t = shifted_sigma(timestep.to(torch.float32) / T, self.shift) * T
+        return self.transformer(sample, model_t, encoder_hidden_states=text, return_dict=False)[0]
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        mods = {"transformer": self.transformer, "vae": self.vae}
+        return {k: m for k, m in mods.items() if m is not None}
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "WanBackbone":
+        device = self.device if device is None else torch.device(device)
+        dtype = dtype or self.dtype
+        for m in self.modules().values():
+            _cast(m, device, dtype)
+        self.device, self.dtype = device, dtype
+        return self
+
+    @contextlib.contextmanager
+    def block_checkpointing(self, enabled: bool):
+        """Gradient checkpointing of every transformer block for the duration of the block: a block
+        recomputes its activations in the backward instead of keeping them (the blocks' ``forward``
+        is swapped on entry and restored on exit, as in the UNet3D backbone)."""
+        if not enabled:
+            yield
+            return
+        units = list(self.transformer.blocks)
+        saved = [unit.__dict__.get("forward") for unit in units]
+        for unit in units:
+            original = unit.forward
+
+            def fwd(*args, _f=original, **kwargs):
+                if torch.is_grad_enabled():
+                    return checkpoint(_f, *args, use_reentrant=False, **kwargs)
+                return _f(*args, **kwargs)
+
+            unit.forward = fwd
+        try:
+            yield
+        finally:
+            for unit, old in zip(units, saved):
+                if old is None:
+                    del unit.forward
+                else:
+                    unit.forward = old
+
+    @contextlib.contextmanager
+    def vae_tiling(self, enabled: bool):
+        if self.vae is None or not enabled or getattr(self.vae, "use_tiling", False):
+            yield
+            return
+        self.vae.enable_tiling()
+        try:
+            yield
+        finally:
+            self.vae.disable_tiling()
+
+    # -- taps -------------------------------------------------------------------------------
+    def spatial_self_attention_layers(self) -> dict[str, torch.nn.Module]:
+        """``blocks.<i>.attn1``: each block's self-attention over all video tokens (space and time)."""
+        return {f"blocks.{i}.attn1": b.attn1 for i, b in enumerate(self.transformer.blocks)}
+
+    def default_tap_layers(self) -> list[str]:
+        """The self-attention of the middle block (provisional: see ARCHITECTURE.md, "Wan 2.1")."""
+        n = len(self.transformer.blocks)
+        return [f"blocks.{n // 2}.attn1"]
+
+    def cross_attention_layers(self) -> dict:
+        """``blocks.<i>.attn2``: video tokens attending to the text; queries and keys after their RMS
+        norms (no rotary embedding in cross-attention)."""
+        from .base import CrossAttention
+
+        def scale(a) -> float:  # SDPA's default, which the Wan processor uses
+            return (a.to_q.out_features // a.heads) ** -0.5
+
+        return {f"blocks.{i}.attn2": CrossAttention(b.attn2.norm_q, b.attn2.norm_k, int(b.attn2.heads), scale(b.attn2))
+                for i, b in enumerate(self.transformer.blocks)}
+
+    def word_token_positions(self, prompt: str) -> list[list[int]]:
+        from .base import word_token_positions
+
+        return word_token_positions(self.tokenizer, _clean(prompt), self.text_length())
+
+    def key_module(self, layer: str) -> torch.nn.Module:
+        """``attn1.norm_k``: keys after their RMS norm, before the rotary embedding."""
+        return self.spatial_self_attention_layers()[layer].norm_k
+
+    def keys_to_frames(self, keys: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """``(B, F' * N, C)`` frame-major tokens -> ``(B, F', N, C)``; ``num_frames`` is the video's
+        frame count, F' its latent frames over the transformer's temporal patch."""
+        f = self.latent_frames(num_frames) // self.patch[0]
+        return keys.reshape(keys.shape[0], f, keys.shape[1] // f, keys.shape[2])

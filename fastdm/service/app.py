@@ -1,0 +1,359 @@
+"""`fastdm-app`: a Gradio web app over one loaded pipeline.
+
+Upload a clip (or pick a bundled one), type the source and target prompts, optionally limit the
+edit with boxes (the CLI's ``--boxes`` JSON, typed) or a mask upload, set steps / lr / guidance /
+seed / plan, and press Run: the status line follows every step (step, t, losses), a preview strip
+of the edited frames comes every few steps, Stop ends the edit after the current step (the
+result then covers the steps run). The input | edit video and downloads of the edit, the
+comparison and the JSON report follow.
+
+Each Run goes through :func:`fastdm.cli.run` with the app's pipeline, so inputs are checked and
+refused with exactly ``fastdm-edit``'s one-line messages. One edit runs at a time per loaded
+model: Run is queued with concurrency 1 (the others wait in Gradio's queue), and an edit whose
+tab was closed is told to stop and holds the model until its current step ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import FastDMError
+from .jobs import edit_args
+
+PROG = "fastdm-app"
+INSTALL_HINT = "pip install 'fastdm[app]'"
+CLIPS = Path(__file__).resolve().parent.parent / "assets" / "clips"
+NO_CLIP = "(none: use the upload)"
+BOXES_HINT = '{"0": [14, 7, 31, 23], "7": [0, 7, 17, 23]}'
+VIEW_HEIGHT = 192  # the side-by-side player's video is enlarged (nearest) to at least this height
+
+
+def bundled_clips() -> list[str]:
+    return sorted(p.name for p in CLIPS.iterdir() if p.suffix.lower() in (".gif", ".mp4", ".webm"))
+
+
+def _require_gradio():
+    import os
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports sent from an offline tool
+    try:
+        import gradio
+    except ImportError:
+        raise FastDMError(f"Gradio is not installed; install it with: {INSTALL_HINT}") from None
+    return gradio
+
+
+def _enlarge(frames: np.ndarray, height: int) -> np.ndarray:
+    k = max(1, -(-height // frames.shape[1]))
+    return frames.repeat(k, axis=1).repeat(k, axis=2) if k > 1 else frames
+
+
+def preview_strip(frames: np.ndarray, height: int = 96) -> np.ndarray:
+    """(F, H, W, 3) -> one image: the frames side by side (enlarged, 2 px apart)."""
+    frames = _enlarge(frames, height)
+    gap = np.full((frames.shape[1], 2, 3), 40, np.uint8)
+    parts = []
+    for f in frames:
+        parts += [f, gap]
+    return np.concatenate(parts[:-1], axis=1)
+
+
+class EditService:
+    """The app's state: one pipeline, one edit at a time, a stop flag per browser session."""
+
+    def __init__(self, pipe, *, model: str | None, device: str = "cpu", dtype: str = "fp32", out_root: str | Path,
+                 preview_every: int = 5, max_steps: int | None = None):
+        self.pipe, self.model, self.device, self.dtype = pipe, model, device, dtype
+        self.out_root = Path(out_root)
+        self.preview_every, self.max_steps = max(1, preview_every), max_steps
+        self.lock = threading.Lock()  # one edit at a time, also past a closed tab's cancelled generator
+        self.stops: dict[str, threading.Event] = {}
+
+    # -- a request -> the CLI's Namespace -----------------------------------------------------------
+    def _args(self, run_dir: Path, upload, bundled, source, target, boxes_text, mask_file, steps, lr, guidance, seed,
+              plan, frames, auto_mask=False) -> tuple[argparse.Namespace, dict[str, str]]:
+        """The Namespace of this request and the names to show for paths the user never typed."""
+        names = {str(run_dir): "the app's output folder"}
+        if upload:
+            inp = str(upload)
+            names[inp] = Path(inp).name
+        elif bundled and bundled != NO_CLIP:
+            if bundled not in bundled_clips():
+                raise FastDMError(f"no bundled clip {bundled!r}; choose one of {', '.join(bundled_clips())}")
+            inp = str(CLIPS / bundled)
+            names[inp] = bundled
+        else:
+            raise FastDMError("no input video: upload a clip or pick a bundled one")
+        boxes = None
+        if boxes_text and boxes_text.strip():
+            boxes = run_dir / "boxes.json"
+            boxes.write_text(boxes_text)
+            names[f"'{boxes}'"] = "(typed in the app)"
+            boxes = str(boxes)
+        mask = None
+        if mask_file:
+            mask = str(mask_file)
+            names[mask] = Path(mask).name
+        if auto_mask:
+            if mask or boxes:
+                raise FastDMError("give boxes, a mask or the automatic mask, not several")
+            mask = "auto"
+        for flag, v in (("--steps", steps), ("--lr", lr), ("--guidance-scale", guidance), ("--seed", seed)):
+            if v is None:
+                raise FastDMError(f"{flag} is empty; give a number")
+        if steps != int(steps):
+            raise FastDMError(f"--steps must be a positive integer, got {steps}")
+        if self.max_steps and steps > self.max_steps:
+            raise FastDMError(f"--steps {int(steps)} is above this server's limit of {self.max_steps}; lower it")
+        if seed != int(seed):
+            raise FastDMError(f"--seed must be an integer, got {seed}")
+        stem = Path(inp).stem or "video"
+        args = edit_args(inp, source or "", target or "", out=run_dir / f"{stem}_edit.mp4", model=self.model,
+                         device=self.device, dtype=self.dtype, mask=mask, boxes=boxes,
+                         frames=int(frames) if frames else None, plan=plan or None, steps=int(steps), lr=float(lr),
+                         guidance_scale=float(guidance), seed=int(seed))
+        return args, names
+
+    @staticmethod
+    def _friendly(msg: str, names: dict[str, str]) -> str:
+        for path, name in sorted(names.items(), key=lambda kv: -len(kv[0])):
+            msg = msg.replace(path, name)
+        return msg
+
+    def _preview(self, x) -> np.ndarray:
+        from ..driver.pipeline import tensor_to_frames
+
+        with self.pipe.lock:
+            frames = tensor_to_frames(self.pipe.backbone.from_working(x))
+        return preview_strip(frames)
+
+    # -- Run ----------------------------------------------------------------------------------------
+    def edit(self, session: str, *inputs):
+        """Generator of (status, preview, input|edit video, downloads) updates for one Run."""
+        import gradio as gr
+
+        from ..cli import run
+        from ..io import write_video
+
+        keep = gr.update()
+        self.out_root.mkdir(parents=True, exist_ok=True)
+        run_dir = Path(tempfile.mkdtemp(prefix="edit-", dir=self.out_root))
+        try:
+            args, names = self._args(run_dir, *inputs)
+        except FastDMError as e:
+            yield f"error: {self._friendly(str(e), {str(run_dir): 'the output folder'})}", keep, None, None
+            return
+        stop = threading.Event()
+        self.stops[session] = stop
+        updates: queue.Queue = queue.Queue()
+        total = args.steps
+
+        def on_step(_pipe, step, t, tensors):
+            losses = {k: float(v) for k, v in tensors["losses"].items()}
+            img = self._preview(tensors["x"]) if step % self.preview_every == 0 or step == total else None
+            updates.put(("step", step, t, losses, img))
+            return {"stop": True} if stop.is_set() else None
+
+        def work():
+            with self.lock:
+                if stop.is_set():  # (its tab went away while it waited)
+                    updates.put(("error", "stopped before it started"))
+                    return
+                try:
+                    run(args, pipe=self.pipe, on_step=on_step, tensor_inputs=("losses", "x"))
+                    updates.put(("done",))
+                except FastDMError as e:
+                    updates.put(("error", self._friendly(str(e), names)))
+                except Exception as e:  # noqa: BLE001 - an internal error: one line, as the CLI prints it
+                    updates.put(("error", f"internal error: {type(e).__name__}: {e}".replace("\n", " ")))
+
+        thread = threading.Thread(target=work, name="fastdm-app-edit", daemon=True)
+        waiting = self.lock.locked()
+        thread.start()
+        yield ("waiting for the edit before this one to finish" if waiting else "starting"), None, None, None
+        last_step = 0
+        try:
+            while True:
+                msg = updates.get()
+                latest_img = None
+                while msg[0] == "step" and not updates.empty():  # steps faster than the page: show the latest
+                    latest_img = msg[4] if msg[4] is not None else latest_img
+                    msg = updates.get()
+                if msg[0] == "step":
+                    _, last_step, t, losses, img = msg
+                    img = img if img is not None else latest_img
+                    text = f"step {last_step}/{total}, t={t}: " + ", ".join(f"{k} {v:.4g}" for k, v in losses.items())
+                    if stop.is_set():
+                        text += " (stopping after this step)"
+                    yield text, (img if img is not None else keep), keep, keep
+                elif msg[0] == "error":
+                    yield f"error: {msg[1]}", keep, None, None
+                    return
+                else:
+                    out = Path(args.out)
+                    report_path = out.with_suffix(".json")
+                    report = json.loads(report_path.read_text())
+                    import imageio.v3 as iio
+
+                    src = iio.imread(out.with_name(f"{out.stem}_compare{out.suffix}"), plugin="FFMPEG")
+                    view = run_dir / "input_edit_view.mp4"
+                    write_video(view, _enlarge(src, VIEW_HEIGHT), report["input"]["fps"] or 8)
+                    edited = iio.imread(out, plugin="FFMPEG")
+                    ran = report["steps_run"]
+                    how = f"stopped after {ran} of {total} steps" if report["stopped_early"] else f"done: {ran} steps"
+                    t = report["timings"]
+                    text = (f"{how}, {t['step_mean_s']} s/step, final losses "
+                            + ", ".join(f"{k} {v:.4g}" for k, v in report["final_losses"].items()))
+                    files = [str(out), str(out.with_name(f"{out.stem}_compare{out.suffix}")), str(report_path)]
+                    if "auto_mask" in report:  # the mask video too, and how the mask was made
+                        files.insert(2, str(out.with_name(f"{out.stem}_mask{out.suffix}")))
+                        am = report["auto_mask"]
+                        text += ("; automatic mask: " + (am["fallback"] + ", so no mask" if am["fallback"] else
+                                 f"{am['area_fraction']:.0%} of the frame from the words "
+                                 + ", ".join(am["words"]["source"] + am["words"]["target"])))
+                    yield text, preview_strip(edited), str(view), files
+                    return
+        finally:
+            stop.set()  # a closed tab cancels this generator: its edit stops after the current step
+            if self.stops.get(session) is stop:
+                del self.stops[session]
+
+    def stop(self, session: str) -> None:
+        ev = self.stops.get(session)
+        if ev is not None:
+            ev.set()
+
+
+def build_app(service: EditService):
+    import gradio as gr
+
+    from ..driver.config import EditConfig
+    from ..driver.plan import PLANS
+
+    d = EditConfig("s", "t")
+    clips = bundled_clips()
+    with gr.Blocks(title="fastdm: DreamMotion video editing") as demo:
+        gr.Markdown("## fastdm: DreamMotion zero-shot video editing\nChange a clip's appearance from a text prompt; "
+                    "its structure and motion stay. The bundled model knows only the shapes world "
+                    "(`a {colour} {shape} moving {direction}`, 32x32).")
+        with gr.Row():
+            with gr.Column():
+                upload = gr.File(label="Upload a clip", file_types=[".mp4", ".webm", ".gif", ".png", ".jpg", ".jpeg"],
+                                 type="filepath")
+                bundled = gr.Dropdown([NO_CLIP, *clips], value=NO_CLIP, label="Bundled clip (used when nothing is uploaded)")
+                source = gr.Textbox(label="Source prompt", placeholder="a red circle moving right")
+                target = gr.Textbox(label="Target prompt", placeholder="a blue circle moving right")
+                with gr.Accordion("Limit the edit (optional): boxes or a mask", open=False):
+                    boxes = gr.Textbox(label="Boxes (JSON, input pixels)", lines=2, placeholder=BOXES_HINT,
+                                       info='[[x0, y0, x1, y1], ...] one per frame or one for all, or {"frame": box} '
+                                            "keyframes (interpolated), as fastdm-edit --boxes")
+                    mask = gr.File(label="Mask upload (white = editable)", type="filepath",
+                                   file_types=[".mp4", ".webm", ".gif", ".png", ".jpg", ".jpeg"])
+                    auto_mask = gr.Checkbox(value=False, label="Automatic mask (from the words that differ between the prompts)",
+                                            elem_id="auto_mask")
+                with gr.Row():
+                    steps = gr.Number(value=d.steps, precision=0, label="Steps", minimum=1)
+                    lr = gr.Number(value=d.lr, label="Learning rate")
+                    guidance = gr.Number(value=d.guidance_scale, label="Guidance scale")
+                with gr.Row():
+                    seed = gr.Number(value=d.seed, precision=0, label="Seed")
+                    plan = gr.Dropdown(list(PLANS), value="fast", label="Plan")
+                    frames = gr.Number(value=0, precision=0, label="Frames (0 = all)", minimum=0)
+                with gr.Row():
+                    run_btn = gr.Button("Run", variant="primary")
+                    stop_btn = gr.Button("Stop", variant="stop")
+            with gr.Column():
+                status = gr.Textbox(label="Status", interactive=False, lines=2, elem_id="status")
+                preview = gr.Image(label="Preview (edited frames)", type="numpy", interactive=False, format="png",
+                                   elem_id="preview")
+                video = gr.Video(label="Input | edit", interactive=False, loop=True, autoplay=True, elem_id="result")
+                files = gr.File(label="Downloads (edit, input | edit, JSON report)", file_count="multiple", interactive=False,
+                                elem_id="downloads")
+
+        def on_run(up, bu, so, ta, bx, ma, st, l, g, se, pl, fr, am, request: gr.Request):
+            yield from service.edit(request.session_hash, up, bu, so, ta, bx, ma, st, l, g, se, pl, fr, am)
+
+        def on_stop(request: gr.Request):
+            service.stop(request.session_hash)
+
+        for fn in (on_run, on_stop):  # (this module's annotations are strings Gradio cannot resolve in here)
+            fn.__annotations__["request"] = gr.Request
+
+        run_btn.click(on_run, [upload, bundled, source, target, boxes, mask, steps, lr, guidance, seed, plan, frames, auto_mask],
+                      [status, preview, video, files], concurrency_limit=1, concurrency_id="edit", show_progress="minimal")
+        stop_btn.click(on_stop, None, None, concurrency_limit=None, show_progress="hidden")
+    demo.queue(default_concurrency_limit=1)
+    return demo
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{PROG}: error: {message} (see {PROG} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="A web page for DreamMotion edits (Gradio), over one loaded model.")
+    p.add_argument("--model", default=None, help="local diffusers-format model folder (default: the bundled model)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for the network)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--out-dir", default=None, help="where each run's outputs go (default: a new temporary folder)")
+    p.add_argument("--preview-every", type=int, default=5, metavar="N", help="a preview of the edited frames every N steps")
+    p.add_argument("--max-steps", type=int, default=None, help="refuse edits with more steps (for a shared server)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    args = build_parser().parse_args(argv)
+    try:
+        _require_gradio()
+        from ..backbone import default_model_path
+        from ..backbone.loader import check_model_folder
+        from ..cli import _quiet_libraries
+        from ..driver import DreamMotionPipeline
+
+        if not 0 < args.port < 65536:
+            raise FastDMError(f"--port must be 1-65535, got {args.port}")
+        check_model_folder(args.model or default_model_path())
+        out_root = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="fastdm-app-"))
+        if out_root.exists() and not out_root.is_dir():
+            raise FastDMError(f"--out-dir '{out_root}' is a file; give a folder")
+        out_root.mkdir(parents=True, exist_ok=True)
+        _quiet_libraries()
+        pipe = DreamMotionPipeline.from_pretrained(args.model, args.device, args.dtype)
+        service = EditService(pipe, model=args.model, device=args.device, dtype=args.dtype, out_root=out_root,
+                              preview_every=args.preview_every, max_steps=args.max_steps)
+        demo = build_app(service)
+        try:
+            demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(out_root.resolve())], quiet=True,
+                        prevent_thread_lock=True, footer_links=[])
+        except OSError as e:
+            raise FastDMError(f"cannot listen on {args.host}:{args.port} ({e}); pass another --port") from None
+        print(f"{PROG}: serving on http://{args.host}:{args.port} (outputs in {out_root}); Ctrl+C stops", flush=True)
+        demo.block_thread()
+    except FastDMError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"{PROG}: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

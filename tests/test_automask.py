@@ -1,0 +1,192 @@
+"""The automatic mask (`--mask auto`): word difference, token positions, the estimate on a tiny
+random model and on the bundled shapes model, the fallbacks, and the CLI outputs."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fastdm.automask import AutoMask, changed_words, estimate_mask, otsu_threshold
+from fastdm.backbone.base import word_token_positions
+from fastdm.cli import main
+from fastdm.driver.pipeline import frames_to_tensor
+
+PROMPTS = ["--source-prompt", "a red circle moving right", "--target-prompt", "a blue circle moving right"]
+
+
+@pytest.mark.parametrize(
+    "source, target, expected",
+    [
+        ("a red circle moving right", "a blue circle moving right", ([1], [1])),  # changed
+        ("a red circle moving right", "a blue triangle moving right", ([1, 2], [1, 2])),  # two changed
+        ("a circle moving right", "a red circle moving right", ([], [1])),  # added
+        ("a big red circle", "a red circle", ([1], [])),  # removed
+        ("A Red circle, moving", "a red circle moving", ([], [])),  # case and punctuation only
+        ("a red circle", "a red circle", ([], [])),  # same
+        ("a cat on a mat", "a dog on a rug", ([1, 4], [1, 4])),  # two separate changes
+    ],
+)
+def test_changed_words(source, target, expected):
+    assert changed_words(source, target) == expected
+
+
+def test_word_token_positions_with_the_clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    from fastdm.backbone import default_model_path
+
+    tok = CLIPTokenizer.from_pretrained(f"{default_model_path()}/tokenizer")
+    # a start token at 0, one token per known word
+    assert word_token_positions(tok, "a red circle moving right", 77) == [[0 + 1], [2], [3], [4], [5]]
+    # a word outside the vocabulary splits into several tokens, and the later words shift
+    pos = word_token_positions(tok, "a zebra circle", 77)
+    assert pos[0] == [1] and len(pos[1]) > 1 and pos[2] == [pos[1][-1] + 1]
+    ids = tok("a zebra circle").input_ids
+    assert ids[pos[2][0]] == tok("circle", add_special_tokens=False).input_ids[0]
+    # positions past the encoder's length are dropped
+    assert word_token_positions(tok, "a red circle moving right", 3) == [[1], [2], [], [], []]
+
+
+class _NoStartTokenizer:
+    """T5-like: no start token, an end token after the words; one token per character."""
+
+    all_special_ids = [1]
+
+    def __call__(self, text, add_special_tokens=True, truncation=False):
+        class R:
+            input_ids = [ord(c) for c in text.replace(" ", "")] + [1]
+
+        return R()
+
+
+def test_word_token_positions_without_a_start_token():
+    assert word_token_positions(_NoStartTokenizer(), "ab c def", 512) == [[0, 1], [2], [3, 4, 5]]
+
+
+def test_otsu_threshold_splits_two_modes():
+    rng = np.random.default_rng(0)
+    values = np.clip(np.concatenate([rng.normal(0.2, 0.05, 5000), rng.normal(0.8, 0.05, 1000)]), 0, 1)
+    assert 0.35 < otsu_threshold(values) < 0.65
+
+
+def test_tiny_random_model_mask_has_the_video_shape(tiny_model, clip):
+    from fastdm import DreamMotionPipeline
+
+    pipe = DreamMotionPipeline.from_pretrained(tiny_model)
+    bb = pipe.backbone
+    assert bb.cross_attention_layers()  # the UNet's spatial attn2 layers
+    x = bb.to_working(frames_to_tensor(clip))
+    src, tgt = "a red circle moving right", "a blue circle moving right"
+    am = estimate_mask(bb, x, pipe.encode_prompts([src, tgt]), src, tgt, (16, 16), max_foreground=1.0)
+    assert am.fallback is None and am.mask.shape == clip.shape[:3] and am.heat.shape == clip.shape[:3]
+    assert set(np.unique(am.mask)) <= {0.0, 1.0} and 0 < am.mask.mean() <= 1
+    assert am.words == {"source": ["red"], "target": ["blue"]} and am.tokens == {"source": [2], "target": [2]}
+    assert am.denoiser_calls == 1 and am.report()["batch"] == 2
+    # through the pipeline: the report says how the mask was made, the result holds it
+    res = pipe(clip, src, tgt, mask="auto", steps=1)
+    assert "auto_mask" in res.report and res.report["timings"]["auto_mask_s"] >= 0
+    assert (res.mask is None) == (res.report["auto_mask"]["fallback"] is not None) == (not res.report["video"]["masked"])
+    with pytest.raises(Exception, match="auto"):
+        pipe(clip, src, tgt, mask="boxes", steps=1)
+
+
+def test_same_prompts_fall_back_without_model_calls(tiny_model, clip):
+    from fastdm import DreamMotionPipeline
+
+    pipe = DreamMotionPipeline.from_pretrained(tiny_model)
+    x = pipe.backbone.to_working(frames_to_tensor(clip))
+    p = "a red circle moving right"
+    am = estimate_mask(pipe.backbone, x, pipe.encode_prompts([p, p]), p, "A red circle, moving right.", (16, 16))
+    assert am.mask is None and am.denoiser_calls == 0 and "differ in no word" in am.fallback
+
+
+@pytest.fixture(scope="module")
+def shapes_pipe():
+    from fastdm import DreamMotionPipeline
+
+    return DreamMotionPipeline.from_pretrained()
+
+
+# Measured on every suite clip with the bundled model (benchmarks/results/automask-iou-*.md):
+# IoU with the object 0.18-0.54 (mean 0.39), object coverage >= 0.99. These two clips measured
+# 0.54 and 0.48; the test asks for 0.3 and 95 % coverage.
+@pytest.mark.parametrize("case_id", ["shape-00", "colour-05"])
+def test_shapes_model_mask_overlaps_the_object(shapes_pipe, case_id):
+    from benchmarks.quality import build_suite, render_case
+    from benchmarks.shapes_metrics import object_mask
+
+    case = next(c for c in build_suite() if c["id"] == case_id)
+    clip = render_case(case)
+    bb = shapes_pipe.backbone
+    am = estimate_mask(bb, bb.to_working(frames_to_tensor(clip)),
+                       shapes_pipe.encode_prompts([case["source_prompt"], case["target_prompt"]]),
+                       case["source_prompt"], case["target_prompt"], (32, 32))
+    assert am.fallback is None, am.fallback
+    obj = np.stack([object_mask(f) for f in clip])
+    m = am.mask > 0.5
+    iou = (m & obj).sum() / (m | obj).sum()
+    assert iou > 0.3, iou
+    assert (m & obj).sum() / obj.sum() > 0.95
+
+
+def test_shapes_model_featureless_clip_falls_back(shapes_pipe):
+    # black clips measured 0.38-0.43 of the frame above Otsu's threshold (suite clips 0.13-0.28)
+    clip = np.zeros((8, 32, 32, 3), np.uint8)
+    src, tgt = "a red circle moving right", "a blue circle moving right"
+    bb = shapes_pipe.backbone
+    am = estimate_mask(bb, bb.to_working(frames_to_tensor(clip)), shapes_pipe.encode_prompts([src, tgt]), src, tgt, (32, 32))
+    assert am.mask is None and "no distinct region" in am.fallback and am.foreground > 0.30
+
+
+def test_cli_mask_auto_writes_mask_video_and_three_panel_compare(tiny_model, clip_file, tmp_path, capsys):
+    import imageio.v3 as iio
+
+    out = tmp_path / "out" / "edit.mp4"
+    out.parent.mkdir()
+    code = main([str(clip_file), *PROMPTS, "--model", tiny_model, "--out", str(out), "--steps", "1", "--size", "16x16",
+                 "--mask", "auto"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "auto mask" in captured.out
+    assert sorted(p.name for p in out.parent.iterdir()) == ["edit.json", "edit.mp4", "edit_compare.mp4", "edit_mask.mp4"]
+    mask = iio.imread(out.with_name("edit_mask.mp4"), plugin="FFMPEG")
+    compare = iio.imread(out.with_name("edit_compare.mp4"), plugin="FFMPEG")
+    assert mask.shape == (4, 16, 16, 3) and compare.shape == (4, 16, 48, 3)
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["input"]["mask"] == "auto" and set(report["auto_mask"]) >= {"words", "tokens", "fallback", "seconds"}
+    assert str(out.with_name("edit_mask.mp4")) in report["outputs"]
+
+
+def test_cli_mask_none_is_no_mask(tiny_model, clip_file, tmp_path, capsys):
+    out = tmp_path / "edit.mp4"
+    code = main([str(clip_file), *PROMPTS, "--model", tiny_model, "--out", str(out), "--steps", "1", "--size", "16x16",
+                 "--mask", "none", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["video"]["masked"] is False and "auto_mask" not in report
+    assert not out.with_name("edit_mask.mp4").exists()
+
+
+def test_wan_backbone_mask_over_latent_frames(tmp_path):
+    """The transformer's cross-attention (attn2 after its q/k norms, T5 tokens without a start
+    token) gives a mask at the video's frame count, though its maps are per latent frame."""
+    from fastdm import DreamMotionPipeline
+    from fastdm.shapes import render_clip
+    from fastdm.testing import build_tiny_wan_model
+
+    folder = build_tiny_wan_model(tmp_path / "wan", native_size=(48, 32))
+    pipe = DreamMotionPipeline.from_pretrained(str(folder))
+    bb = pipe.backbone
+    clip = np.ascontiguousarray(render_clip("red", "circle", "right", size=48, frames=5, radius=8, speed=3)[:, 8:40])
+    layers = bb.cross_attention_layers()
+    assert list(layers) == [f"blocks.{i}.attn2" for i in range(len(layers))]
+    src, tgt = "a red circle moving right", "a blue circle moving right"
+    pos = bb.word_token_positions(src)
+    assert len(pos) == 5 and all(pos) and pos[0][0] == 0  # no start token: the first word starts at 0
+    x = bb.to_working(frames_to_tensor(clip))
+    assert x.shape[2] < clip.shape[0]  # latent frames
+    am = estimate_mask(bb, x, pipe.encode_prompts([src, tgt]), src, tgt, (48, 32), num_frames=5, max_foreground=1.0)
+    assert am.fallback is None and am.mask.shape == (5, 32, 48)
+    res = pipe(clip, src, tgt, mask="auto", steps=1)
+    assert res.report["auto_mask"]["denoiser_calls"] == 1 and res.frames.shape == clip.shape
