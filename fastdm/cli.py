@@ -123,6 +123,72 @@ def _quiet_libraries() -> None:
         pass
 
 
+def request_paths(args: argparse.Namespace) -> tuple[Path, Path, Path, Path, str | None]:
+    """``(input, output video, comparison video, report, checkpoint folder or None)`` of an edit."""
+    inp = Path(args.input)
+    out = Path(args.out) if args.out else Path(f"{inp.stem or 'video'}_edit.mp4")
+    compare = out.with_name(f"{out.stem}_compare{out.suffix}")
+    report_path = Path(args.report) if args.report else out.with_suffix(".json")
+    ckpt_dir = args.checkpoint_dir or args.resume or (str(out.with_suffix(".ckpt")) if args.checkpoint_every else None)
+    return inp, out, compare, report_path, ckpt_dir
+
+
+def request_config(args: argparse.Namespace, config_overrides: dict | None = None) -> EditConfig:
+    """The edit's ``EditConfig`` (``config_overrides`` set fields by name), validated, and the plan's
+    refusal of the backend / options, before anything is read or loaded."""
+    config = EditConfig(
+        source_prompt=args.source_prompt, target_prompt=args.target_prompt, steps=args.steps, lr=args.lr,
+        optimizer=args.optimizer, seed=args.seed, guidance_scale=args.guidance_scale,
+        s_ssm_weight=args.s_ssm_weight, t_ssm_weight=args.t_ssm_weight, mask_scope=args.mask_scope,
+        tap_layers=tuple(s.strip() for s in args.layers.split(",") if s.strip()) if args.layers else None,
+    )
+    if config_overrides:
+        import dataclasses
+
+        config = dataclasses.replace(config, **config_overrides)
+    config.validate()
+    need_keys = config.s_ssm_weight > 0 or config.t_ssm_weight > 0
+    reasons = PLANS[args.plan or "fast"].not_supported_reasons(backend=args.backend, compile_grad=args.compile_grad,
+                                                               need_keys=need_keys)
+    if reasons:
+        raise FastDMError("; ".join(reasons))
+    return config
+
+
+def check_request_outputs(args: argparse.Namespace, out: Path, compare: Path, report_path: Path, ckpt_dir: str | None,
+                          inputs: list, mask_out: Path | None = None) -> None:
+    """``--checkpoint-every``, every output path (writable, none of ``inputs``), ``--resume`` and the
+    checkpoint folder, in that order (before any weights are loaded)."""
+    from .io import check_output_path, check_report_path
+
+    if args.checkpoint_every < 0:
+        raise FastDMError("--checkpoint-every must be >= 0")
+    check_output_path(out, inputs=inputs)
+    if not args.no_compare:
+        check_output_path(compare, inputs=inputs, what="comparison video", flag="--out (or pass --no-compare)")
+    check_report_path(report_path, inputs=inputs)
+    if mask_out is not None:
+        check_output_path(mask_out, inputs=inputs, what="mask video", flag="--out")
+    if args.resume and not Path(args.resume).is_dir():
+        raise FastDMError(f"--resume {args.resume}: no such checkpoint folder")
+    if ckpt_dir and Path(ckpt_dir).exists() and not Path(ckpt_dir).is_dir():
+        raise FastDMError(f"--checkpoint-dir '{ckpt_dir}' is a file; give a folder (it is created if missing)")
+
+
+def read_request_inputs(args: argparse.Namespace, inp: Path, mask_file: str | None):
+    """The input's frames and, checked against them, the mask and boxes (cropped later, at the model's
+    size): ``(raw (F, H, W, 3) uint8, fps, frame indices, (width, height), mask or None, boxes or None)``."""
+    from .io import read_boxes, read_frames, read_mask
+
+    need_total = bool(args.boxes or mask_file)  # to check their frame count against the whole input
+    raw, fps, indices, total = read_frames(inp, frames=args.frames, stride=args.stride, with_total=True) if need_total \
+        else (*read_frames(inp, frames=args.frames, stride=args.stride), None)
+    src_size = (raw.shape[2], raw.shape[1])
+    mask_raw = read_mask(mask_file, indices=indices, src_size=src_size, total_frames=total) if mask_file else None
+    boxes = read_boxes(args.boxes, src_size=src_size, total_frames=total) if args.boxes else None
+    return raw, fps, indices, src_size, mask_raw, boxes
+
+
 def run(args: argparse.Namespace, *, pipe=None, on_step=None, tensor_inputs: tuple[str, ...] = ("losses",),
         check_only: bool = False, config_overrides: dict | None = None) -> int:
     """One edit as the command line describes it. The other front ends (``fastdm-batch``, ``fastdm-app``)
@@ -139,40 +205,10 @@ def run(args: argparse.Namespace, *, pipe=None, on_step=None, tensor_inputs: tup
     from .backbone import default_model_path
     from .driver import DreamMotionPipeline
     from .backbone.loader import check_model_folder
-    from .io import (
-        boxes_to_mask,
-        check_output_path,
-        check_report_path,
-        crop_mask,
-        plan_crop,
-        read_boxes,
-        read_mask,
-        read_frames,
-        resize_crop,
-    )
+    from .io import boxes_to_mask, crop_mask, plan_crop, resize_crop
 
-    inp = Path(args.input)
-    out = Path(args.out) if args.out else Path(f"{inp.stem or 'video'}_edit.mp4")
-    compare = out.with_name(f"{out.stem}_compare{out.suffix}")
-    report_path = Path(args.report) if args.report else out.with_suffix(".json")
-    ckpt_dir = args.checkpoint_dir or args.resume or (str(out.with_suffix(".ckpt")) if args.checkpoint_every else None)
-
-    config = EditConfig(
-        source_prompt=args.source_prompt, target_prompt=args.target_prompt, steps=args.steps, lr=args.lr,
-        optimizer=args.optimizer, seed=args.seed, guidance_scale=args.guidance_scale,
-        s_ssm_weight=args.s_ssm_weight, t_ssm_weight=args.t_ssm_weight, mask_scope=args.mask_scope,
-        tap_layers=tuple(s.strip() for s in args.layers.split(",") if s.strip()) if args.layers else None,
-    )
-    if config_overrides:
-        import dataclasses
-
-        config = dataclasses.replace(config, **config_overrides)
-    config.validate()
-    need_keys = config.s_ssm_weight > 0 or config.t_ssm_weight > 0
-    reasons = PLANS[args.plan or "fast"].not_supported_reasons(backend=args.backend, compile_grad=args.compile_grad,
-                                                               need_keys=need_keys)
-    if reasons:  # before anything is read or loaded
-        raise FastDMError("; ".join(reasons))
+    inp, out, compare, report_path, ckpt_dir = request_paths(args)
+    config = request_config(args, config_overrides)  # (and the plan's refusals) before anything is read or loaded
     budget = None
     if args.memory_budget is not None:
         if args.plan is not None:
@@ -180,33 +216,18 @@ def run(args: argparse.Namespace, *, pipe=None, on_step=None, tensor_inputs: tup
         from .driver.budget import parse_size
 
         budget = parse_size(args.memory_budget)
-    if args.checkpoint_every < 0:
-        raise FastDMError("--checkpoint-every must be >= 0")
-    mask_mode = args.mask if args.mask in ("auto", "none") else ("file" if args.mask else "none")
+    from .automask import DEFAULT_MODE
+
+    mask_mode = args.mask if args.mask in ("auto", "none") else "file" if args.mask else "none" if args.boxes else DEFAULT_MODE
     mask_file = args.mask if mask_mode == "file" else None
     mask_out = out.with_name(f"{out.stem}_mask{out.suffix}") if mask_mode == "auto" else None
-    inputs = [inp, mask_file, args.boxes]
-    check_output_path(out, inputs=inputs)
-    if not args.no_compare:
-        check_output_path(compare, inputs=inputs, what="comparison video", flag="--out (or pass --no-compare)")
-    check_report_path(report_path, inputs=inputs)
-    if mask_out is not None:
-        check_output_path(mask_out, inputs=inputs, what="mask video", flag="--out")
-    if args.resume and not Path(args.resume).is_dir():
-        raise FastDMError(f"--resume {args.resume}: no such checkpoint folder")
-    if ckpt_dir and Path(ckpt_dir).exists() and not Path(ckpt_dir).is_dir():
-        raise FastDMError(f"--checkpoint-dir '{ckpt_dir}' is a file; give a folder (it is created if missing)")
+    check_request_outputs(args, out, compare, report_path, ckpt_dir, [inp, mask_file, args.boxes], mask_out)
 
     check_model_folder(args.model or default_model_path())
 
     t0 = time.perf_counter()
-    need_total = bool(args.boxes or mask_file)  # to check their frame count against the whole input
-    raw, fps, indices, total = read_frames(inp, frames=args.frames, stride=args.stride, with_total=True) if need_total \
-        else (*read_frames(inp, frames=args.frames, stride=args.stride), None)
-    src_size = (raw.shape[2], raw.shape[1])
     # mask and boxes are checked here, before the model loads; the crop comes after (it needs the model's size)
-    mask_raw = read_mask(mask_file, indices=indices, src_size=src_size, total_frames=total) if mask_file else None
-    boxes = read_boxes(args.boxes, src_size=src_size, total_frames=total) if args.boxes else None
+    raw, fps, indices, src_size, mask_raw, boxes = read_request_inputs(args, inp, mask_file)
     if check_only:
         return 0
 

@@ -153,7 +153,7 @@ def test_automatic_mask_in_the_browser(app, page):
     url, _ = app
     pick_clip_and_prompts(page, url, steps=2, frames=4)
     page.get_by_text("Limit the edit (optional)").click()
-    page.get_by_label("Automatic mask (from the words that differ between the prompts)").check()
+    page.locator("#mask_mode").get_by_label("auto").check()
     page.get_by_role("button", name="Run").click()
     page.wait_for_function(STATUS_DONE, timeout=120000)
     s = status(page)

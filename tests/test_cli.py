@@ -30,15 +30,19 @@ def test_end_to_end_writes_video_comparison_and_report(tiny_model, clip_file, tm
     out.parent.mkdir()
     code, err = run_cli([clip_file, *PROMPTS, "--model", tiny_model, "--out", out, "--steps", 2, "--size", "16x16", "--quiet"], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in out.parent.iterdir()) == ["edit.json", "edit.mp4", "edit_compare.mp4"]
+    from fastdm.automask import DEFAULT_MODE
+
+    auto = DEFAULT_MODE == "auto"  # without --mask/--boxes: the automatic mask, its video and a 3-panel compare
+    assert sorted(p.name for p in out.parent.iterdir()) == ["edit.json", "edit.mp4", "edit_compare.mp4"] + ["edit_mask.mp4"] * auto
     import imageio.v3 as iio
 
     frames = iio.imread(out, plugin="FFMPEG")
     compare = iio.imread(out.with_name("edit_compare.mp4"), plugin="FFMPEG")
-    assert frames.shape == (4, 16, 16, 3) and compare.shape == (4, 16, 32, 3)
+    assert frames.shape == (4, 16, 16, 3) and compare.shape == (4, 16, 16 * (3 if auto else 2), 3)
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["steps_run"] == 2 and report["config"]["lr"] == 0.4
-    assert report["outputs"] == [str(out), str(out.with_name("edit_compare.mp4"))]
+    assert report["outputs"] == [str(out), *[str(out.with_name("edit_mask.mp4"))] * auto, str(out.with_name("edit_compare.mp4"))]
+    assert ("auto_mask" in report) == auto
     assert {"s_ssm", "t_ssm", "vdds"} == set(report["final_losses"])
     assert report["input"]["fps"] == pytest.approx(10)
 

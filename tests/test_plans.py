@@ -73,6 +73,44 @@ def test_block_checkpointing_same_gradient(latent_editor):
     assert a.abs().sum() > 0 and torch.allclose(a, b, rtol=1e-5, atol=1e-8)
 
 
+def test_lean_checkpoint_forwards_recomputes_under_grad_and_restores_the_forwards():
+    """The mechanism of both backbones' block checkpointing (UNet3D layers, Wan blocks)."""
+    from fastdm.backbone.base import checkpoint_forwards
+
+    calls = []
+
+    class Unit(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            calls.append(self)
+            return torch.tanh(self.lin(x))
+
+    torch.manual_seed(0)
+    a, b = Unit(), Unit()
+    own = b.forward  # an instance attribute set before: put back as it was
+    b.forward = own
+    x = torch.randn(3, 4, requires_grad=True)
+    (g_plain,) = torch.autograd.grad(b(a(x)).sum(), x)
+    calls.clear()
+    with checkpoint_forwards([a, b]):
+        assert "forward" in a.__dict__ and b.__dict__["forward"] is not own
+        y = b(a(x))
+        assert len(calls) == 2
+        (g_ckpt,) = torch.autograd.grad(y.sum(), x)
+        assert len(calls) == 4  # both recomputed in the backward
+        with torch.no_grad():
+            b(a(x))
+        assert len(calls) == 6  # no grad: plain forwards, nothing to recompute
+    assert torch.equal(g_plain, g_ckpt)
+    assert "forward" not in a.__dict__ and b.__dict__["forward"] is own
+    with pytest.raises(RuntimeError, match="inside"), checkpoint_forwards([a]):
+        raise RuntimeError("inside")
+    assert "forward" not in a.__dict__
+
+
 def test_memory_budget_picks_the_fastest_plan_that_fits(latent_editor, clip):
     from fastdm.driver.budget import CANDIDATES, parse_size
 

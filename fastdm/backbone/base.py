@@ -35,6 +35,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import FastDMError
 
@@ -65,6 +66,48 @@ def truncate_after(module: torch.nn.Module | None):
         yield
     finally:
         detach_stop(handle)
+
+
+@contextlib.contextmanager
+def checkpoint_forwards(units):
+    """Gradient checkpointing of ``units`` (modules) within the block: while grad is enabled each
+    unit's ``forward`` runs under :func:`torch.utils.checkpoint.checkpoint` (non-reentrant), so its
+    activations are recomputed in the backward instead of kept. The forwards are swapped on entry
+    and restored on exit (an instance attribute set before is put back, none is left otherwise), so
+    nothing outlives the call. Backbones choose the units (``block_checkpointing``)."""
+    units = list(units)
+    saved = [unit.__dict__.get("forward") for unit in units]
+    for unit in units:
+        original = unit.forward
+
+        def fwd(*args, _f=original, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_f, *args, use_reentrant=False, **kwargs)
+            return _f(*args, **kwargs)
+
+        unit.forward = fwd
+    try:
+        yield
+    finally:
+        for unit, old in zip(units, saved):
+            if old is None:
+                del unit.forward
+            else:
+                unit.forward = old
+
+
+@contextlib.contextmanager
+def tiled_vae(vae, enabled: bool):
+    """``vae`` (a diffusers autoencoder, or None) encodes and decodes tile by tile within the block;
+    nothing when not ``enabled``, no VAE, or tiling is already on (then it is left on)."""
+    if vae is None or not enabled or getattr(vae, "use_tiling", False):
+        yield
+        return
+    vae.enable_tiling()
+    try:
+        yield
+    finally:
+        vae.disable_tiling()
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,9 @@ import contextlib
 import re
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from ..errors import FastDMError
-from .base import Backbone, BackboneInfo, CrossAttention, word_token_positions
+from .base import Backbone, BackboneInfo, CrossAttention, checkpoint_forwards, tiled_vae, word_token_positions
 
 
 def xformers_unavailable_reason(device: torch.device) -> str | None:
@@ -168,36 +167,11 @@ class UNet3DBackbone(Backbone):
         if not enabled:
             yield
             return
-        units = self._checkpoint_units()
-        saved = [unit.__dict__.get("forward") for unit in units]
-        for unit in units:
-            original = unit.forward
-
-            def fwd(*args, _f=original, **kwargs):
-                if torch.is_grad_enabled():
-                    return checkpoint(_f, *args, use_reentrant=False, **kwargs)
-                return _f(*args, **kwargs)
-
-            unit.forward = fwd
-        try:
+        with checkpoint_forwards(self._checkpoint_units()):
             yield
-        finally:
-            for unit, old in zip(units, saved):
-                if old is None:
-                    del unit.forward
-                else:
-                    unit.forward = old
 
-    @contextlib.contextmanager
     def vae_tiling(self, enabled: bool):
-        if self.vae is None or not enabled or getattr(self.vae, "use_tiling", False):
-            yield
-            return
-        self.vae.enable_tiling()
-        try:
-            yield
-        finally:
-            self.vae.disable_tiling()
+        return tiled_vae(self.vae, enabled)
 
     def set_attention(self, kind: str) -> None:
         if kind == "sdpa":

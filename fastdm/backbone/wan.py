@@ -29,10 +29,9 @@ import string
 from pathlib import Path
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from ..errors import FastDMError
-from .base import Backbone, BackboneInfo
+from .base import Backbone, BackboneInfo, checkpoint_forwards, tiled_vae
 
 MAX_TEXT_TOKENS = 512  # Wan's text length: the embeddings are zero-padded to it
 
@@ -280,36 +279,11 @@ class WanBackbone(Backbone):
         if not enabled:
             yield
             return
-        units = list(self.transformer.blocks)
-        saved = [unit.__dict__.get("forward") for unit in units]
-        for unit in units:
-            original = unit.forward
-
-            def fwd(*args, _f=original, **kwargs):
-                if torch.is_grad_enabled():
-                    return checkpoint(_f, *args, use_reentrant=False, **kwargs)
-                return _f(*args, **kwargs)
-
-            unit.forward = fwd
-        try:
+        with checkpoint_forwards(self.transformer.blocks):
             yield
-        finally:
-            for unit, old in zip(units, saved):
-                if old is None:
-                    del unit.forward
-                else:
-                    unit.forward = old
 
-    @contextlib.contextmanager
     def vae_tiling(self, enabled: bool):
-        if self.vae is None or not enabled or getattr(self.vae, "use_tiling", False):
-            yield
-            return
-        self.vae.enable_tiling()
-        try:
-            yield
-        finally:
-            self.vae.disable_tiling()
+        return tiled_vae(self.vae, enabled)
 
     # -- taps -------------------------------------------------------------------------------
     def spatial_self_attention_layers(self) -> dict[str, torch.nn.Module]:

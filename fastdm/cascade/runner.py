@@ -139,60 +139,22 @@ class _StageStore:
 def run_cascade(args, *, pipe=None, on_step=None, tensor_inputs=("losses",), check_only: bool = False,
                 config_overrides: dict | None = None) -> int:
     """``fastdm-edit INPUT --cascade FILE``: see the module docstring."""
-    from ..cli import _quiet_libraries
-    from ..driver.config import EditConfig
+    from ..cli import _quiet_libraries, check_request_outputs, read_request_inputs, request_config, request_paths
     from ..driver.pipeline import _PeakMemory
-    from ..driver.plan import PLANS
-    from ..io import (check_output_path, check_report_path, plan_crop, read_boxes, read_frames, read_mask, resize_crop,
-                      side_by_side, write_video)
+    from ..io import plan_crop, resize_crop, side_by_side, write_video
 
     t_start = time.perf_counter()
     cascade = load_cascade(args.cascade)
-    inp = Path(args.input)
-    out = Path(args.out) if args.out else Path(f"{inp.stem or 'video'}_edit.mp4")
-    compare = out.with_name(f"{out.stem}_compare{out.suffix}")
-    report_path = Path(args.report) if args.report else out.with_suffix(".json")
-    ckpt_dir = args.checkpoint_dir or args.resume or (str(out.with_suffix(".ckpt")) if args.checkpoint_every else None)
-
-    config = EditConfig(
-        source_prompt=args.source_prompt, target_prompt=args.target_prompt, steps=args.steps, lr=args.lr,
-        optimizer=args.optimizer, seed=args.seed, guidance_scale=args.guidance_scale,
-        s_ssm_weight=args.s_ssm_weight, t_ssm_weight=args.t_ssm_weight, mask_scope=args.mask_scope,
-        tap_layers=tuple(s.strip() for s in args.layers.split(",") if s.strip()) if args.layers else None,
-    )
-    if config_overrides:
-        import dataclasses
-
-        config = dataclasses.replace(config, **config_overrides)
-    config.validate()
-    need_keys = config.s_ssm_weight > 0 or config.t_ssm_weight > 0
-    reasons = PLANS[args.plan or "fast"].not_supported_reasons(backend=args.backend, compile_grad=args.compile_grad,
-                                                               need_keys=need_keys)
-    if reasons:
-        raise FastDMError("; ".join(reasons))
+    inp, out, compare, report_path, ckpt_dir = request_paths(args)
+    config = request_config(args, config_overrides)
     if args.memory_budget is not None:
         raise FastDMError("--memory-budget is not available with --cascade; pick the edit stage's --plan")
-    if args.checkpoint_every < 0:
-        raise FastDMError("--checkpoint-every must be >= 0")
     mask_file = args.mask if args.mask not in (None, "auto", "none") else None
-    inputs = [inp, mask_file, args.boxes, args.cascade]
-    check_output_path(out, inputs=inputs)
-    if not args.no_compare:
-        check_output_path(compare, inputs=inputs, what="comparison video", flag="--out (or pass --no-compare)")
-    check_report_path(report_path, inputs=inputs)
-    if args.resume and not Path(args.resume).is_dir():
-        raise FastDMError(f"--resume {args.resume}: no such checkpoint folder")
-    if ckpt_dir and Path(ckpt_dir).exists() and not Path(ckpt_dir).is_dir():
-        raise FastDMError(f"--checkpoint-dir '{ckpt_dir}' is a file; give a folder (it is created if missing)")
+    check_request_outputs(args, out, compare, report_path, ckpt_dir, [inp, mask_file, args.boxes, args.cascade])
     infos = check_cascade(cascade, args)
     edit = cascade.stages[0]
 
-    need_total = bool(args.boxes or mask_file)
-    raw, fps, indices, total = read_frames(inp, frames=args.frames, stride=args.stride, with_total=True) if need_total \
-        else (*read_frames(inp, frames=args.frames, stride=args.stride), None)
-    src_size = (raw.shape[2], raw.shape[1])
-    mask_raw = read_mask(mask_file, indices=indices, src_size=src_size, total_frames=total) if mask_file else None
-    boxes = read_boxes(args.boxes, src_size=src_size, total_frames=total) if args.boxes else None
+    raw, fps, indices, src_size, mask_raw, boxes = read_request_inputs(args, inp, mask_file)
     key_pos = keyframe_positions(len(raw), edit.settings.get("frames"))
     if check_only:
         return 0

@@ -78,7 +78,7 @@ class EditService:
 
     # -- a request -> the CLI's Namespace -----------------------------------------------------------
     def _args(self, run_dir: Path, upload, bundled, source, target, boxes_text, mask_file, steps, lr, guidance, seed,
-              plan, frames, auto_mask=False) -> tuple[argparse.Namespace, dict[str, str]]:
+              plan, frames, mask_mode=None) -> tuple[argparse.Namespace, dict[str, str]]:
         """The Namespace of this request and the names to show for paths the user never typed."""
         names = {str(run_dir): "the app's output folder"}
         if upload:
@@ -101,10 +101,10 @@ class EditService:
         if mask_file:
             mask = str(mask_file)
             names[mask] = Path(mask).name
-        if auto_mask:
-            if mask or boxes:
-                raise FastDMError("give boxes, a mask or the automatic mask, not several")
-            mask = "auto"
+        if mask_mode and not (mask or boxes):  # without boxes or an upload: fastdm-edit --mask auto|none
+            if mask_mode not in ("auto", "none"):
+                raise FastDMError(f"mask mode {mask_mode!r}: choose auto or none")
+            mask = mask_mode
         for flag, v in (("--steps", steps), ("--lr", lr), ("--guidance-scale", guidance), ("--seed", seed)):
             if v is None:
                 raise FastDMError(f"{flag} is empty; give a number")
@@ -234,6 +234,8 @@ class EditService:
 def build_app(service: EditService):
     import gradio as gr
 
+    from ..automask import DEFAULT_MODE
+
     from ..driver.config import EditConfig
     from ..driver.plan import PLANS
 
@@ -256,8 +258,9 @@ def build_app(service: EditService):
                                             "keyframes (interpolated), as fastdm-edit --boxes")
                     mask = gr.File(label="Mask upload (white = editable)", type="filepath",
                                    file_types=[".mp4", ".webm", ".gif", ".png", ".jpg", ".jpeg"])
-                    auto_mask = gr.Checkbox(value=False, label="Automatic mask (from the words that differ between the prompts)",
-                                            elem_id="auto_mask")
+                    auto_mask = gr.Radio(["auto", "none"], value=DEFAULT_MODE, elem_id="mask_mode",
+                                         label="Without boxes or an upload: automatic mask (from the words that differ "
+                                               "between the prompts) or none")
                 with gr.Row():
                     steps = gr.Number(value=d.steps, precision=0, label="Steps", minimum=1)
                     lr = gr.Number(value=d.lr, label="Learning rate")
