@@ -38,7 +38,7 @@ from .backbone.base import Backbone
 
 # What fastdm-edit does when neither --mask nor --boxes is given: "auto" or "none", set by the
 # quality suite's mask table (benchmarks/results/quality-*.md, "Mask axis").
-DEFAULT_MODE = "none"
+DEFAULT_MODE = "auto"
 # Fractions of the model's training timesteps at which the maps are taken (measured: see module doc).
 TIMESTEP_FRACTIONS = (0.5,)
 MARGIN = 0.04  # dilation, as a fraction of the frame's shorter side

@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mask", default=None, help="mask video, frame folder or image of the input's size; a video/folder needs the "
                    "input's frame count, a single png/jpg applies to every frame; white = editable. 'auto': estimated from "
                    "the model's cross-attention to the words that differ between the prompts (written to OUT_mask); "
-                   "'none': no mask (a file of that name: ./auto, ./none)")
+                   "'none': no mask (a file of that name: ./auto, ./none). Without --mask and --boxes: "
+                   "auto (measured on the quality suite; see README)")
     m.add_argument("--boxes", default=None, help="JSON of per-frame [x0, y0, x1, y1] boxes in input pixels (keyframes are interpolated)")
     p.add_argument("--steps", type=int, default=_DEFAULTS.steps, help=f"optimization steps (default {_DEFAULTS.steps}, as the paper)")
     p.add_argument("--lr", type=float, default=_DEFAULTS.lr, help=f"learning rate (default {_DEFAULTS.lr:g}, SGD as the paper)")
