@@ -276,8 +276,8 @@ def build_app(service: EditService):
                 status = gr.Textbox(label="Status", interactive=False, lines=2, elem_id="status")
                 preview = gr.Image(label="Preview (edited frames)", type="numpy", interactive=False, format="png",
                                    elem_id="preview")
-                video = gr.Video(label="Input | edit", interactive=False, loop=True, autoplay=True, elem_id="result")
-                files = gr.File(label="Downloads (edit, input | edit, JSON report)", file_count="multiple", interactive=False,
+                video = gr.Video(label="Input | mask | edit (input | edit without a mask)", interactive=False, loop=True, autoplay=True, elem_id="result")
+                files = gr.File(label="Downloads (edit, side by side, mask, JSON report)", file_count="multiple", interactive=False,
                                 elem_id="downloads")
 
         def on_run(up, bu, so, ta, bx, ma, st, l, g, se, pl, fr, am, request: gr.Request):
