@@ -132,13 +132,17 @@ def mask_iou_table(pipe, suite: list[dict], settings: dict[str, dict]) -> dict:
     from fastdm.automask import estimate_mask
     from fastdm.driver.pipeline import frames_to_tensor
 
+    def row(case_id: str, mask: np.ndarray, obj: np.ndarray, **extra) -> dict:
+        m = mask > 0.5
+        return {"case": case_id, "iou": mask_iou(mask, obj), "coverage": float((m & obj).sum() / max(1, obj.sum())),
+                "area": float(m.mean()), **extra}
+
     bb = pipe.backbone
     rows = {name: [] for name in ["box", *settings]}
     for case in suite:
         clip = render_case(case)
         obj = np.stack([object_mask(f) for f in clip])
-        box = box_mask(clip)
-        rows["box"].append({"case": case["id"], "iou": mask_iou(box, obj), "coverage": 1.0, "area": float(box.mean())})
+        rows["box"].append(row(case["id"], box_mask(clip), obj))
         x = bb.to_working(frames_to_tensor(clip))
         text = pipe.encode_prompts([case["source_prompt"], case["target_prompt"]])
         for name, kw in settings.items():
@@ -146,9 +150,7 @@ def mask_iou_table(pipe, suite: list[dict], settings: dict[str, dict]) -> dict:
             if am.mask is None:
                 rows[name].append({"case": case["id"], "iou": 0.0, "coverage": 0.0, "area": 0.0, "fallback": am.fallback})
                 continue
-            m = am.mask > 0.5
-            rows[name].append({"case": case["id"], "iou": mask_iou(am.mask, obj), "coverage": float((m & obj).sum() / max(1, obj.sum())),
-                               "area": float(m.mean()), "foreground": am.foreground, "seconds": am.seconds})
+            rows[name].append(row(case["id"], am.mask, obj, foreground=am.foreground, seconds=am.seconds))
     summary = {name: {"cases": len(rs), "mean_iou": float(np.mean([r["iou"] for r in rs])),
                       "min_iou": float(np.min([r["iou"] for r in rs])),
                       "mean_coverage": float(np.mean([r["coverage"] for r in rs])),
@@ -179,7 +181,7 @@ def background_change(source: np.ndarray, edit: np.ndarray, grow: int = 3) -> fl
     return float(diff[outside].mean()) if outside.any() else 0.0
 
 
-def case_mask(case: dict, clip: np.ndarray, name: str):
+def case_mask(clip: np.ndarray, name: str):
     """The mask a configuration edits with: the box mask, ``"auto"`` or None."""
     kind = CONFIGS[name]["mask"]
     return box_mask(clip) if kind is True else (kind or None)
@@ -445,7 +447,7 @@ def main() -> None:
             break
         clip = render_case(case)
         t0 = time.time()
-        res = pipe(clip, config=cfg, mask=case_mask(case, clip, name))
+        res = pipe(clip, config=cfg, mask=case_mask(clip, name))
         rec = {"config": name, "case": case["id"], "kind": case["kind"], "steps": args.steps, "lr": args.lr,
                "edit_fingerprint": cfg.fingerprint(), "edit_config": cfg.to_dict(), "overrides": overrides, "model_hash": model_hash,
                "machine_description": machine_description(), "seconds": time.time() - t0, "metrics": score(case, clip, res.frames)}

@@ -168,8 +168,9 @@ def estimate_mask(backbone: Backbone, x_src: torch.Tensor, text: torch.Tensor, s
     si, ti = changed_words(source_prompt, target_prompt)
     sw, tw = source_prompt.split(), target_prompt.split()
     result = AutoMask(None, None, words={"source": [sw[i] for i in si], "target": [tw[i] for i in ti]})
-    sp = sorted({p for i in si for p in backbone.word_token_positions(source_prompt)[i]})
-    tp = sorted({p for i in ti for p in backbone.word_token_positions(target_prompt)[i]})
+    s_pos, t_pos = (backbone.word_token_positions(p) if idx else [] for p, idx in ((source_prompt, si), (target_prompt, ti)))
+    sp = sorted({p for i in si for p in s_pos[i]})
+    tp = sorted({p for i in ti for p in t_pos[i]})
     result.tokens = {"source": sp, "target": tp}
     available = backbone.cross_attention_layers()
     chosen = {n: available[n] for n in (layers or available)}
@@ -190,6 +191,9 @@ def estimate_mask(backbone: Backbone, x_src: torch.Tensor, text: torch.Tensor, s
     gen = torch.Generator("cpu").manual_seed(seed + 7919)  # its own stream: the edit's noise is unchanged
     noise = torch.randn(x_src.shape, generator=gen).to(x_src.device)
     total = torch.zeros(nf, H, W)
+    # the prompts whose maps count: both by default; one alone only where it has edit words
+    used = [i for i, pos in enumerate((sp, tp)) if pos and (prompts == "both" or i == (prompts == "target"))]
+    used = used or [i for i, pos in enumerate((sp, tp)) if pos]
     T = backbone.info.num_train_timesteps
     for frac in timestep_fractions:
         t = min(T - 1, max(0, int(round(frac * T))))
@@ -203,8 +207,6 @@ def estimate_mask(backbone: Backbone, x_src: torch.Tensor, text: torch.Tensor, s
             gh, gw = _grid(m.shape[-1], h, w)
             grid = m.reshape(2, 1, m.shape[1], gh, gw).float().cpu()  # (B, 1, F', gh, gw)
             up = F.interpolate(grid, size=(nf, H, W), mode="trilinear", align_corners=False)[:, 0]
-            used = [i for i, pos in enumerate((sp, tp)) if pos and (prompts == "both" or i == (prompts == "target"))]
-            used = used or [i for i, pos in enumerate((sp, tp)) if pos]
             total += up[used].mean(0)
     heat = total / (len(chosen) * len(timestep_fractions))
     if nf > 2:  # temporal smoothing 1/4, 1/2, 1/4 (edges replicated)
@@ -222,8 +224,9 @@ def estimate_mask(backbone: Backbone, x_src: torch.Tensor, text: torch.Tensor, s
                            f"{max_foreground:.0%}), so it shows no object")
         result.seconds = time.perf_counter() - t0
         return result
-    r = max(1, int(round(margin * min(H, W))))
-    mask = F.max_pool2d(mask[:, None], kernel_size=2 * r + 1, stride=1, padding=r)[:, 0]
+    r = max(1, int(round(margin * min(H, W)))) if margin > 0 else 0  # a positive margin grows by 1 px at least
+    if r:
+        mask = F.max_pool2d(mask[:, None], kernel_size=2 * r + 1, stride=1, padding=r)[:, 0]
     result.mask = mask.numpy().astype(np.float32)
     result.heat = heat.numpy().astype(np.float32)
     result.seconds = time.perf_counter() - t0

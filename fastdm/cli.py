@@ -313,12 +313,12 @@ def _write_outputs(result, frames, fps, out: Path, compare: Path | None, report_
 
     write_video(out, result.frames, fps)
     written = [str(out)]
+    mask_panel = None if mask_out is None else [_mask_frames(result.mask, frames)]
     if mask_out is not None:
-        write_video(mask_out, _mask_frames(result.mask, frames), fps)
+        write_video(mask_out, mask_panel[0], fps)
         written.append(str(mask_out))
     if compare is not None:
-        panels = [frames, result.frames] if mask_out is None else [frames, _mask_frames(result.mask, frames), result.frames]
-        write_video(compare, side_by_side(*panels), fps)
+        write_video(compare, side_by_side(frames, *(mask_panel or []), result.frames), fps)
         written.append(str(compare))
     result.report["outputs"] = written
     write_json_atomic(report_path, result.report)
