@@ -305,7 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="A web page for DreamMotion edits (Gradio), over one loaded model.")
     p.add_argument("--model", default=None, help="local diffusers-format model folder (default: the bundled model)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    from ..backbone.loader import DTYPES
+
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for the network)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--out-dir", default=None, help="where each run's outputs go (default: a new temporary folder)")

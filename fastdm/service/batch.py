@@ -540,7 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting a local instance")
     p.add_argument("--model", default=None, help="local diffusers-format model folder (default: the bundled model)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: one GPU per actor")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    from ..backbone.loader import DTYPES
+
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     p.add_argument("--cpus-per-worker", type=int, default=None, help="CPU cores (torch threads) per actor (default: cores / workers locally, 1 on a cluster)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="checkpoint each job every N steps; a retried job resumes from it")
     p.add_argument("--max-retries", type=int, default=2, help="retries of a job whose worker died (default 2)")
