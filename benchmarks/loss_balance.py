@@ -61,15 +61,16 @@ def walk(pipe, case: dict, config, every: int) -> list[dict]:
 VARIANTS = ("shifted 3 px", "recoloured", "other shape", "frozen (no motion)", "played backwards")
 
 
-def sensitivity(pipe, timesteps=(200, 500, 800), seed: int = 0) -> dict:
-    """S-SSM and T-SSM losses of variants of a red circle moving right against the clip itself."""
+def sensitivity(pipe, timesteps=(200, 500, 800), seed: int = 0, layers: list[str] | None = None) -> dict:
+    """S-SSM and T-SSM losses of variants of a red circle moving right against the clip itself
+    (mean over ``layers``, default: the backbone's default tap layers)."""
     from fastdm.driver.pipeline import frames_to_tensor
     from fastdm.losses import ssm_losses
     from fastdm.shapes import render_clip
     from fastdm.taps import KeyTaps, resolve_layers
 
     bb = pipe.backbone
-    layers = resolve_layers(bb, None)
+    layers = layers or resolve_layers(bb, None)
     kw = dict(size=32, frames=8, radius=6, speed=2)
     src = render_clip("red", "circle", "right", **kw)
     variants = dict(zip(VARIANTS, (np.roll(src, 3, axis=2), render_clip("blue", "circle", "right", **kw),
@@ -96,7 +97,61 @@ def sensitivity(pipe, timesteps=(200, 500, 800), seed: int = 0) -> dict:
             pairs = [ssm_losses(k[n], ref[n], "torch") for n in layers]
             out[name]["s_ssm"].append(float(np.mean([float(p[0]) for p in pairs])))
             out[name]["t_ssm"].append(float(np.mean([float(p[1]) for p in pairs])))
-    return {"timesteps": list(timesteps), "losses": out}
+    return {"timesteps": list(timesteps), "layers": list(layers), "losses": out}
+
+
+STRUCTURE = ("shifted 3 px", "other shape", "frozen (no motion)")
+
+
+def selectivity(sens: dict) -> float:
+    """How much more S-SSM reacts to a change of structure (shift, shape, motion) than to a change of
+    colour: the mean S-SSM loss of the structure variants over the recoloured one's. A tap that
+    guards structure and leaves appearance free to change scores high."""
+    s = {k: float(np.mean(v["s_ssm"])) for k, v in sens["losses"].items()}
+    return float(np.mean([s[k] for k in STRUCTURE]) / max(s["recoloured"], 1e-12))
+
+
+def per_layer(pipe, cases: list[dict], steps: int, every: int, cfg) -> dict:
+    """Each self-attention layer the backbone can tap, alone: what its S-SSM sees (sensitivity,
+    selectivity) and its gradient against V-DDS along real edits (``walk`` with that tap only)."""
+    rows = {}
+    for layer in pipe.backbone.spatial_self_attention_layers():
+        t0 = time.time()
+        sens = sensitivity(pipe, layers=[layer])
+        ratios_s, ratios_t = [], []
+        for case in cases:
+            c = dataclasses.replace(cfg, source_prompt=case["source_prompt"], target_prompt=case["target_prompt"],
+                                    steps=steps, tap_layers=(layer,))
+            late = [r for r in walk(pipe, case, c, every) if r["step"] > steps // 2]
+            ratios_s.append(float(np.median([r["s_ratio_per_weight"] for r in late])))
+            ratios_t.append(float(np.median([r["t_ratio_per_weight"] for r in late])))
+        rows[layer] = {"selectivity": selectivity(sens), "sensitivity": sens["losses"],
+                       "s_ratio": float(np.median(ratios_s)), "t_ratio": float(np.median(ratios_t)),
+                       "s_share_at_default": float(np.median(ratios_s)) * cfg.s_ssm_weight,
+                       "t_share_at_default": float(np.median(ratios_t)) * cfg.t_ssm_weight}
+        print(layer, {k: v for k, v in rows[layer].items() if k != "sensitivity"}, f"({time.time() - t0:.0f}s)", flush=True)
+    return rows
+
+
+def per_layer_markdown(rows: dict, meta: dict) -> str:
+    lines = [f"# Which layer to tap: each self-attention layer alone ({meta['machine']})", "",
+             (f"Machine: {meta['machine_description']}. Model: `{meta['model']}`. Per layer: S-SSM and T-SSM of variants of "
+              f"*a red circle moving right* against the clip (mean over t in {meta['timesteps']}), and the gradient ratio "
+              f"|term| / |V-DDS| per unit weight, median over the second half of {meta['steps']}-step edits of "
+              f"{', '.join(meta['cases'])} tapping that layer only (every {meta['every']} steps)."),
+             "Selectivity: mean S-SSM loss of the structure variants (shifted, other shape, frozen) over the recoloured one's.", "",
+             "| layer | selectivity | S-SSM shifted | S-SSM recoloured | S-SSM other shape | S-SSM frozen | T-SSM frozen | "
+             "T-SSM backwards | S-SSM ratio / weight | T-SSM ratio / weight | S-SSM share at default | T-SSM share at default |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for layer, r in rows.items():
+        s = {k: float(np.mean(v["s_ssm"])) for k, v in r["sensitivity"].items()}
+        t = {k: float(np.mean(v["t_ssm"])) for k, v in r["sensitivity"].items()}
+        lines.append(f"| {layer} | {r['selectivity']:.2f} | {s['shifted 3 px']:.2e} | {s['recoloured']:.2e} | "
+                     f"{s['other shape']:.2e} | {s['frozen (no motion)']:.2e} | {t['frozen (no motion)']:.2e} | "
+                     f"{t['played backwards']:.2e} | {r['s_ratio']:.3g} | {r['t_ratio']:.3g} | {r['s_share_at_default']:.3f} | "
+                     f"{r['t_share_at_default']:.4f} |")
+    lines += ["", f"Default weights: S-SSM {meta['s_ssm_weight']:g}, T-SSM {meta['t_ssm_weight']:g}, lr {meta['lr']}."]
+    return "\n".join(lines) + "\n"
 
 
 def sensitivity_markdown(sens: dict) -> str:
@@ -137,11 +192,36 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=20)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--model", default=None, help="model folder or bundled name (shapes, shapes-dit); default shapes")
+    ap.add_argument("--per-layer", action="store_true",
+                    help="measure every tappable self-attention layer alone (sensitivity and gradient share) and write "
+                         "results/loss-balance-per-layer-<model>-<machine>.*: how a backbone's default tap is chosen")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     suite = {c["id"]: c for c in build_suite()}
-    pipe = DreamMotionPipeline.from_pretrained()
+    from fastdm.backbone import resolve_model
+
+    model = resolve_model(args.model)
+    pipe = DreamMotionPipeline.from_pretrained(model)
+    if args.per_layer:
+        from pathlib import Path
+
+        from benchmarks.common import repo_relative
+
+        cfg = EditConfig("a", "b", steps=args.steps)
+        cases = [suite[c] for c in args.cases.split(",") if c and c != "none"]
+        rows = per_layer(pipe, cases, args.steps, args.every, cfg)
+        meta = {"machine": machine_name(), "machine_description": machine_description(), "model": repo_relative(model),
+                "cases": [c["id"] for c in cases], "steps": args.steps, "every": args.every, "timesteps": [200, 500, 800],
+                "lr": cfg.lr, "s_ssm_weight": cfg.s_ssm_weight, "t_ssm_weight": cfg.t_ssm_weight,
+                "default_tap_layers": pipe.backbone.default_tap_layers()}
+        md = per_layer_markdown(rows, meta)
+        write_results(f"loss-balance-per-layer-{Path(model).resolve().name}-{machine_name()}", {"meta": meta, "layers": rows}, md)
+        print(md)
+        return
+    if args.model is not None and model != resolve_model(None):
+        raise SystemExit("error: the walked table is the bundled UNet model's; use --per-layer for another model")
     sens = sensitivity(pipe)
     per_case, raw = {}, {}
     cfg = EditConfig("a", "b", steps=args.steps)  # the walked edits' settings: the package defaults

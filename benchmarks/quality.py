@@ -321,7 +321,7 @@ def markdown(summary: dict, meta: dict) -> str:
     lines = [
         f"# Edit quality on the shapes world ({meta['machine']})",
         "",
-        f"Machine: {meta['machine_description']}. Model: `{meta['model']}` (unet sha256 {meta['model_hash']}).",
+        f"Machine: {meta['machine_description']}. Model: `{meta['model']}` ({meta.get('denoiser', 'unet')} sha256 {meta['model_hash']}).",
         f"Suite: {meta['suite_size']} edits (12 colour swaps, 6 shape swaps, 6 both), {meta['steps']} steps, lr {meta['lr']}, SGD.",
         f"Note: {meta.get('timing_note', '')}.",
         "",
@@ -375,7 +375,7 @@ def main() -> None:
     import torch
 
     from fastdm import DreamMotionPipeline
-    from fastdm.backbone import default_model_path
+    from fastdm.backbone import resolve_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -392,6 +392,9 @@ def main() -> None:
     ap.add_argument("--mask-iou", action="store_true",
                     help="measure the automatic mask against the true object on every suite clip (no edits) and write "
                          "results/automask-iou-<machine>.{json,md}")
+    ap.add_argument("--cascade", default=None, metavar="NAME|FILE",
+                    help="the cascaded rows instead: each case at 64x64 through an edit -> upscale cascade, beside the "
+                         "same edit upsampled bicubically (benchmarks/quality_cascade.py); writes results/quality-cascade-<machine>.*")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="sweep: override an EditConfig setting for every config (repeatable); such runs are "
                          "reported in the sweep table beside the same cases at the defaults, never in the main table")
@@ -405,11 +408,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model = args.model or default_model_path()
-    unet_file = next(Path(model, "unet").glob("*.safetensors"))
+    model = resolve_model(args.model)
+    denoiser = "transformer" if Path(model, "transformer").is_dir() and not Path(model, "unet").is_dir() else "unet"
+    unet_file = next(Path(model, denoiser).glob("*.safetensors"))
     model_hash = hashlib.sha256(unet_file.read_bytes()).hexdigest()[:16]
     machine = machine_name()
-    cache = RESULTS / f"quality-{machine}.runs.jsonl"
+    # the bundled UNet model keeps the historical names; any other model gets its folder name in them
+    stem = "quality" if Path(model).resolve() == Path(resolve_model("shapes")).resolve() else f"quality-{Path(model).resolve().name}"
+    cache = RESULTS / f"{stem}-{machine}.runs.jsonl"
     RESULTS.mkdir(parents=True, exist_ok=True)
     done = {}
     if cache.exists():
@@ -434,6 +440,11 @@ def main() -> None:
     pipe = DreamMotionPipeline.from_pretrained(model)
     if args.mask_iou:
         write_mask_iou(pipe, suite, machine, model, model_hash)
+        return
+    if args.cascade:
+        from benchmarks import quality_cascade
+
+        quality_cascade.run(args, pipe, suite, cases, machine, model, model_hash)
         return
     t_start = time.time()
     # case-major order: a suite cut short by --minutes still compares every config on the same cases
@@ -481,7 +492,8 @@ def main() -> None:
     sweep = sweep_summary(list(done.values()), runs, suite, args.steps, args.lr, model_hash)
     axis = mask_axis(runs)
     md = markdown(summary, meta) + mask_axis_markdown(axis) + sweep_markdown(sweep)
-    j, m = write_results(f"quality-{machine}", {"meta": meta, "summary": summary, "mask_axis": axis, "sweep": sweep, "suite": suite}, md)
+    meta["denoiser"] = denoiser
+    j, m = write_results(f"{stem}-{machine}", {"meta": meta, "summary": summary, "mask_axis": axis, "sweep": sweep, "suite": suite}, md)
     print(md)
     print("wrote", j, m)
 

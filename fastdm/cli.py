@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="input video (mp4, webm, gif), image, or folder of png/jpg frames")
     p.add_argument("--source-prompt", required=True, help="text describing the input video")
     p.add_argument("--target-prompt", required=True, help="text describing the edited video")
-    p.add_argument("--model", default=None, help="local diffusers-format model folder (default: the bundled model)")
+    p.add_argument("--model", default=None, help="local diffusers-format model folder, or a bundled model by name: shapes (the default, a UNet3D) or shapes-dit (a Wan transformer)")
     p.add_argument("--cascade", default=None, metavar="FILE", help="cascaded edit: a cascade JSON file (edit at the base "
                    "stage's size and keyframes, then interpolate / upscale / refine stages; see README) or a built-in "
                    "name: shapes")

@@ -136,3 +136,23 @@ def test_training_state_is_safetensors_plus_json():
         assert f.get_tensor("rng/torch").dtype == torch.uint8
     assert {k.split("/")[0] for k in keys} == {"unet", "text", "ema", "opt", "rng"}
     assert len([k for k in keys if k.startswith("opt/")]) == 2 * len(meta["optimizer"]["state"])  # exp_avg, exp_avg_sq
+
+
+def test_bundled_models_are_selectable_by_name(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import fastdm.backbone.loader as loader
+    from fastdm.backbone import bundled_model_path, resolve_model
+
+    assert resolve_model(None) == resolve_model("shapes") == bundled_model_path("shapes")
+    assert resolve_model("shapes-dit") == bundled_model_path("shapes-dit")
+    assert Path(bundled_model_path("shapes-dit")).parent == Path(bundled_model_path()).parent
+    assert resolve_model("some/folder") == "some/folder"
+    # a folder of that name where the command runs wins over the bundled model
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shapes-dit").mkdir()
+    assert resolve_model("shapes-dit") == "shapes-dit"
+    # a bundled model missing from the install: one line that names it
+    monkeypatch.setattr(loader, "bundled_model_path", lambda name="shapes": str(tmp_path / "gone" / name))
+    with pytest.raises(FastDMError, match="bundled model 'shapes' is missing"):
+        load_backbone("shapes")

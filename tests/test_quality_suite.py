@@ -108,3 +108,23 @@ def test_loss_balance_observes_the_pipelines_own_update(editor, clip):
         torch.from_numpy(clip).permute(0, 3, 1, 2).float() / 127.5 - 1)).norm()) < 1e-5
     sens = sensitivity(editor, timesteps=(500,))
     assert sens["losses"]["shifted 3 px"]["s_ssm"][0] > 0 and len(sens["losses"]) == 5
+
+
+def test_cascaded_rows_render_the_same_case_at_twice_the_size_and_score_in_its_pixels():
+    import numpy as np
+
+    from benchmarks.quality_cascade import bicubic, render_case_at
+    from benchmarks.shapes_metrics import centroid, object_mask, video_summary
+
+    case = build_suite()[0]
+    lo, hi = render_case(case), render_case_at(case, 2)
+    assert hi.shape == (lo.shape[0], 64, 64, 3)
+    # the same object, path and speed, doubled: 4x the area, centroids at twice the coordinates
+    for a, b in zip(lo, hi):
+        assert abs(object_mask(b).sum() / object_mask(a).sum() - 4.0) < 0.4
+        (xa, ya), (xb, yb) = centroid(a), centroid(b)  # pixel-centre coordinates: they scale exactly
+        assert abs(2 * xa - xb) < 0.5 and abs(2 * ya - yb) < 0.5
+    assert video_summary(hi)["colours"] == [case["colour"]] * len(hi)
+    up = bicubic(lo, (64, 64))
+    assert up.shape == hi.shape and up.dtype == np.uint8
+    assert video_summary(up)["colours"] == [case["colour"]] * len(up)

@@ -9,9 +9,9 @@ random clip drawn at 32x32 exactly as the base model's training data (``sample_c
 same object, path and speed rendered at twice the size as the target. Noise augmentation: the
 upsampled clip is noised to a level drawn uniformly in [0, ``--max-aug``] per clip (the UNet3D
 class has no input for the level, so the model learns to take any level up to it; the cascade
-stage uses a fixed ``noise_level``). ``--crop`` (default 32) trains on aligned random crops
-(high-res crop ``--crop`` px, low-res half of it): whole 64x64 clips cost about 9x more per step, too
-much for a 90-minute CPU budget; the UNet is convolutional (no spatial position embedding) and is
+stage uses a fixed ``noise_level``). ``--crop`` (default 24) trains on aligned random crops
+(high-res crop ``--crop`` px, low-res half of it): whole 64x64 clips cost many times more per step,
+too much for a 90-minute CPU budget (channels 16,32,32 at crop 24: 2.4 s per step on one core); the UNet is convolutional (no spatial position embedding) and is
 used at 64x64.
 
 Seeded and resumable exactly like ``tools/train_shapes.py`` (the state format, step loop and export
@@ -23,7 +23,8 @@ At the end (or with ``--export-only``) the EMA weights go to ``--export`` as a d
 folder that the cascade's ``upscale`` stage loads (``unet/``, ``text_encoder/``, ``tokenizer/``,
 ``scheduler/``; no ``vae/``).
 
-    python tools/train_shapes_upscale.py --minutes 90       # the planned bundled model (not trained yet)
+    python tools/train_shapes_upscale.py --threads 1 --steps 1200 --decay-start 900 --decay-steps 300 --minutes 65
+                                                            # the bundled model (fastdm/assets/models/shapes-upscale)
     python tools/train_shapes_upscale.py --steps 4 --batch 2 --frames 2 --size 16 --channels 8,16 \\
         --state /tmp/u/state.json --log /tmp/u/loss.csv --export /tmp/u/model   # a smoke run
 """
@@ -113,10 +114,9 @@ def batch(rng, gen, alphas, args):
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_args(ap, size=64, size_help="high-res size (the low-res input is half of it)")
-    ap.add_argument("--crop", type=int, default=32,
-                    help="train on aligned random high-res crops of this size (0: whole clips); 32 costs about a ninth of a "
-                         "whole-clip step (3-step smoke runs on the 2-core CPU)")
-    ap.add_argument("--channels", default="32,64,64", help="UNet block channels, comma-separated")
+    ap.add_argument("--crop", type=int, default=24,
+                    help="train on aligned random high-res crops of this size (0: whole clips)")
+    ap.add_argument("--channels", default="16,32,32", help="UNet block channels, comma-separated")
     ap.add_argument("--max-aug", type=int, default=300, help="noise augmentation of the low-res clip: level ~ U{0..N}")
     add_schedule_args(ap)
     add_state_args(ap, MODEL_NAME)

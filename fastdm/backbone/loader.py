@@ -39,8 +39,32 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def _check_folder(path: str) -> Path:
+BUNDLED = ("shapes", "shapes-dit")  # models shipped in fastdm/assets/models/, selectable by name
+
+
+def bundled_model_path(name: str = "shapes") -> str:
+    """The folder of a model bundled with the package (``shapes``: tools/train_shapes.py, a UNet3D;
+    ``shapes-dit``: tools/train_shapes_dit.py, a Wan transformer)."""
+    return os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "models", name)
+
+
+def resolve_model(path: str | os.PathLike | None) -> str:
+    """``--model`` as a folder: None is the default bundled model; a bundled name (``shapes``,
+    ``shapes-dit``) is that model unless a folder of that name exists here."""
+    if path is None:
+        return bundled_model_path()
+    path = str(path)
+    if path in BUNDLED and not Path(path).exists():
+        return bundled_model_path(path)
+    return path
+
+
+def _check_folder(path: str | None) -> Path:
+    name, path = path, resolve_model(path)
     p = Path(path).expanduser()
+    if not p.exists() and (name is None or name in BUNDLED):
+        raise FastDMError(f"the bundled model '{name or 'shapes'}' is missing from this install ({path}); reinstall fastdm "
+                          "or pass --model with a local diffusers-format folder")
     if not p.exists():
         looks_like_hub_id = "/" in path and not path.startswith((".", "/", "~")) and path.count("/") == 1
         hint = (
@@ -132,7 +156,7 @@ def load_backbone(
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FastDMError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    root = _check_folder(str(path))
+    root = _check_folder(None if path is None else str(path))
     try:
         index = json.loads((root / "model_index.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -168,4 +192,4 @@ def load_backbone(
 
 def default_model_path() -> str:
     """The model bundled with the package: the shapes model trained by tools/train_shapes.py."""
-    return os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "models", "shapes")
+    return bundled_model_path("shapes")

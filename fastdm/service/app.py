@@ -303,7 +303,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="A web page for DreamMotion edits (Gradio), over one loaded model.")
-    p.add_argument("--model", default=None, help="local diffusers-format model folder (default: the bundled model)")
+    p.add_argument("--model", default=None, help="local diffusers-format model folder, or a bundled model by name: shapes (the default, a UNet3D) or shapes-dit (a Wan transformer)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     from ..backbone.loader import DTYPES
 

@@ -538,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (created if missing): the edits, their reports, results.jsonl, summary.json")
     p.add_argument("--workers", type=int, default=None, help="Ray actors (default: one per GPU with --device cuda, else 1)")
     p.add_argument("--address", default=None, help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting a local instance")
-    p.add_argument("--model", default=None, help="local diffusers-format model folder (default: the bundled model)")
+    p.add_argument("--model", default=None, help="local diffusers-format model folder, or a bundled model by name: shapes (the default, a UNet3D) or shapes-dit (a Wan transformer)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: one GPU per actor")
     from ..backbone.loader import DTYPES
 
