@@ -339,6 +339,51 @@ def markdown(summary: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def models_table(machine: str) -> tuple[dict, str] | None:
+    """The bundled UNet model and shapes-dit side by side: each config on the cases both models have
+    runs for (at each model's current steps, lr and defaults), from the two run caches."""
+    stems = {"shapes (UNet3D)": "quality", "shapes-dit (Wan transformer)": "quality-shapes-dit"}
+    per_model = {}
+    for label, stem in stems.items():
+        summary_file, cache = RESULTS / f"{stem}-{machine}.json", RESULTS / f"{stem}-{machine}.runs.jsonl"
+        if not (summary_file.exists() and cache.exists()):
+            return None
+        meta = json.loads(summary_file.read_text())["meta"]
+        suite = {c["id"]: c for c in build_suite()}
+        runs = []
+        for line in cache.read_text().splitlines():
+            r = json.loads(line)
+            if (r["steps"] == meta["steps"] and r["model_hash"] == meta["model_hash"] and r["case"] in suite
+                    and r.get("edit_fingerprint") == edit_config(suite[r["case"]], r["config"], meta["steps"], meta["lr"]).fingerprint()):
+                runs.append(r)
+        per_model[label] = (meta, runs)
+    out, lines = {}, []
+    for name in CONFIGS:
+        cases = set.intersection(*({r["case"] for r in runs if r["config"] == name} for _, runs in per_model.values()))
+        if not cases:
+            continue
+        for label, (meta, runs) in per_model.items():
+            s = summarize([r for r in runs if r["config"] == name and r["case"] in cases]).get(name)
+            out.setdefault(name, {})[label] = {**s, "cases": sorted(cases), "model": meta["model"]}
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    lines = [f"# The shapes world on two backbone families ({machine})", "",
+             "The same suite, edits and metrics on the bundled UNet3D model and on shapes-dit (a Wan 2.1 "
+             "transformer, flow matching, pixel space), each config on the cases both models have runs for. "
+             "Machines and per-model details: quality-" + machine + ".md and quality-shapes-dit-" + machine + ".md.", "",
+             "| config | model | edits | colour success | shape success | mean drift (px) | object lost | motion fidelity | "
+             "flow EPE (px) | frame consistency | s / edit (median) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, by_model in out.items():
+        for label, s in by_model.items():
+            lines.append(f"| {name} | {label} | {s['edits']} | {f(s['colour_success'], '.0%')} | {f(s['shape_success'], '.0%')} | "
+                         f"{f(s['mean_drift_px'], '.2f')} | {s['object_lost']} | {s['motion_fidelity']:.3f} | "
+                         f"{s['flow_epe_px']:.2f} | {s['frame_consistency']:.3f} | {s['seconds_per_edit']:.0f} |")
+    return out, "\n".join(lines) + "\n"
+
+
 # the automatic mask's settings compared by --mask-iou (the first is fastdm's default)
 MASK_IOU_SETTINGS = {
     "default (t 0.5T, margin 4%)": {},
@@ -496,6 +541,9 @@ def main() -> None:
     j, m = write_results(f"{stem}-{machine}", {"meta": meta, "summary": summary, "mask_axis": axis, "sweep": sweep, "suite": suite}, md)
     print(md)
     print("wrote", j, m)
+    both = models_table(machine)
+    if both:
+        print("wrote", *write_results(f"quality-models-{machine}", {"configs": both[0]}, both[1]))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ Without --model, the model bundled with fastdm is used: a tiny (2.3 M-parameter)
 text-to-video model trained on CPU by tools/train_shapes.py on the "shapes" world only: one
 object (red green blue yellow magenta cyan white; circle square triangle) moving left, right, up
 or down on black, 32x32, prompts like "a red circle moving right". It knows nothing else.
+--model shapes-dit selects the other bundled model: the same world on a small Wan 2.1
+transformer (flow matching, trained by tools/train_shapes_dit.py).
 Point --model at a local diffusers-format folder (e.g. a downloaded ZeroScope v2 576w, with
 --size 576x320) for real videos; fastdm never downloads weights.
 """

@@ -39,12 +39,25 @@ def ddim_sample(backbone: Backbone, prompt: str, *, frames: int = 8, size: tuple
 @torch.no_grad()
 def ddim_loop(backbone: Backbone, x: torch.Tensor, ts: list[int], text: torch.Tensor, *, guidance_scale: float,
               gen: torch.Generator, eta: float = 0.0, clip_x0: bool = False) -> torch.Tensor:
-    """DDIM from the working tensor ``x`` at timestep ``ts[0]`` down to a clean one; ``text`` is
-    ``[prompt, negative]``. The loop of :func:`ddim_sample` and :func:`ddim_video_to_video`."""
+    """DDIM from the working tensor ``x`` at timestep ``ts[0]`` (``x = a x0 + b e`` with the backbone's
+    ``noise_coefficients``) down to a clean one; ``text`` is ``[prompt, negative]``. The loop of
+    :func:`ddim_sample` and :func:`ddim_video_to_video`; for a flow-matching backbone it runs on the
+    variance-preserving form of x (see ``scale``), DDIM's own parametrization."""
     alphas = backbone.alphas_cumprod
     lo_hi = backbone.valid_range
+
+    def scale(t: int) -> float:
+        """Model input = scale * the variance-preserving x: 1 for DDPM models; for flow matching
+        (x_t = (1 - s) x + s e) the loop runs on the VP form with the same signal-to-noise ratio,
+        x_vp = x_t / sqrt((1 - s)^2 + s^2), which is what ``alphas_cumprod`` describes."""
+        a, b = backbone.noise_coefficients(t)
+        c = (a * a + b * b) ** 0.5
+        return 1.0 if abs(c - 1.0) < 1e-6 else c
+
+    x = x / scale(ts[0])
     for i, t in enumerate(ts):
-        eps = backbone.predict_noise(torch.cat([x, x]), t, text)
+        c = scale(t)
+        eps = backbone.predict_noise(torch.cat([x, x]) * c if c != 1.0 else torch.cat([x, x]), t, text)
         e = guided_noise(eps[1:2], eps[0:1], guidance_scale)
         a = float(alphas[t])
         a_prev = float(alphas[ts[i + 1]]) if i + 1 < len(ts) else float(alphas[0])

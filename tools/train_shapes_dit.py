@@ -18,7 +18,7 @@ and a run split by a resume ends bit-identical to an uninterrupted one (on the C
 At the end (or with ``--export-only``) the EMA weights go to ``--export`` as a diffusers-format
 Wan folder (``transformer/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``; no ``vae/``).
 
-    python tools/train_shapes_dit.py --threads 1 --steps 5000 --decay-start 4000 --decay-steps 1000 --minutes 105
+    python tools/train_shapes_dit.py --threads 1 --steps 3200 --decay-start 2500 --decay-steps 700 --minutes 100
                                                             # the bundled model (fastdm/assets/models/shapes-dit)
     python tools/train_shapes_dit.py --steps 4 --batch 2 --frames 2 --size 16 --state /tmp/s/state.json \\
         --log /tmp/s/loss.csv --export /tmp/s/model                                 # a smoke run
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     n_text = sum(p.numel() for p in text.parameters())
     info = {"model": MODEL_NAME, "trained_steps": tr.step, "train_minutes_2core_cpu": round(tr.seconds / 60, 1),
             "transformer_params": n_tr, "text_params": n_text, "batch": args.batch, "frames": args.frames, "size": args.size,
-            "shift": args.shift}
+            "shift": args.shift, "threads": args.threads}
 
     if not args.export_only:
         print(f"transformer {n_tr / 1e6:.2f} M params, text encoder {n_text / 1e6:.2f} M", flush=True)

@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     n_text = sum(p.numel() for p in text.parameters())
     info = {"model": MODEL_NAME, "trained_steps": tr.step, "train_minutes_2core_cpu": round(tr.seconds / 60, 1),
             "unet_params": n_unet, "text_params": n_text, "batch": args.batch, "frames": args.frames, "size": args.size,
-            "crop": args.crop, "max_aug": args.max_aug, "low_res_size": args.size // 2}
+            "crop": args.crop, "max_aug": args.max_aug, "low_res_size": args.size // 2, "threads": args.threads}
 
     if not args.export_only:
         print(f"upscale unet {n_unet / 1e6:.2f} M params, text encoder {n_text / 1e6:.2f} M", flush=True)
