@@ -28,3 +28,52 @@ def test_bundled_model_loads_and_edits_a_bundled_clip():
     res = Editor(bb).edit(frames, EditConfig("a red circle moving right", "a blue circle moving right", steps=3))
     assert res.frames.shape == frames.shape and not np.array_equal(res.frames, frames)
     assert all(np.isfinite(v) for v in res.report["final_losses"].values())
+
+
+def _complete_and_small(root: Path, parts, limit_mib: int):
+    for part in ("model_index.json", *parts):
+        assert (root / part).exists(), part
+    assert not list(root.rglob("*.bin")), "weights must be safetensors"
+    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    assert size <= limit_mib * 2**20, size
+
+
+def test_shapes_dit_ships_and_edits_by_name(tmp_path):
+    from fastdm.backbone import bundled_model_path
+    from fastdm.backbone.wan import WanBackbone
+    from fastdm.cli import main
+    from fastdm.io import read_frames
+
+    root = Path(bundled_model_path("shapes-dit"))
+    _complete_and_small(root, ("transformer", "text_encoder", "tokenizer", "scheduler"), 20)
+    bb = load_backbone("shapes-dit")
+    assert isinstance(bb, WanBackbone) and bb.info.space == "pixel" and bb.info.native_size == (32, 32)
+    out = tmp_path / "dit.mp4"
+    assert main([str(ASSETS / "clips" / "red_circle_right.gif"), "--model", "shapes-dit", "--mask", "none",
+                 "--source-prompt", "a red circle moving right", "--target-prompt", "a blue circle moving right",
+                 "--steps", "3", "--out", str(out), "--quiet"]) == 0
+    frames = read_frames(out)[0]
+    assert frames.shape == (8, 32, 32, 3)
+
+
+def test_shapes_upscale_ships_and_the_shapes_cascade_runs_on_it(tmp_path):
+    import json
+
+    from fastdm.cascade import load_cascade
+    from fastdm.cli import main
+    from fastdm.io import read_frames
+
+    up = load_cascade("shapes").stages[1]
+    _complete_and_small(Path(up.model), ("unet", "text_encoder", "tokenizer", "scheduler"), 20)
+    # the built-in cascade's own folders, with fewer sampling steps
+    data = {"stages": [{"kind": "edit", "model": default_model_path(), "frames": 8, "size": [32, 32]},
+                       {**{k: v for k, v in up.settings.items() if v is not None}, "kind": "upscale", "model": up.model,
+                        "steps": 3}]}
+    (tmp_path / "c.json").write_text(json.dumps(data))
+    out = tmp_path / "up.mp4"
+    assert main([str(ASSETS / "clips" / "red_circle_right.gif"), "--cascade", str(tmp_path / "c.json"), "--mask", "none",
+                 "--source-prompt", "a red circle moving right", "--target-prompt", "a blue circle moving right",
+                 "--steps", "3", "--out", str(out), "--quiet"]) == 0
+    assert read_frames(out)[0].shape == (8, 64, 64, 3)
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [s["kind"] for s in report["cascade"]["stages"]] == ["edit", "upscale"]
