@@ -21,6 +21,17 @@ def repo_relative(path: str | Path) -> str:
         return str(path)
 
 
+def denoiser_hash(folder: str | Path) -> tuple[str, str]:
+    """(subfolder, short sha256) of a diffusers folder's denoiser weights: ``transformer/`` for a
+    Wan-format folder, else ``unet/``. Result caches key on it, so retrained weights never reuse
+    old runs."""
+    import hashlib
+
+    sub = "transformer" if Path(folder, "transformer").is_dir() and not Path(folder, "unet").is_dir() else "unet"
+    weights = next(Path(folder, sub).glob("*.safetensors"))
+    return sub, hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+
+
 def write_results(stem: str, data: dict, markdown: str) -> tuple[Path, Path]:
     from fastdm.io.atomic import atomic_output
 

@@ -25,7 +25,6 @@ run in pieces (``--minutes``) across sessions; the summary files
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import time
@@ -33,7 +32,14 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import repo_relative, RESULTS, machine_description, machine_name, write_results
+from benchmarks.common import (
+    RESULTS,
+    denoiser_hash,
+    machine_description,
+    machine_name,
+    repo_relative,
+    write_results,
+)
 from benchmarks.shapes_metrics import centroid_drift, object_mask, video_summary
 from fastdm.shapes import COLOURS, DIRECTIONS, SHAPES, prompt, render_clip
 
@@ -454,9 +460,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     model = resolve_model(args.model)
-    denoiser = "transformer" if Path(model, "transformer").is_dir() and not Path(model, "unet").is_dir() else "unet"
-    unet_file = next(Path(model, denoiser).glob("*.safetensors"))
-    model_hash = hashlib.sha256(unet_file.read_bytes()).hexdigest()[:16]
+    denoiser, model_hash = denoiser_hash(model)
     machine = machine_name()
     # the bundled UNet model keeps the historical names; any other model gets its folder name in them
     stem = "quality" if Path(model).resolve() == Path(resolve_model("shapes")).resolve() else f"quality-{Path(model).resolve().name}"

@@ -17,14 +17,19 @@ one line per case in ``results/quality-cascade-<machine>.runs.jsonl``; the summa
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import RESULTS, machine_description, repo_relative, write_results
+from benchmarks.common import (
+    RESULTS,
+    denoiser_hash,
+    machine_description,
+    repo_relative,
+    write_results,
+)
 
 ROWS = ("cascade", "bicubic")
 
@@ -46,11 +51,6 @@ def bicubic(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return y.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def _file_hash(folder: str, sub: str) -> str:
-    f = next(Path(folder, sub).glob("*.safetensors"))
-    return hashlib.sha256(f.read_bytes()).hexdigest()[:16]
-
-
 def run(args, pipe, suite: list[dict], cases: list[dict], machine: str, model: str, model_hash: str) -> None:
     import torch
 
@@ -67,7 +67,7 @@ def run(args, pipe, suite: list[dict], cases: list[dict], machine: str, model: s
     up = cascade.stages[1]
     label = f"--cascade {args.cascade}: {up.label}"
     info = check_stage_folder(up.model, "upscale", label)
-    up_hash = _file_hash(up.model, "unet")
+    _, up_hash = denoiser_hash(up.model)
     base = tuple(cascade.stages[0].settings.get("size") or pipe.backbone.info.native_size)
     scale = int(up.settings["scale"])
     cache = RESULTS / f"quality-cascade-{machine}.runs.jsonl"
@@ -151,7 +151,7 @@ def markdown(table: dict, meta: dict) -> str:
              f"| output | edits | colour success | shape success | mean drift (px at {hi}) | object lost | motion fidelity | "
              f"flow EPE (px at {hi}) | frame consistency | area kept | background change (0-255) | s / edit (median) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    names = {"cascade": f"cascade (edit + upscale model)", "bicubic": "non-cascaded edit, bicubic",
+    names = {"cascade": "cascade (edit + upscale model)", "bicubic": "non-cascaded edit, bicubic",
              "edit_32": f"the edit itself at {meta['base_size'][0]}x{meta['base_size'][1]} (px at {meta['base_size'][0]})"}
     for row, s in table.items():
         if not s:

@@ -8,7 +8,7 @@ consistency. Bicubic and bilinear upsampling of the same clip are the baselines.
 involved: this isolates the upscale model, so the settings picked here are the ones
 ``fastdm/assets/cascades/shapes.json`` ships.
 
-    python -m benchmarks.upscale_settings [--cases 8] [--noise-levels 0,50,100,200] [--guidance 1,3,5] [--steps 50]
+    python -m benchmarks.upscale_settings [--cases 8] [--noise-levels 0,50,100,200] [--guidance 1,3,5] [--strengths 1,0.6] [--steps 50]
 
 Writes ``results/upscale-settings-<machine>.{json,md}``.
 """
@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=8, help="the first N suite cases (their source clips)")
     ap.add_argument("--noise-levels", default="0,50,100,200")
     ap.add_argument("--guidance", default="1,3,5")
+    ap.add_argument("--strengths", default="1", help="img2img strengths (1: every timestep)")
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the cascade file's)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
@@ -80,22 +81,30 @@ def main() -> None:
     table["bicubic"] = summarize([scores(c, hi, bicubic(lo, (hi.shape[2], hi.shape[1]))) for c, lo, hi in clips])
     table["bilinear"] = summarize([scores(c, hi, bilinear(lo)) for c, lo, hi in clips])
     steps = args.steps or up.settings["steps"]
-    for level in (int(v) for v in args.noise_levels.split(",")):
-        for g in (float(v) for v in args.guidance.split(",")):
-            settings = {**up.settings, "noise_level": level, "guidance_scale": g, "steps": steps}
-            t0 = time.time()
-            rows = [scores(c, hi, run_upscale(model, lo, c["source_prompt"], settings)) for c, lo, hi in clips]
-            name = f"noise {level}, guidance {g:g}"
-            table[name] = summarize(rows)
-            timing[name] = (time.time() - t0) / len(clips)
-            print(name, table[name], f"({timing[name]:.1f} s/clip)", flush=True)
+    grid = [(f"noise {level}, guidance {g:g}" + (f", strength {st:g}" if st < 1 else ""),
+             {"noise_level": level, "guidance_scale": g, "strength": st})
+            for level in (int(v) for v in args.noise_levels.split(","))
+            for g in (float(v) for v in args.guidance.split(","))
+            for st in (float(v) for v in args.strengths.split(","))]
+    # the shipped settings with the chain started from pure noise (what sample_conditioned did before it
+    # started from the noised upsampled clip)
+    grid.append(("shipped settings, pure-noise start", {"start": "noise"}))
+    for name, change in grid:
+        settings = {**up.settings, "steps": steps, **change}
+        t0 = time.time()
+        rows = [scores(c, hi, run_upscale(model, lo, c["source_prompt"], settings)) for c, lo, hi in clips]
+        table[name] = summarize(rows)
+        timing[name] = (time.time() - t0) / len(clips)
+        print(name, table[name], f"({timing[name]:.1f} s/clip)", flush=True)
     meta = {"machine": machine_name(), "machine_description": machine_description(), "model": repo_relative(up.model),
-            "cases": [c["id"] for c in cases], "steps": steps, "shipped": {k: up.settings[k] for k in ("noise_level", "guidance_scale")}}
+            "cases": [c["id"] for c in cases], "steps": steps, "shipped": {k: up.settings[k] for k in ("noise_level", "guidance_scale", "strength", "start")}}
     lines = [f"# Upscale settings for `--cascade {args.cascade}` ({meta['machine']})", "",
              f"Machine: {meta['machine_description']}. Model: `{meta['model']}`, {steps} DDIM steps. Clips: the source clips of "
              f"{len(cases)} suite cases ({', '.join(meta['cases'])}), 32x32 -> 64x64, compared with the same clip rendered at 64x64.",
              f"Shipped in the cascade file when this ran: noise level {meta['shipped']['noise_level']}, guidance "
-             f"{meta['shipped']['guidance_scale']:g}.", "",
+             f"{meta['shipped']['guidance_scale']:g}, strength {meta['shipped']['strength']:g}, start "
+             f"{meta['shipped']['start']!r}. The chain starts from the upsampled clip noised to the first timestep "
+             "unless the row says pure-noise start.", "",
              "| upsampling | PSNR (dB) | colour kept | shape kept | drift (px at 64) | frame consistency | s / clip |",
              "|---|---|---|---|---|---|---|"]
     for name, s in table.items():

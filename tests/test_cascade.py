@@ -232,3 +232,62 @@ def test_shapes_cascade_names_its_bundled_folder(tmp_path, monkeypatch, clip6, c
     assert main([str(clip6), "--cascade", "shapes", *PROMPTS, "--out", str(tmp_path / "o.mp4")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "shapes upscale model is not bundled yet" in err
+
+
+class _RecordingUNet:
+    """Stands in for a stage UNet: records each input and predicts zero noise."""
+
+    def __init__(self):
+        import torch
+
+        self.inputs, self.torch = [], torch
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, return_dict=False):
+        self.inputs.append((sample.clone(), int(timestep)))
+        return (self.torch.zeros(sample.shape[0], 3, *sample.shape[2:]),)
+
+    __call__ = forward
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_conditioned_sampling_starts_from_the_noised_estimate(strength):
+    """The chain starts at the first kept timestep from ``init`` noised as the forward process would
+    (a schedule whose x_T still carries signal expects it); without ``init`` from pure noise; ``strength``
+    keeps the last round(n * strength) timesteps."""
+    from types import SimpleNamespace
+
+    import torch
+    from diffusers import DDIMScheduler
+
+    from fastdm.cascade import sample_conditioned
+
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                          clip_sample=False, set_alpha_to_one=False)
+    init = -torch.ones(1, 3, 4, 16, 16)  # a black clip
+    cond = torch.zeros(1, 3, 4, 16, 16)
+    text = torch.zeros(2, 4, 8)
+    starts = {}
+    for use_init in (True, False):
+        unet = _RecordingUNet()
+        model = SimpleNamespace(scheduler=sched, unet=unet, device=torch.device("cpu"), dtype=torch.float32,
+                                info=SimpleNamespace(learned_variance=False))
+        sample_conditioned(model, cond, text, steps=10, guidance_scale=3.0, gen=torch.Generator().manual_seed(0),
+                           init=init if use_init else None, strength=strength)
+        assert len(unet.inputs) == round(10 * strength)
+        x0, t0 = unet.inputs[0]
+        assert x0.shape == (2, 6, 4, 16, 16)  # [x_t, cond] for [negative, prompt]
+        assert t0 == int(sched.timesteps[10 - round(10 * strength)])
+        starts[use_init] = x0[0, :3]
+    abar = float(sched.alphas_cumprod[t0])
+    noise = torch.randn(1, 3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(starts[True], (abar ** 0.5 * init + (1 - abar) ** 0.5 * noise)[0])
+    torch.testing.assert_close(starts[False], noise[0])
+
+
+def test_stage_start_setting_is_checked():
+    from fastdm.cascade.spec import parse_cascade
+    from fastdm.errors import FastDMError
+
+    with pytest.raises(FastDMError, match="'start' must be \"estimate\""):
+        parse_cascade({"stages": [{"kind": "edit"}, {"kind": "upscale", "model": "m", "start": "zeros"}]}, source="t",
+                      base_dir=Path("."))

@@ -31,8 +31,9 @@ _COMMON = {"steps": 50, "guidance_scale": 7.5, "seed": 0, "negative_prompt": ""}
 # kind -> {setting: default}; "model" is handled apart (required except for edit)
 SETTINGS = {
     "edit": {"frames": None, "size": None},
-    "interpolate": {"factor": 4, "window": 1, **_COMMON},
-    "upscale": {"scale": 2, "size": None, "noise_level": 100, "window": 8, "stride": 7, **_COMMON},
+    "interpolate": {"factor": 4, "window": 1, "start": "estimate", **_COMMON},
+    "upscale": {"scale": 2, "size": None, "noise_level": 100, "window": 8, "stride": 7, "strength": 1.0, "start": "estimate",
+                **_COMMON},
     "refine": {"size": None, "strength": 0.8, **_COMMON},
 }
 
@@ -103,6 +104,9 @@ def _check_settings(label: str, kind: str, raw: dict) -> dict:
         s["guidance_scale"] = _float(label, "guidance_scale", s["guidance_scale"], lo=0.0)
     if "strength" in s:
         s["strength"] = _float(label, "strength", s["strength"], lo=0.0, hi=1.0, lo_open=True)
+    if "start" in s and s["start"] not in ("estimate", "noise"):
+        raise FastDMError(f"{label}: 'start' must be \"estimate\" (the chain starts from the upsampled or interpolated "
+                          f"clip, noised) or \"noise\" (pure noise), not {s['start']!r}")
     if "negative_prompt" in s and not isinstance(s["negative_prompt"], str):
         raise FastDMError(f"{label}: 'negative_prompt' must be a string")
     if s.get("size") is not None:

@@ -65,16 +65,37 @@ def _step_kwargs(scheduler, gen) -> dict:
 @torch.no_grad()
 def sample_conditioned(model: StageModel, cond: torch.Tensor, text: torch.Tensor, *, steps: int, guidance_scale: float,
                        gen: torch.Generator, known: torch.Tensor | None = None, known_mask: list[bool] | None = None,
-                       class_labels: int | None = None) -> torch.Tensor:
+                       class_labels: int | None = None, init: torch.Tensor | None = None,
+                       strength: float = 1.0) -> torch.Tensor:
     """Sample a pixel video ``(1, c, F, H, W)`` in [-1, 1] with the folder's scheduler and CFG; the UNet's
     input is ``[x_t, cond]`` on channels. ``known``/``known_mask``: frames whose values are given (replaced
     at every step by the value noised to that step's level, and in the result). ``text`` is
-    ``[negative, prompt]``."""
+    ``[negative, prompt]``.
+
+    ``init``: the best estimate of the result the stage already has (the upsampled or linearly
+    interpolated clip); the chain starts from it noised to the first timestep, as the forward process
+    would. Schedules whose last timestep keeps signal (DDIM's scaled-linear: sqrt(abar) = 0.07 at
+    t = 951) were trained on x_T that still carries the clip's low frequencies, and a pure-noise start
+    misses them: on the shapes upscale model it left noise in the background (mean abs error 0.82 vs
+    0.08 from the noised estimate, 20 steps; ``benchmarks/upscale_settings.py`` has a pure-noise row).
+    With a zero-terminal-SNR schedule the two starts agree. A stage's ``"start": "noise"`` setting
+    passes no ``init`` (Show-1's own sampling). ``strength`` < 1 keeps the last
+    ``round(n * strength)`` of the n timesteps (img2img)."""
     sched, unet = model.scheduler, model.unet
     c = IMAGE_CHANNELS
     _, _, f, h, w = cond.shape
     sched.set_timesteps(steps)
-    x = torch.randn((1, c, f, h, w), generator=gen) * float(getattr(sched, "init_noise_sigma", 1.0))
+    timesteps = sched.timesteps
+    if strength < 1.0:
+        skip = len(timesteps) - max(1, round(len(timesteps) * strength))
+        timesteps = timesteps[skip:]
+        if hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(skip)
+    noise = torch.randn((1, c, f, h, w), generator=gen)
+    if init is not None:
+        x = sched.add_noise(init.float(), noise, timesteps[:1])
+    else:
+        x = noise * float(getattr(sched, "init_noise_sigma", 1.0))
     kw = _step_kwargs(sched, gen)
     fwd = {}
     if class_labels is not None and "class_labels" in inspect.signature(unet.forward).parameters \
@@ -82,7 +103,7 @@ def sample_conditioned(model: StageModel, cond: torch.Tensor, text: torch.Tensor
         fwd["class_labels"] = torch.tensor([class_labels] * 2, device=model.device)
     sel = [i for i, k in enumerate(known_mask or []) if k]
     cond = cond.to(model.device, model.dtype)
-    for t in sched.timesteps:
+    for t in timesteps:
         if sel:
             noisy = sched.add_noise(known[:, :, sel], torch.randn(known[:, :, sel].shape, generator=gen), t.reshape(1))
             x[:, :, sel] = noisy
@@ -129,6 +150,7 @@ def run_upscale(model: StageModel, frames: np.ndarray, prompt: str, settings: di
     gen = torch.Generator("cpu").manual_seed(s["seed"])
     lo = frames_to_tensor(frames)  # (F, 3, h, w)
     up = F.interpolate(lo, size=(th, tw), mode="bilinear", align_corners=False)
+    init = up.permute(1, 0, 2, 3).unsqueeze(0)  # (1, 3, F, H, W): where the chain starts (noised)
     abar = float(model.scheduler.alphas_cumprod[s["noise_level"]])
     up = abar ** 0.5 * up + (1 - abar) ** 0.5 * torch.randn(up.shape, generator=gen)
     cond = up.permute(1, 0, 2, 3).unsqueeze(0)  # (1, 3, F, H, W)
@@ -142,7 +164,8 @@ def run_upscale(model: StageModel, frames: np.ndarray, prompt: str, settings: di
     for wi, a in enumerate(starts):
         b = a + window
         x = sample_conditioned(model, cond[:, :, a:b], text, steps=s["steps"], guidance_scale=s["guidance_scale"], gen=gen,
-                               known=out[:, :, a:b], known_mask=done[a:b], class_labels=s["noise_level"])
+                               known=out[:, :, a:b], known_mask=done[a:b], class_labels=s["noise_level"],
+                               init=init[:, :, a:b] if s["start"] == "estimate" else None, strength=s["strength"])
         out[:, :, a:b] = x
         done[a:b] = [True] * (b - a)
         if on_window:
@@ -175,7 +198,8 @@ def run_interpolate(model: StageModel, frames: np.ndarray, prompt: str, settings
         known_mask = [i % fac == 0 for i in range(n)]
         a = k0 * fac
         x = sample_conditioned(model, torch.cat([lin, mask], 1), text, steps=s["steps"], guidance_scale=s["guidance_scale"],
-                               gen=gen, known=out[:, :, a:a + n], known_mask=known_mask)
+                               gen=gen, known=out[:, :, a:a + n], known_mask=known_mask,
+                               init=lin if s["start"] == "estimate" else None)
         out[:, :, a:a + n] = x
         out[:, :, ::fac] = keys  # the edited keyframes stay exactly as edited
         if on_window:
