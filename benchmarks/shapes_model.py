@@ -3,9 +3,11 @@
 For each of the 7 x 3 colour/shape pairs, ``--per-pair`` samples (directions cycle through the
 four), each classified frame by frame with the shapes metrics; a sample counts for colour (shape)
 when the named colour (shape) is the majority over its frames. Writes
-``results/shapes-model-<machine>.{json,md}`` and optionally a contact sheet PNG.
+``results/shapes-model-<machine>.{json,md}`` for the bundled UNet model and
+``results/shapes-model-<model folder name>-<machine>.{json,md}`` for any other (``--model shapes-dit``),
+and optionally a contact sheet PNG.
 
-    python -m benchmarks.shapes_model [--model DIR] [--per-pair 4] [--steps 50]
+    python -m benchmarks.shapes_model [--model DIR|NAME] [--per-pair 4] [--steps 50]
 """
 
 from __future__ import annotations
@@ -30,11 +32,11 @@ def majority(xs):
 def main() -> None:
     import torch
 
-    from fastdm.backbone import default_model_path, load_backbone
+    from fastdm.backbone import load_backbone, resolve_model
     from fastdm.sampling import ddim_sample
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
+    ap.add_argument("--model", default=None, help="model folder or bundled name (shapes, shapes-dit); default shapes")
     ap.add_argument("--per-pair", type=int, default=4)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance-scale", type=float, default=7.5)
@@ -45,7 +47,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = args.model or default_model_path()
+    model = resolve_model(args.model)
     bb = load_backbone(model)
     dirs = list(DIRECTIONS)
     rows, firsts = [], []
@@ -69,13 +71,16 @@ def main() -> None:
     meta = {"machine": machine, "machine_description": machine_description(), "model": repo_relative(model), "samples": n,
             "ddim_steps": args.steps, "guidance_scale": args.guidance_scale, "eta": args.eta, "clip_x0": args.clip_x0, "seconds": round(time.time() - t0, 1)}
     md = [f"# Shapes model: samples classified ({machine})", "",
-          f"Machine: {meta['machine_description']}. Model: `{model}`. {n} samples ({args.per_pair} per colour x shape),"
+          f"Machine: {meta['machine_description']}. Model: `{meta['model']}`. {n} samples ({args.per_pair} per colour x shape),"
           f" DDIM {args.steps} steps, eta {args.eta}, CFG {args.guidance_scale},"
           f" x0 clamp {'on' if args.clip_x0 else 'off'}; {meta['seconds']:.0f} s.", "",
           f"Named colour (majority of frames): **{colour_rate:.0%}**; named shape: **{shape_rate:.0%}**.", "",
           "| colour | hit rate |", "|---|---|", *[f"| {c} | {v:.0%} |" for c, v in per_colour.items()], "",
           "| shape | hit rate |", "|---|---|", *[f"| {s} | {v:.0%} |" for s, v in per_shape.items()], ""]
-    write_results(f"shapes-model-{machine}", {"meta": meta, "colour_rate": colour_rate, "shape_rate": shape_rate,
+    # the bundled UNet model keeps the historical name; any other model gets its folder name in it
+    default = Path(model).resolve() == Path(resolve_model("shapes")).resolve()
+    stem = f"shapes-model-{machine}" if default else f"shapes-model-{Path(model).resolve().name}-{machine}"
+    write_results(stem, {"meta": meta, "colour_rate": colour_rate, "shape_rate": shape_rate,
                                               "per_colour": per_colour, "per_shape": per_shape, "samples": rows}, "\n".join(md))
     if args.sheet:
         import imageio.v3 as iio

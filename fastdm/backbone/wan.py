@@ -291,9 +291,14 @@ class WanBackbone(Backbone):
         return {f"blocks.{i}.attn1": b.attn1 for i, b in enumerate(self.transformer.blocks)}
 
     def default_tap_layers(self) -> list[str]:
-        """The self-attention of the middle block (provisional: see ARCHITECTURE.md, "Wan 2.1")."""
+        """The self-attention of the block at 1/6 of the depth, never block 0 (block 1 of 6 in shapes-dit,
+        block 5 of 30 in Wan 2.1 1.3B). Chosen by measurement on the trained shapes-dit
+        (``benchmarks/results/loss-balance-per-layer-shapes-dit-*.md``; ARCHITECTURE.md, "Wan 2.1"):
+        block 1 is the most structure-selective layer (its S-SSM reacts 6.8x more to a shift, another
+        shape or frozen motion than to a recolouring; the middle block 1.5x, the last two < 1, i.e. they
+        would resist the colour edit) and carries the second-largest gradient share."""
         n = len(self.transformer.blocks)
-        return [f"blocks.{n // 2}.attn1"]
+        return [f"blocks.{min(n - 1, max(1, round(n / 6)))}.attn1"]
 
     def cross_attention_layers(self) -> dict:
         """``blocks.<i>.attn2``: video tokens attending to the text; queries and keys after their RMS
