@@ -328,7 +328,8 @@ def markdown(summary: dict, meta: dict) -> str:
         f"# Edit quality on the shapes world ({meta['machine']})",
         "",
         f"Machine: {meta['machine_description']}. Model: `{meta['model']}` ({meta.get('denoiser', 'unet')} sha256 {meta['model_hash']}).",
-        f"Suite: {meta['suite_size']} edits (12 colour swaps, 6 shape swaps, 6 both), {meta['steps']} steps, lr {meta['lr']}, SGD.",
+        f"Suite: {meta['suite_size']} edits (12 colour swaps, 6 shape swaps, 6 both; the edits column counts those run), "
+        f"{meta['steps']} steps, lr {meta['lr']}, SGD.",
         f"Note: {meta.get('timing_note', '')}.",
         "",
         "| config | edits | colour success | shape success | mean drift (px) | object lost | motion fidelity | flow EPE (px) | frame consistency | s / edit (median) |",
@@ -356,13 +357,13 @@ def models_table(machine: str) -> tuple[dict, str] | None:
             return None
         meta = json.loads(summary_file.read_text())["meta"]
         suite = {c["id"]: c for c in build_suite()}
-        runs = []
+        latest = {}  # one run per (config, case): the cache's last, as the main table takes it
         for line in cache.read_text().splitlines():
             r = json.loads(line)
             if (r["steps"] == meta["steps"] and r["model_hash"] == meta["model_hash"] and r["case"] in suite
                     and r.get("edit_fingerprint") == edit_config(suite[r["case"]], r["config"], meta["steps"], meta["lr"]).fingerprint()):
-                runs.append(r)
-        per_model[label] = (meta, runs)
+                latest[(r["config"], r["case"])] = r
+        per_model[label] = (meta, list(latest.values()))
     out, lines = {}, []
     for name in CONFIGS:
         cases = set.intersection(*({r["case"] for r in runs if r["config"] == name} for _, runs in per_model.values()))
@@ -534,14 +535,13 @@ def main() -> None:
         d = r.get("machine_description", "AMD EPYC, 2 cores, torch 2.13.0+cpu (runs before 2026-11-26; not recorded per run)")
         recorded_on[d] = recorded_on.get(d, 0) + 1
     meta = {"machine": machine, "machine_description": "; ".join(f"{n} runs on {d}" for d, n in recorded_on.items()),
-            "model": repo_relative(model), "model_hash": model_hash,
+            "model": repo_relative(model), "model_hash": model_hash, "denoiser": denoiser,
             "suite_size": len(suite), "steps": args.steps, "lr": args.lr,
             "timing_note": "s / edit from the runs' own clocks; shards may have run side by side (see --shard, --threads)"}
     summary = summarize(runs)
     sweep = sweep_summary(list(done.values()), runs, suite, args.steps, args.lr, model_hash)
     axis = mask_axis(runs)
     md = markdown(summary, meta) + mask_axis_markdown(axis) + sweep_markdown(sweep)
-    meta["denoiser"] = denoiser
     j, m = write_results(f"{stem}-{machine}", {"meta": meta, "summary": summary, "mask_axis": axis, "sweep": sweep, "suite": suite}, md)
     print(md)
     print("wrote", j, m)

@@ -23,8 +23,10 @@ At the end (or with ``--export-only``) the EMA weights go to ``--export`` as a d
 folder that the cascade's ``upscale`` stage loads (``unet/``, ``text_encoder/``, ``tokenizer/``,
 ``scheduler/``; no ``vae/``).
 
+    # the bundled model (fastdm/assets/models/shapes-upscale), 85.5 min in all, 1 thread beside another job:
     python tools/train_shapes_upscale.py --threads 1 --steps 1200 --decay-start 900 --decay-steps 300 --minutes 65
-                                                            # the bundled model (fastdm/assets/models/shapes-upscale)
+    python tools/train_shapes_upscale.py --threads 1 --steps 2000 --lr 5e-4 --decay-start 1600 --decay-steps 400 --minutes 38
+                                                            # resumed from step 1200 with a second, smaller lr cycle
     python tools/train_shapes_upscale.py --steps 4 --batch 2 --frames 2 --size 16 --channels 8,16 \\
         --state /tmp/u/state.json --log /tmp/u/loss.csv --export /tmp/u/model   # a smoke run
 """
