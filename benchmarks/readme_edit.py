@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import sys
 import tempfile
 from pathlib import Path
 
@@ -34,9 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("name", help="results name part, e.g. shapes-dit")
     ap.add_argument("--png", action="store_true", help="also write results/readme-edit-NAME-<machine>.png")
-    ap.add_argument("edit_args", nargs=argparse.REMAINDER, help="-- then fastdm-edit's arguments (no --out)")
-    args = ap.parse_args(argv)
-    edit_args = args.edit_args[1:] if args.edit_args[:1] == ["--"] else args.edit_args
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in argv:
+        ap.error("give fastdm-edit's arguments after --")
+    cut = argv.index("--")
+    args, edit_args = ap.parse_args(argv[:cut]), argv[cut + 1:]
     if "--out" in edit_args:
         raise SystemExit("readme_edit: error: leave --out out; the run writes into a temporary folder")
     from fastdm.cli import main as edit
