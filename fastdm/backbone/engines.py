@@ -35,7 +35,12 @@ class CompiledUNet:
     (:class:`fastdm.taps.DenoiserWithKeys`); :meth:`warm_up` compiles it at the shapes it will
     serve, so compile time is reported apart from step time; later calls at the same shapes reuse
     it. ``grad_until``: the grad branch's form (autograd recorded up to that module and compiled
-    with its backward; the rest of the denoiser in the same call runs without autograd)."""
+    with its backward; the rest of the denoiser in the same call runs without autograd).
+
+    ``dynamo_backend``: torch.compile's backend (inductor; ``reduce-overhead`` with CUDA graphs).
+    Tests may set another (``aot_eager``) where they check the engine's plumbing, not its code."""
+
+    dynamo_backend = "inductor"
 
     def __init__(self, backbone, layers: list[str], cudagraphs: bool = False, grad_until: str | None = None):
         from ..taps import DenoiserWithKeys
@@ -43,7 +48,10 @@ class CompiledUNet:
         if cudagraphs and backbone.device.type != "cuda":
             raise FastDMError("--backend cudagraphs needs the model on a CUDA GPU (--device cuda); use --backend compile")
         self.module = DenoiserWithKeys(backbone, layers, grad_until).eval()
-        self.fn = torch.compile(self.module, mode="reduce-overhead" if cudagraphs else None, dynamic=False)
+        if cudagraphs:
+            self.fn = torch.compile(self.module, mode="reduce-overhead", dynamic=False)
+        else:
+            self.fn = torch.compile(self.module, backend=self.dynamo_backend, dynamic=False)
         self.cudagraphs = cudagraphs
         self.grad = grad_until is not None
 
