@@ -76,8 +76,9 @@ def sample_conditioned(model: StageModel, cond: torch.Tensor, text: torch.Tensor
     interpolated clip); the chain starts from it noised to the first timestep, as the forward process
     would. Schedules whose last timestep keeps signal (DDIM's scaled-linear: sqrt(abar) = 0.07 at
     t = 951) were trained on x_T that still carries the clip's low frequencies, and a pure-noise start
-    misses them: on the shapes upscale model it left noise in the background (mean abs error 0.82 vs
-    0.08 from the noised estimate, 20 steps; ``benchmarks/upscale_settings.py`` has a pure-noise row).
+    misses them: on the shapes upscale model it left noise in the background (PSNR against the true
+    render 7.1 dB vs 22.3 dB from the noised estimate; the pure-noise row of
+    ``benchmarks/results/upscale-settings-cpu-2core-x86_64.md``).
     With a zero-terminal-SNR schedule the two starts agree. A stage's ``"start": "noise"`` setting
     passes no ``init`` (Show-1's own sampling). ``strength`` < 1 keeps the last
     ``round(n * strength)`` of the n timesteps (img2img)."""
