@@ -70,10 +70,11 @@ def test_edit_upscale_refine_runs_and_reports_every_stage(stages, clip6, tmp_pat
 
 
 def test_interpolation_keeps_the_edited_keyframes_and_their_timing(stages):
+    import torch
+
     from fastdm.cascade import keyframe_positions, output_fps, run_interpolate
     from fastdm.cascade.folders import check_stage_folder, load_stage_model
     from fastdm.cascade.spec import SETTINGS
-    import torch
 
     assert keyframe_positions(29, 8) == [0, 4, 8, 12, 16, 20, 24, 28]
     assert keyframe_positions(6, 4) == [0, 2, 3, 5] and keyframe_positions(5, None) == [0, 1, 2, 3, 4]
