@@ -32,6 +32,15 @@ def denoiser_hash(folder: str | Path) -> tuple[str, str]:
     return sub, hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
 
 
+def model_stem(prefix: str, model: str | Path) -> str:
+    """Result-file stem for a model: ``prefix`` for the bundled UNet model (the historical names),
+    ``prefix-<folder name>`` for any other (``quality-shapes-dit``)."""
+    from fastdm.backbone import resolve_model
+
+    folder = Path(model).resolve()
+    return prefix if folder == Path(resolve_model("shapes")).resolve() else f"{prefix}-{folder.name}"
+
+
 def write_results(stem: str, data: dict, markdown: str) -> tuple[Path, Path]:
     from fastdm.io.atomic import atomic_output
 

@@ -37,6 +37,7 @@ from benchmarks.common import (
     denoiser_hash,
     machine_description,
     machine_name,
+    model_stem,
     repo_relative,
     write_results,
 )
@@ -463,8 +464,7 @@ def main() -> None:
     model = resolve_model(args.model)
     denoiser, model_hash = denoiser_hash(model)
     machine = machine_name()
-    # the bundled UNet model keeps the historical names; any other model gets its folder name in them
-    stem = "quality" if Path(model).resolve() == Path(resolve_model("shapes")).resolve() else f"quality-{Path(model).resolve().name}"
+    stem = model_stem("quality", model)
     cache = RESULTS / f"{stem}-{machine}.runs.jsonl"
     RESULTS.mkdir(parents=True, exist_ok=True)
     done = {}

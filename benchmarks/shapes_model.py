@@ -19,7 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import repo_relative, machine_description, machine_name, write_results
+from benchmarks.common import (
+    machine_description,
+    machine_name,
+    model_stem,
+    repo_relative,
+    write_results,
+)
 from benchmarks.shapes_metrics import video_summary
 from fastdm.shapes import COLOURS, DIRECTIONS, SHAPES, prompt
 
@@ -77,10 +83,7 @@ def main() -> None:
           f"Named colour (majority of frames): **{colour_rate:.0%}**; named shape: **{shape_rate:.0%}**.", "",
           "| colour | hit rate |", "|---|---|", *[f"| {c} | {v:.0%} |" for c, v in per_colour.items()], "",
           "| shape | hit rate |", "|---|---|", *[f"| {s} | {v:.0%} |" for s, v in per_shape.items()], ""]
-    # the bundled UNet model keeps the historical name; any other model gets its folder name in it
-    default = Path(model).resolve() == Path(resolve_model("shapes")).resolve()
-    stem = f"shapes-model-{machine}" if default else f"shapes-model-{Path(model).resolve().name}-{machine}"
-    write_results(stem, {"meta": meta, "colour_rate": colour_rate, "shape_rate": shape_rate,
+    write_results(f"{model_stem('shapes-model', model)}-{machine}", {"meta": meta, "colour_rate": colour_rate, "shape_rate": shape_rate,
                                               "per_colour": per_colour, "per_shape": per_shape, "samples": rows}, "\n".join(md))
     if args.sheet:
         import imageio.v3 as iio
