@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 SIZES = [(2880, 320), (720, 640), (180, 1280), (45, 1280)]
 
@@ -154,6 +155,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--backends", default=None, help="default: naive,torch (+triton on cuda)")
     ap.add_argument("--quick", action="store_true", help="only (2880, 320) at F = 16")
+    ap.add_argument("--out", default=None, help="folder for ssm-<machine>.{json,md} (default: benchmarks/results)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -166,6 +168,22 @@ def main() -> None:
     backends = args.backends.split(",") if args.backends else ["naive", "torch"] + (["triton"] if args.device == "cuda" else [])
     frames = [16] if args.quick else [int(x) for x in args.frames.split(",")]
     sizes = SIZES[:1] if args.quick else SIZES
+    meta = {"machine": machine_name(args.device), "machine_description": machine_description(args.device),
+            "device": args.device, "repeats": args.repeats, "keys_dtype": "float32", "keys_ref": "keys + 1e-3 noise"}
+    if args.device == "cuda":  # the roofline inputs first, so every row written below can carry its roofline
+        import torch
+
+        meta["fp32_matmul_tflops"] = round(matmul_tflops("cuda"), 1)
+        x = torch.empty(2**28, device="cuda")
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            x.mul_(1.0)
+        torch.cuda.synchronize()
+        meta["copy_tbps"] = round(5 * 2 * x.numel() * 4 / (time.perf_counter() - t0) / 1e12, 2)
+        del x
+        torch.cuda.empty_cache()
+    out = Path(args.out) if args.out else None
     rows = []
     for loss in ("spatial", "temporal"):
         for n, c in sizes:
@@ -179,57 +197,62 @@ def main() -> None:
                     else:
                         res = json.loads(p.stdout.strip().splitlines()[-1])
                     row = {"loss": loss, "backend": b, "N": n, "C": c, "F": f, **res}
+                    if "copy_tbps" in meta and loss == "spatial" and b == "triton" and "median_s" in row:
+                        row["roofline_s"] = roofline_s(n, c, f, meta["fp32_matmul_tflops"], meta["copy_tbps"])
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-    meta = {"machine": machine_name(args.device), "machine_description": machine_description(args.device),
-            "device": args.device, "repeats": args.repeats, "keys_dtype": "float32", "keys_ref": "keys + 1e-3 noise"}
-    if args.device == "cuda":
-        import torch
+                    write(rows, meta, out, write_results)  # every finished case on disk at once
+    md, (j, m) = write(rows, meta, out, write_results)
+    print(md)
+    print("wrote", j, m)
 
-        meta["fp32_matmul_tflops"] = round(matmul_tflops("cuda"), 1)
-        x = torch.empty(2**28, device="cuda")
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(5):
-            x.mul_(1.0)
-        torch.cuda.synchronize()
-        meta["copy_tbps"] = round(5 * 2 * x.numel() * 4 / (time.perf_counter() - t0) / 1e12, 2)
-        for r in rows:
-            if r["loss"] == "spatial" and r["backend"] == "triton" and "median_s" in r:
-                r["roofline_s"] = roofline_s(r["N"], r["C"], r["F"], meta["fp32_matmul_tflops"], meta["copy_tbps"])
 
+def write(rows: list[dict], meta: dict, out: Path | None, write_results) -> tuple[str, tuple[Path, Path]]:
+    """The markdown of the rows so far, written with the JSON (to ``out`` or benchmarks/results)."""
+    md = markdown(rows, meta)
+    stem = f"ssm-{meta['machine']}"
+    if out is None:
+        return md, write_results(stem, {"meta": meta, "rows": rows}, md)
+    from fastdm.io.atomic import write_json_atomic, write_text_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / f"{stem}.json", {"meta": meta, "rows": rows})
+    write_text_atomic(out / f"{stem}.md", md)
+    return md, (out / f"{stem}.json", out / f"{stem}.md")
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
     def find(loss, b, n, c, f):
         return next((r for r in rows if (r["loss"], r["backend"], r["N"], r["C"], r["F"]) == (loss, b, n, c, f)), {})
 
     lines = [f"# S-SSM / T-SSM loss, forward + backward ({meta['machine']})", "",
-             f"Machine: {meta['machine_description']}. fp32 keys, keys_ref = keys + 1e-3 noise; median of {args.repeats} runs;",
+             f"Machine: {meta['machine_description']}. fp32 keys, keys_ref = keys + 1e-3 noise; median of {meta['repeats']} runs;",
              "extra peak = peak memory minus what the inputs hold (CUDA max allocated / process peak RSS).", ""]
     if "fp32_matmul_tflops" in meta:
         lines += [f"Roofline inputs: fp32 (IEEE) matmul {meta['fp32_matmul_tflops']} TFLOP/s, copy {meta['copy_tbps']} TB/s.", ""]
-    lines += ["| loss | N | C | F | backend | median s | extra peak MiB | speed-up vs naive | memory vs naive |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| loss | N | C | F | backend | median s | extra peak MiB | speed-up vs naive | memory vs naive | fraction of roofline |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = find(r["loss"], "naive", r["N"], r["C"], r["F"])
         if "median_s" not in r:
-            lines.append(f"| {r['loss']} | {r['N']} | {r['C']} | {r['F']} | {r['backend']} | error: {r['error']} | | | |")
+            lines.append(f"| {r['loss']} | {r['N']} | {r['C']} | {r['F']} | {r['backend']} | error: {r['error']} | | | | |")
             continue
         sp = f"{base['median_s'] / r['median_s']:.1f}x" if base.get("median_s") else "-"
         mem = f"{base['extra_peak_bytes'] / max(r['extra_peak_bytes'], 1):.1f}x less" if base.get("extra_peak_bytes") else "-"
         roof = f" (roofline {r['roofline_s'] * 1e3:.2f} ms)" if "roofline_s" in r else ""
+        frac = f"{100 * r['roofline_s'] / r['median_s']:.0f}%" if "roofline_s" in r else "-"
         lines.append(f"| {r['loss']} | {r['N']} | {r['C']} | {r['F']} | {r['backend']} | {r['median_s']:.4f}{roof} | "
-                     f"{r['extra_peak_bytes'] / 2**20:.0f} | {sp} | {mem} |")
+                     f"{r['extra_peak_bytes'] / 2**20:.0f} | {sp} | {mem} | {frac} |")
     kern_rows = [(r, k) for r in rows for k in r.get("kernels", []) if "fraction" in k]
     if kern_rows:
         lines += ["", "Per Triton kernel, one forward+backward: device time vs roofline max(FLOPs / peak, bytes / bandwidth)",
-                  f"(datasheet peaks for {rows[0].get('device_name', kern_rows[0][0].get('device_name'))}, see PEAKS in benchmarks/bench_ssm.py).", "",
+                  f"(datasheet peaks for {kern_rows[0][0].get('device_name')}, see PEAKS in benchmarks/bench_ssm.py).", "",
                   "| loss | N | C | F | kernel | calls | device ms | roofline ms | bound | fraction of roofline |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r, k in kern_rows:
             lines.append(f"| {r['loss']} | {r['N']} | {r['C']} | {r['F']} | {k['kernel']} | {k['calls']} | {k['time_s'] * 1e3:.3f} | "
                          f"{k['roofline_s'] * 1e3:.3f} | {k['bound']} | {100 * k['fraction']:.0f}% |")
-    j, m = write_results(f"ssm-{meta['machine']}", {"meta": meta, "rows": rows}, "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print("wrote", j, m)
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -123,15 +123,14 @@ def test_no_pickle_files_in_the_repository():
     assert pickles == []
 
 
-def test_training_state_is_safetensors_plus_json():
-    from pathlib import Path
-
+def test_training_state_is_safetensors_plus_json(tmp_path):
     from safetensors import safe_open
 
-    d = Path(__file__).resolve().parents[1] / "tools" / "checkpoints" / "shapes"
-    meta = json.loads((d / "state.json").read_text())
+    from .train_tools import committed_state
+
+    meta, tensors = committed_state(tmp_path / "shapes")
     assert meta["format"] == "fastdm-train-state/1" and meta["step"] == 3680
-    with safe_open(str(d / meta["tensors"]), "pt") as f:
+    with safe_open(str(tensors), "pt") as f:
         keys = set(f.keys())
         assert f.get_tensor("rng/torch").dtype == torch.uint8
     assert {k.split("/")[0] for k in keys} == {"unet", "text", "ema", "opt", "rng"}

@@ -2,15 +2,13 @@
 (the UNet3D's dropout included) and the committed state still loads and exports the bundled model."""
 
 import json
-import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from .train_tools import ROOT, load_tool, resumed_equals_uninterrupted
+from .train_tools import ROOT, committed_state, load_tool, resumed_equals_uninterrupted
 
-COMMITTED = ROOT / "tools" / "checkpoints" / "shapes"
 BUNDLED = ROOT / "fastdm" / "assets" / "models" / "shapes"
 
 SMALL = ("--size", "16")
@@ -53,11 +51,7 @@ def test_the_unet_draws_dropout_from_the_global_generator(tmp_path):
 
 def test_committed_state_loads_and_exports_the_bundled_model(tool, tmp_path):
     state = tmp_path / "shapes"  # a copy: the tool never writes next to the committed state here
-    state.mkdir()
-    meta = json.loads((COMMITTED / "state.json").read_text())
-    for name in ("state.json", meta["tensors"]):
-        shutil.copy(COMMITTED / name, state / name)
-    shutil.copytree(COMMITTED / "tokenizer", state / "tokenizer")
+    meta, _ = committed_state(state)
     tool.main(["--export-only", "--threads", "1", "--state", str(state / "state.json"), "--log", str(state / "loss.csv"),
                "--export", str(tmp_path / "model")])
     assert json.loads((tmp_path / "model" / "fastdm.json").read_text()) == json.loads((BUNDLED / "fastdm.json").read_text())

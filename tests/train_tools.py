@@ -50,3 +50,25 @@ def resumed_equals_uninterrupted(tool, tmp_path: Path, *args) -> tuple[Path, dic
     assert all(torch.equal(ta[k], tb[k]) for k in ta), [k for k in ta if not torch.equal(ta[k], tb[k])][:5]
     assert ma["np_rng"] == mb["np_rng"] and ma["pending_losses"] == mb["pending_losses"]
     return split, meta2
+
+
+def committed_state(dest: Path) -> tuple[dict, Path]:
+    """A copy of the bundled model's committed training state (``tools/checkpoints/shapes``) in ``dest``:
+    its JSON and tokenizer from the working tree, its tensors from the working tree or, where they were
+    left out of it (the GPU check's payload), from git history. Skips when neither has them (a source
+    tree without history)."""
+    import shutil
+
+    import pytest
+
+    committed = ROOT / "tools" / "checkpoints" / "shapes"
+    meta = json.loads((committed / "state.json").read_text())
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(committed / "state.json", dest / "state.json")
+    shutil.copytree(committed / "tokenizer", dest / "tokenizer")
+    tensors = committed / meta["tensors"]
+    if tensors.is_file():
+        shutil.copy(tensors, dest / meta["tensors"])
+    elif not load_tool("training_state").restore_tensors(tensors, dest / meta["tensors"]):
+        pytest.skip(f"{tensors.name} is neither in the working tree nor in its git history")
+    return meta, dest / meta["tensors"]

@@ -114,9 +114,35 @@ def read_state(path: Path) -> tuple[dict, dict]:
     if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
         raise SystemExit(f"train_shapes: error: --state {path} is not a {STATE_FORMAT} file")
     tfile = path.parent / meta["tensors"]
-    if not tfile.is_file():
-        raise SystemExit(f"train_shapes: error: {path} names {tfile.name}, which is missing; restore it or start afresh")
+    if not tfile.is_file() and not restore_tensors(tfile):
+        raise SystemExit(f"train_shapes: error: {path} names {tfile.name}, which is missing (and not in this checkout's git "
+                         "history); restore it or start afresh")
     return meta, load_file(str(tfile))
+
+
+def restore_tensors(tfile: Path, dest: Path | None = None) -> bool:
+    """Bring back a committed state's tensors from git history. The bundled model's training state
+    (``tools/checkpoints/shapes``, 37 MiB) keeps only its JSON in the working tree, so that the tree a
+    GPU check carries stays small; its tensors live in the commit before the one that removed them.
+    Writes ``dest`` (default: ``tfile`` itself); returns True when it is there afterwards."""
+    import subprocess
+
+    try:
+        top = Path(subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=tfile.parent, capture_output=True, text=True,
+                                  check=True).stdout.strip())
+        rel = tfile.resolve().relative_to(top.resolve()).as_posix()
+        gone = subprocess.run(["git", "rev-list", "-n", "1", "HEAD", "--", rel], cwd=top, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        if not gone:
+            return False
+        blob = subprocess.run(["git", "show", f"{gone}^:{rel}"], cwd=top, capture_output=True, check=True).stdout
+    except (OSError, ValueError, subprocess.CalledProcessError):
+        return False
+    dest = Path(dest or tfile)
+    tmp = dest.with_name(f".{dest.name}.part")
+    tmp.write_bytes(blob)
+    tmp.replace(dest)
+    return True
 
 
 def optimizer_state(meta: dict, tensors: dict) -> dict:

@@ -191,8 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak rate for the roofline (default: measured matmul rate)")
     ap.add_argument("--flops-only", action="store_true", help="count FLOPs on the meta device only (no weights, no timing)")
+    ap.add_argument("--no-flops", action="store_true",
+                    help="count no FLOPs (device runs): take them from the committed meta counts, edit-*-flops.json")
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--tag", default=None, help="name part of the result files: edit-TAG-<machine> (default: edit-<machine>)")
+    ap.add_argument("--tag", default=None,
+                    help="name part of the result files: edit-TAG-<machine> (default: the preset when one is given)")
     ap.add_argument("--size", default=None, help="WxH instead of the preset's size (e.g. 256x256 for zeroscope-576w)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -208,17 +211,40 @@ def main(argv: list[str] | None = None) -> int:
 
     presets, frames_list, modes = args.preset.split(","), [int(f) for f in args.frames.split(",")], args.modes.split(",")
     peak = args.peak_tflops or round(matmul_tflops(args.device, DTYPES[args.dtype]), 3)
+    machine = machine_name(args.device)
+    tag = args.tag if args.tag is not None else (presets[0] if len(presets) == 1 else None)
+    stem = f"edit-{tag + '-' if tag else ''}{machine}" + ("-flops" if args.flops_only else "")
+    out = Path(args.out)
+    meta = {"machine": machine, "machine_description": machine_description(args.device), "device": args.device,
+            "dtype": args.dtype, "peak_tflops": peak, "peak_source": "given" if args.peak_tflops else "measured matmul",
+            "timed_steps": args.steps, "rounds": args.repeats, "flops_only": args.flops_only,
+            "size": args.size, "flops": "not counted" if args.no_flops else "counted on the meta device in this run"}
+    counted: dict[tuple, int | str] = {}  # FLOPs once per (preset, frames, plan): engines do the same arithmetic
+    committed = {} if not args.no_flops else committed_flops(args.dtype, _size(args.size))
     rows = []
     for preset in presets:
         for frames in frames_list:
             for mode in modes:
                 row = {"preset": preset, "frames": frames, "mode": mode}
-                try:
-                    row["flops_per_step"] = count_step_flops(preset, frames, mode, DTYPES[args.dtype], _size(args.size))
+                key = (preset, frames, _mode(mode)["plan"])
+                if args.no_flops:
+                    if key in committed:
+                        row["flops_per_step"], row["flops_source"] = committed[key]
+                elif key not in counted:
+                    try:
+                        counted[key] = count_step_flops(preset, frames, mode, DTYPES[args.dtype], _size(args.size))
+                    except Exception as e:  # FLOP counting is best effort
+                        counted[key] = f"{type(e).__name__}: {e}"[:200]
+                if key in counted:
+                    if isinstance(counted[key], int):
+                        row["flops_per_step"] = counted[key]
+                    else:
+                        row["flops_error"] = counted[key]
+                if "flops_per_step" in row:
                     row["roofline_step_s"] = row["flops_per_step"] / (peak * 1e12)
-                except Exception as e:  # FLOP counting is best effort
-                    row["flops_error"] = f"{type(e).__name__}: {e}"[:200]
                 rows.append(row)
+    if args.flops_only:
+        _write(out, stem, rows, meta)
     for rnd in range(0 if args.flops_only else max(1, args.repeats)):
         for row in rows:  # one round over every case, so slow drift of the machine hits all modes alike
             cmd = [sys.executable, "-m", "fastdm.bench.harness", "--one", f"{row['preset']},{row['frames']},{row['mode']}",
@@ -233,30 +259,59 @@ def main(argv: list[str] | None = None) -> int:
                                 else (p.stderr.strip().splitlines() or ["failed"])[-1][:300])
             print(json.dumps({"round": rnd, **{k: v for k, v in row.items() if k != "rounds"},
                               **(row["rounds"][-1] if p.returncode == 0 else {})}), flush=True)
-    for row in rows:
-        rounds = row.pop("rounds", None)
-        if rounds and "error" not in row:
-            row.update(rounds[-1])
-            row["median_step_s"] = statistics.median(r["median_step_s"] for r in rounds)
-            row["step_s_rounds"] = [round(r["median_step_s"], 4) for r in rounds]
-            row["e2e_200_projected_s"] = statistics.median(r["e2e_200_projected_s"] for r in rounds)
-    machine = machine_name(args.device)
-    meta = {"machine": machine, "machine_description": machine_description(args.device), "device": args.device,
-            "dtype": args.dtype, "peak_tflops": peak, "peak_source": "given" if args.peak_tflops else "measured matmul",
-            "timed_steps": args.steps, "rounds": args.repeats, "flops_only": args.flops_only,
-            "size": args.size}
-    md = _markdown(rows, meta)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"edit-{args.tag + '-' if args.tag else ''}{machine}" + ("-flops" if args.flops_only else "")
-    from ..io.atomic import write_json_atomic
-
-    write_json_atomic(out / f"{stem}.json", {"meta": meta, "rows": rows})
-    (out / f"{stem}.md").write_text(md)
-    charted = not args.flops_only and _chart(rows, out / f"{stem}.png")
+            # every finished case is on disk at once: a run cut short keeps what it measured
+            _write(out, stem, rows, {**meta, "rounds_done": rnd + (row is rows[-1])})
+    md, written = _write(out, stem, rows, meta)
     print(md)
-    print("wrote", out / f"{stem}.json", out / f"{stem}.md", *( [out / f"{stem}.png"] if charted else []))
+    print("wrote", *written)
     return 0
+
+
+def _finished(rows: list[dict]) -> list[dict]:
+    """The rows as reported: each measured case with the median of its rounds so far."""
+    done = []
+    for row in rows:
+        r = {k: v for k, v in row.items() if k != "rounds"}
+        rounds = row.get("rounds")
+        if rounds and "error" not in row:
+            r.update(rounds[-1])
+            r["median_step_s"] = statistics.median(x["median_step_s"] for x in rounds)
+            r["step_s_rounds"] = [round(x["median_step_s"], 4) for x in rounds]
+            r["e2e_200_projected_s"] = statistics.median(x["e2e_200_projected_s"] for x in rounds)
+        done.append(r)
+    return done
+
+
+def _write(out: Path, stem: str, rows: list[dict], meta: dict) -> tuple[str, list[Path]]:
+    """Write the JSON, markdown (and chart) of the cases measured so far, atomically."""
+    from ..io.atomic import write_json_atomic, write_text_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    report = _finished(rows)
+    if not meta["flops_only"]:
+        report = [r for r in report if "median_step_s" in r or "error" in r]
+    md = _markdown(report, meta)
+    write_json_atomic(out / f"{stem}.json", {"meta": meta, "rows": report})
+    write_text_atomic(out / f"{stem}.md", md)
+    written = [out / f"{stem}.json", out / f"{stem}.md"]
+    if not meta["flops_only"] and _chart(report, out / f"{stem}.png"):
+        written.append(out / f"{stem}.png")
+    return md, written
+
+
+def committed_flops(dtype: str, size=None) -> dict[tuple, tuple[int, str]]:
+    """FLOPs per step from the committed meta-device counts (``benchmarks/results/edit-*-flops.json``),
+    keyed by (preset, frames, plan): what ``--no-flops`` fills in instead of counting."""
+    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    found: dict[tuple, tuple[int, str]] = {}
+    for f in sorted(results.glob("edit-*-flops.json")) if results.is_dir() else []:
+        data = json.loads(f.read_text())
+        if data.get("meta", {}).get("size") != (f"{size[0]}x{size[1]}" if size else None):
+            continue
+        for r in data.get("rows", []):
+            if "flops_per_step" in r:
+                found.setdefault((r["preset"], r["frames"], _mode(r["mode"])["plan"]), (r["flops_per_step"], f"committed: {f.name}"))
+    return found
 
 
 def _markdown(rows: list[dict], meta: dict) -> str:

@@ -12,10 +12,30 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    """The process umask, read without changing it where Linux tells it (/proc/self/status); else set
+    and restored once, at import, before any thread of ours runs."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+_UMASK_AT_IMPORT = _read_umask()
+
+
+def _umask() -> int:
+    """The current umask; never writes it after import (``os.umask`` is process-wide, so writing it
+    while another thread creates a file would give that file the wrong mode)."""
+    if os.path.exists("/proc/self/status"):
+        return _read_umask()
+    return _UMASK_AT_IMPORT
 
 
 @contextmanager
@@ -37,3 +57,8 @@ def atomic_output(dest: str | os.PathLike):
 def write_json_atomic(dest: str | os.PathLike, obj) -> None:
     with atomic_output(dest) as tmp:
         Path(tmp).write_text(json.dumps(obj, indent=2))
+
+
+def write_text_atomic(dest: str | os.PathLike, text: str) -> None:
+    with atomic_output(dest) as tmp:
+        Path(tmp).write_text(text)
