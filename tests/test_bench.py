@@ -34,3 +34,76 @@ def test_bench_ssm_one_case():
                          capture_output=True, text=True, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["median_s"] > 0 and r["extra_peak_bytes"] >= 0
+
+
+def _fake_case(result_s: float):
+    return {"engine_build_s": 0.0, "median_step_s": result_s, "warmup_step_s": result_s, "setup_s": 1.0, "decode_s": 0.1,
+            "e2e_200_projected_s": 200 * result_s, "peak_bytes": 2**30, "working_peak_bytes": 2**29,
+            "tensor_working_peak_bytes": None, "params": 1}
+
+
+def test_harness_keeps_every_finished_case_when_cut(tmp_path, monkeypatch):
+    """The results files are written after each case: a run killed in its second case keeps the first."""
+    import fastdm.bench.harness as harness
+
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the step's timeout kills the harness here
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(_fake_case(0.25)) + "\n", stderr="")
+
+    monkeypatch.setattr(harness.subprocess, "run", fake_run)
+    try:
+        main(["--preset", "tiny", "--frames", "2", "--modes", "fast,lean", "--no-flops", "--peak-tflops", "1",
+              "--out", str(tmp_path)])
+    except KeyboardInterrupt:
+        pass
+    (j,) = tmp_path.glob("edit-tiny-*.json")  # named after the preset
+    rows = json.loads(j.read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["fast"] and rows[0]["median_step_s"] == 0.25
+    assert "| tiny | 2 | fast | 0.250 |" in j.with_suffix(".md").read_text()
+
+
+def test_no_flops_takes_the_committed_meta_count(tmp_path, monkeypatch):
+    """--no-flops (device runs) counts nothing and fills FLOPs per (preset, frames, plan) from the committed
+    meta-device counts; an engine mode takes its plan's count."""
+    import fastdm.bench.harness as harness
+
+    committed = harness.committed_flops("bf16")
+    want, source = committed[("zeroscope-576w", 16, "fast")]
+    assert want > 1e13 and "flops" in source
+    monkeypatch.setattr(harness, "count_step_flops", lambda *a, **k: (_ for _ in ()).throw(AssertionError("counted")))
+    monkeypatch.setattr(harness.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+        cmd, 0, stdout=json.dumps(_fake_case(0.5)), stderr=""))
+    assert main(["--preset", "zeroscope-576w", "--frames", "16", "--modes", "fast:compile+grad,lean", "--no-flops",
+                 "--peak-tflops", "100", "--out", str(tmp_path)]) == 0
+    rows = {r["mode"]: r for r in json.loads(next(tmp_path.glob("edit-zeroscope-576w-*.json")).read_text())["rows"]}
+    assert rows["fast:compile+grad"]["flops_per_step"] == want and rows["fast:compile+grad"]["flops_source"] == source
+    assert rows["lean"]["flops_per_step"] == committed[("zeroscope-576w", 16, "lean")][0] != want
+    assert rows["lean"]["roofline_step_s"] == rows["lean"]["flops_per_step"] / 100e12
+
+
+def test_bench_ssm_writes_each_case_as_it_finishes(tmp_path, monkeypatch):
+    import benchmarks.bench_ssm as bench_ssm
+
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps({"median_s": 0.01 * len(calls), "extra_peak_bytes": 2**20}),
+                                           stderr="")
+
+    monkeypatch.setattr(bench_ssm.subprocess, "run", fake_run)
+    monkeypatch.setattr(sys, "argv", ["bench_ssm", "--quick", "--backends", "naive,torch", "--repeats", "1", "--out", str(tmp_path)])
+    try:
+        bench_ssm.main()
+    except KeyboardInterrupt:
+        pass
+    (j,) = tmp_path.glob("ssm-*.json")
+    rows = json.loads(j.read_text())["rows"]
+    assert [(r["loss"], r["backend"]) for r in rows] == [("spatial", "naive"), ("spatial", "torch")]
+    assert "| spatial | 2880 | 320 | 16 | torch | 0.0200 |" in j.with_suffix(".md").read_text()
