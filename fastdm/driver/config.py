@@ -5,12 +5,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import FastDMError
 
 OPTIMIZERS = ("sgd", "adam")
 MASK_SCOPES = ("all", "vdds")
+# how t is drawn per step: "uniform" (paper: t ~ U{t_min..t_max}); "anneal" (step k of N draws from the
+# k-th of N equal strata, from t_max down to t_min: DreamTime / DVRF-style descending t); "stratified"
+# (each stratum once per N steps, in a random order)
+T_SCHEDULES = ("uniform", "anneal", "stratified")
+LR_SCHEDULES = ("constant", "cosine", "linear")  # the learning rate over the N steps (cosine/linear end near 0)
+STOP_RULES = ("steps", "converged")  # "converged": stop when the edit stops moving (driver/stopping.py); steps = cap
 
 
 @dataclass
@@ -37,7 +43,12 @@ class EditConfig:
     # "vdds" only the V-DDS gradient (S-SSM/T-SSM then also move the background).
     mask_scope: str = "all"
     loss_backend: str = "auto"
-    extra: dict = field(default_factory=dict)
+    t_schedule: str = "uniform"  # paper
+    lr_schedule: str = "constant"  # paper
+    momentum: float = 0.0  # SGD momentum (paper: none)
+    stop: str = "steps"  # paper: run all the steps
+    stop_window: int = 6  # "converged": steps over which progress is measured
+    stop_tol: float = 0.15  # "converged": stop when the last window moved the edit less than this share of its peak window
 
     def validate(self) -> None:
         for name in ("source_prompt", "target_prompt"):
@@ -55,6 +66,13 @@ class EditConfig:
             raise FastDMError(f"unknown mask scope {self.mask_scope!r}; choose one of {', '.join(MASK_SCOPES)}")
         if self.s_ssm_weight < 0 or self.t_ssm_weight < 0:
             raise FastDMError("S-SSM/T-SSM weights must be >= 0")
+        for name, allowed in (("t_schedule", T_SCHEDULES), ("lr_schedule", LR_SCHEDULES), ("stop", STOP_RULES)):
+            if getattr(self, name) not in allowed:
+                raise FastDMError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+        if not 0 <= self.momentum < 1:
+            raise FastDMError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not isinstance(self.stop_window, int) or self.stop_window < 1 or not 0 < self.stop_tol < 1:
+            raise FastDMError("stop_window must be a positive integer and stop_tol in (0, 1)")
         if self.guidance_scale < 0:
             raise FastDMError(f"guidance scale must be >= 0, got {self.guidance_scale}")
 
@@ -64,7 +82,19 @@ class EditConfig:
         return d
 
     def fingerprint(self) -> str:
-        """Hash of everything that shapes the result except the step count (resume may extend it)."""
+        """Hash of everything that shapes the result except the step count (resume may extend it).
+
+        Settings added after the first release count only when they differ from their defaults, and
+        the removed ``extra`` field is hashed as it always was (``{}``): fingerprints of earlier
+        checkpoints and benchmark runs stay valid."""
         d = self.to_dict()
         d.pop("steps")
+        for name, default in _ADDED_DEFAULTS.items():
+            if d.get(name) == default:
+                d.pop(name)
+        d["extra"] = {}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_ADDED_DEFAULTS = {"t_schedule": "uniform", "lr_schedule": "constant", "momentum": 0.0, "stop": "steps", "stop_window": 6,
+                   "stop_tol": 0.15}

@@ -36,11 +36,12 @@ import torch
 
 from ..backbone import Backbone, load_backbone
 from ..errors import FastDMError
-from ..losses import VDDSConfig, sample_timestep
+from ..losses import VDDSConfig
 from ..taps import resolve_layers
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import EditConfig
 from .plan import FAST, PLANS, ExecutionPlan
+from .schedule import ConvergenceRule, draw_timestep, lr_factor, strata_order
 from .step import DreamMotionStep
 
 PROMPT_CACHE_SIZE = 32
@@ -304,7 +305,12 @@ class EditRun:
         self.masked = mask is not None
         self.pixel_mask = None if mask is None else np.asarray(mask, np.float32)
         self.x = torch.nn.Parameter(self.x_src.clone())
-        self.opt = torch.optim.SGD([self.x], lr=config.lr) if config.optimizer == "sgd" else torch.optim.Adam([self.x], lr=config.lr)
+        if config.optimizer == "sgd":
+            self.opt = torch.optim.SGD([self.x], lr=config.lr, **({"momentum": config.momentum} if config.momentum else {}))
+        else:
+            self.opt = torch.optim.Adam([self.x], lr=config.lr)
+        self.t_order = strata_order(config.steps, config.seed) if config.t_schedule == "stratified" else None
+        self.convergence = ConvergenceRule(config.stop_window, config.stop_tol, self.mask) if config.stop == "converged" else None
         self.gen = torch.Generator("cpu").manual_seed(config.seed)
         self.fingerprint = hashlib.sha256(f"{config.fingerprint()}|{bb.info.path}|{bb.dtype}|{bb.device.type}".encode()).hexdigest()[:16]
         h = hashlib.sha256(np.ascontiguousarray(video).tobytes())
@@ -325,6 +331,7 @@ class EditRun:
         self.timings["prepare_s"] = time.perf_counter() - self.timings["start"] - self.timings["encode_s"]
 
         self.engine_build_s = 0.0
+        self.steppers: list[DreamMotionStep] = []  # every step object made (budget probes too): their evaluations count
         self.probes = None
         self.memory_budget = memory_budget
         if memory_budget is not None:
@@ -335,6 +342,7 @@ class EditRun:
         self.stepper = self._make_step(self.plan)
         self.step_index = self.start_step
         self.stopped_early = False
+        self.converged_at: int | None = None
         self.last_t: int | None = None
         self.losses: dict[str, torch.Tensor] = {}
         self.step_times: list[float] = []
@@ -366,8 +374,26 @@ class EditRun:
             grad_engine, s = self.pipe.engine("compile", batch=1, frames=self.num_frames, size=self.size, layers=self.layers,
                                               grad_until=self.layers[-1], text=self.text[:1])
             self.engine_build_s += s
-        return DreamMotionStep(self.pipe.backbone, self.config, plan, self.vcfg, self.layers, self.num_frames, self.text,
-                               self.mask, engine, grad_engine, split_gradients=self.split_gradients)
+        stepper = DreamMotionStep(self.pipe.backbone, self.config, plan, self.vcfg, self.layers, self.num_frames, self.text,
+                                  self.mask, engine, grad_engine, split_gradients=self.split_gradients)
+        self.steppers.append(stepper)
+        return stepper
+
+    @property
+    def evaluations(self) -> dict[str, int]:
+        """Denoiser work so far, counted at the call sites: forward batch elements and backward passes of
+        the edit's steps, and forward batch elements spent before them (automatic mask, budget probes)."""
+        out = {"forward": 0, "backward": 0}
+        for s in self.steppers:
+            out["forward"] += s.evaluations["forward"]
+            out["backward"] += s.evaluations["backward"]
+        setup = sum(s.evaluations["forward"] for s in self.steppers if s is not getattr(self, "stepper", None))
+        if self.auto_mask is not None:  # its calls, each a batch of the source under both prompts
+            mask_forward = self.auto_mask.denoiser_calls * self.auto_mask.report()["batch"]
+            setup += mask_forward
+            out["forward"] += mask_forward
+        out["setup_forward"] = setup
+        return out
 
     @property
     def done(self) -> bool:
@@ -377,20 +403,28 @@ class EditRun:
         """Run one step (under the pipeline's lock); returns the loss terms as 0-dim tensors."""
         bb, x = self.pipe.backbone, self.x
         t0 = time.perf_counter()
+        cfg = self.config
         with self.pipe.lock:
-            t = sample_timestep(self.vcfg, self.gen)
+            t = draw_timestep(cfg.t_schedule, self.step_index, cfg.steps, self.vcfg, self.gen, self.t_order)
             noise = torch.randn(x.shape, generator=self.gen).to(bb.device, non_blocking=True)
             self.opt.zero_grad(set_to_none=True)
             self.losses = self.stepper(x, self.x_src, t, noise)
+            if cfg.lr_schedule != "constant":
+                for group in self.opt.param_groups:
+                    group["lr"] = cfg.lr * lr_factor(cfg.lr_schedule, self.step_index, cfg.steps)
             self.opt.step()
             if bb.valid_range is not None:
                 with torch.no_grad():
                     x.clamp_(*bb.valid_range)
         self.step_index += 1
         self.last_t = t
+        if self.convergence is not None and self.convergence.update(x) and self.step_index < cfg.steps:
+            self.stopped_early = True
+            self.converged_at = self.step_index
         done = self.step_index
-        checkpoint_now = self.checkpoint_every and (done % self.checkpoint_every == 0 or done == self.config.steps)
-        due = checkpoint_now or done == self.config.steps or bb.device.type == "cpu" or done % FINITE_CHECK_EVERY == 0
+        checkpoint_now = self.checkpoint_every and (done % self.checkpoint_every == 0 or done == self.config.steps
+                                                    or self.converged_at == done)
+        due = checkpoint_now or done == self.config.steps or self.converged_at == done or bb.device.type == "cpu" or done % FINITE_CHECK_EVERY == 0
         if due and bb.device.type != "meta":  # (meta: FLOP counting, no values to check)
             self._check_finite()
         if checkpoint_now:
@@ -453,6 +487,10 @@ class EditRun:
             "compile_grad": bool(self.compile_grad),
             "steps_run": len(times),
             "stopped_early": self.stopped_early,
+            "stop": {"rule": config.stop, "cap": config.steps, "stopped_at": self.step_index,
+                     "converged": self.converged_at is not None,
+                     **(self.convergence.report() if self.convergence is not None else {})},
+            "evaluations": self.evaluations,
             "resumed_from_step": self.start_step if self.resumed else None,
             "timings": {
                 "encode_prompts_s": round(self.timings["encode_s"], 4),

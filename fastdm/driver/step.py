@@ -48,12 +48,24 @@ class DreamMotionStep:
         self.engine, self.grad_engine = engine, grad_engine
         self.split_gradients = split_gradients
         self.grad_parts: dict[str, torch.Tensor] = {}
+        # denoiser work, counted where it is done: forward batch elements (eager, engine or compiled)
+        # and backward passes through the model (autograd into the tapped prefix)
+        self.evaluations = {"forward": 0, "backward": 0}
         if not self.need_keys:
             self.evaluate = self._all_nograd
         elif plan.grad_all:
             self.evaluate = self._joint
         else:
             self.evaluate = self._split
+
+    def _forward(self, x_t: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``backbone.predict_noise``, counted."""
+        self.evaluations["forward"] += x_t.shape[0]
+        return self.bb.predict_noise(x_t, *args, **kwargs)
+
+    def _engine(self, engine, x_t: torch.Tensor, *args):
+        self.evaluations["forward"] += x_t.shape[0]
+        return engine(x_t, *args)
 
     def __call__(self, x: torch.Tensor, x_src: torch.Tensor, t: int, noise: torch.Tensor) -> dict[str, torch.Tensor]:
         a, b = self.bb.noise_coefficients(t)
@@ -80,12 +92,14 @@ class DreamMotionStep:
         if self.split_gradients:  # each SSM term's gradient at unit weight, then combined as applied
             g_s = torch.autograd.grad(l_s, x, retain_graph=True, allow_unused=True, materialize_grads=True)[0]
             g_t = torch.autograd.grad(l_t, x, allow_unused=True, materialize_grads=True)[0]
+            self.evaluations["backward"] += 2
             if masked:
                 g_s, g_t = g_s * self.mask, g_t * self.mask
             self.grad_parts = {"vdds": g, "s_ssm": g_s, "t_ssm": g_t}
             x.grad = cfg.s_ssm_weight * g_s + cfg.t_ssm_weight * g_t
         else:
             (cfg.s_ssm_weight * l_s + cfg.t_ssm_weight * l_t).backward()
+            self.evaluations["backward"] += 1
             if masked:
                 x.grad.mul_(self.mask)  # the structure/motion gradient stays inside the mask too
         x.grad.add_(g)
@@ -98,10 +112,9 @@ class DreamMotionStep:
 
     def _joint(self, x, xs_t, a, b, t, noise):
         """naive: all four evaluations recorded, in one batched call."""
-        bb = self.bb
         x_t = a * x + b * noise
         with self.taps, torch.enable_grad():
-            eps = bb.predict_noise(torch.cat([x_t, x_t, xs_t, xs_t]), t, torch.cat([self.emb_tgt, self.emb_nograd]))
+            eps = self._forward(torch.cat([x_t, x_t, xs_t, xs_t]), t, torch.cat([self.emb_tgt, self.emb_nograd]))
             keys = self.taps.take(self.num_frames)
         keys_edit = {k: v[0:1] for k, v in keys.items()}
         keys_src = {k: v[2:3].detach() for k, v in keys.items()}
@@ -113,27 +126,27 @@ class DreamMotionStep:
         x_t = a * x + b * noise
         with torch.enable_grad():
             if self.grad_engine is not None:
-                out, keys = self.grad_engine(x_t.to(bb.dtype), t, self.emb_tgt)
+                out, keys = self._engine(self.grad_engine, x_t.to(bb.dtype), t, self.emb_tgt)
                 eps_tgt_c = bb.to_noise_prediction(out.detach(), x_t, t)
                 keys_edit = self._keys(keys)
             else:
                 with self.taps:  # recorded up to the last tapped layer (fast) or through (plain)
-                    eps_tgt_c = bb.predict_noise(x_t, t, self.emb_tgt, grad_until=self.grad_until).detach()
+                    eps_tgt_c = self._forward(x_t, t, self.emb_tgt, grad_until=self.grad_until).detach()
                     keys_edit = self.taps.take(self.num_frames)
         eps_tgt_u, eps_src_c, eps_src_u, keys_src = self._nograd_branches(x_t.detach(), xs_t, t)
         return (eps_tgt_c, eps_tgt_u, eps_src_c, eps_src_u), keys_edit, keys_src
 
     def _all_nograd(self, x, xs_t, a, b, t, noise):
         """S-SSM and T-SSM off: all four evaluations without autograd."""
-        bb, plan = self.bb, self.plan
+        plan = self.plan
         nograd = torch.inference_mode if plan.inference_mode else torch.no_grad
         with nograd():
             x_t = a * x.detach() + b * noise
             if plan.batch_nograd:
-                eps = bb.predict_noise(torch.cat([x_t, x_t, xs_t, xs_t]), t, torch.cat([self.emb_tgt, self.emb_nograd]))
+                eps = self._forward(torch.cat([x_t, x_t, xs_t, xs_t]), t, torch.cat([self.emb_tgt, self.emb_nograd]))
                 eps = eps.chunk(4)
             else:
-                eps = [bb.predict_noise(v, t, e) for v, e in
+                eps = [self._forward(v, t, e) for v, e in
                        ((x_t, self.emb_tgt), (x_t, self.emb_neg), (xs_t, self.emb_src), (xs_t, self.emb_neg))]
         return eps, {}, {}
 
@@ -145,26 +158,26 @@ class DreamMotionStep:
         with torch.inference_mode() if self.plan.inference_mode else torch.no_grad():
             if self.engine is not None:
                 if self.plan.batch_nograd:
-                    out, keys = self.engine(torch.cat([x_t, xs_t, xs_t]).to(bb.dtype), t, self.emb_nograd)
+                    out, keys = self._engine(self.engine, torch.cat([x_t, xs_t, xs_t]).to(bb.dtype), t, self.emb_nograd)
                     eps = bb.to_noise_prediction(out, torch.cat([x_t, xs_t, xs_t]), t).chunk(3)
                     keys_src = {k: v[1:2] for k, v in self._keys(keys).items()}
                 else:
                     eps, keys_src = [], {}
                     for i, (v, e) in enumerate(calls):
-                        out, keys = self.engine(v.to(bb.dtype), t, e)
+                        out, keys = self._engine(self.engine, v.to(bb.dtype), t, e)
                         eps.append(bb.to_noise_prediction(out, v, t))
                         if i == 1:
                             keys_src = self._keys(keys)
             elif self.plan.batch_nograd:
                 with taps:
-                    eps = bb.predict_noise(torch.cat([x_t, xs_t, xs_t]), t, self.emb_nograd).chunk(3)
+                    eps = self._forward(torch.cat([x_t, xs_t, xs_t]), t, self.emb_nograd).chunk(3)
                     keys_src = {k: v[1:2] for k, v in taps.take(n).items()}
             else:
                 (v0, e0), (v1, e1), (v2, e2) = calls
-                eps = [bb.predict_noise(v0, t, e0)]
+                eps = [self._forward(v0, t, e0)]
                 with taps:
-                    eps.append(bb.predict_noise(v1, t, e1))
+                    eps.append(self._forward(v1, t, e1))
                     keys_src = taps.take(n)
-                eps.append(bb.predict_noise(v2, t, e2))
+                eps.append(self._forward(v2, t, e2))
         # inference tensors cannot be saved for backward: the losses get ordinary copies
         return (*eps, {k: v.clone() for k, v in keys_src.items()})

@@ -1,0 +1,345 @@
+"""Edit quality against cost: schedules, budgets, the stopping rule and the peers, on both bundled models.
+
+Every method edits the same held-out clips (``build_suite(seed=1)``: 10 generated cases, 4 colour, 3
+shape, 3 both; the quality suite uses seed 0), with fastdm-edit's defaults otherwise (automatic mask,
+S-SSM/T-SSM weights, guidance 7.5, seed 0), scored with the quality suite's metrics
+(``benchmarks/quality.py``: colour/shape success, centroid drift, object area kept, background
+change, motion fidelity, frame consistency), and costed by the denoiser evaluations it made (forward
+batch elements and backward passes, counted at the call sites: the pipeline's own counter for
+fastdm, a counting wrapper around ``predict_noise`` for the peers) and its seconds.
+
+Methods:
+
+* ``paper``: SGD lr 0.4, t ~ U[50, 950], 200 steps (``--preset paper``). One 200-step run per case is
+  scored at 12, 16, 25, 50, 100 and 200 steps (the run to step k *is* a k-step edit: t, noise and the
+  constant learning rate do not depend on the step count), and at the step where each stopping rule
+  of ``STOP_RULES`` would have stopped it (the rule only observes the run until it stops it);
+* schedules of :data:`SCHEDULES` (``--schedules``), each a full edit at its own step count;
+* peers: ``dds`` (V-DDS alone, 200 steps: fastdm's ``vdds_only``), ``sdedit-S`` (noise the source to
+  strength S of 50 DDIM steps, sample with the target prompt), ``flowedit`` (flow-matching models
+  only: T 50, n_max 33, n_avg 1, guidance 3.5 source / 13.5 target as published for SD3; no mask, as
+  published).
+
+Runs are cached one line each in ``results/cost-<model>-<machine>.runs.jsonl``; the tables
+``results/cost-<model>-<machine>.{json,md}`` and ``results/peers-<model>-<machine>.{json,md}`` are
+rewritten from the cache after every run.
+
+    python -m benchmarks.cost --model shapes --methods paper,sgd-anneal-12 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import time
+
+import numpy as np
+import torch
+
+from benchmarks.common import RESULTS, denoiser_hash, machine_description, machine_name, repo_relative, write_results
+from benchmarks.quality import build_suite, render_case, score
+
+SNAPSHOTS = (12, 16, 25, 50, 100, 200)
+# (window, tol) of the convergence rule, observed on every paper run; the first is --steps auto's default
+STOP_RULES = ((6, 0.15), (6, 0.25), (8, 0.1), (4, 0.2))
+# name -> (steps, EditConfig settings): fastdm schedules tried against the paper's
+SCHEDULES = {
+    "sgd-anneal-12": (12, dict(t_schedule="anneal")),
+    "sgd-anneal-lr0.8-12": (12, dict(t_schedule="anneal", lr=0.8)),
+    "sgd-lr0.8-12": (12, dict(lr=0.8)),
+    "sgd-anneal-lr0.8-16": (16, dict(t_schedule="anneal", lr=0.8)),
+    "sgd-strat-lr0.8-12": (12, dict(t_schedule="stratified", lr=0.8)),
+    "momentum-anneal-12": (12, dict(t_schedule="anneal", lr=0.1, momentum=0.9)),
+    "momentum-anneal-cos-12": (12, dict(t_schedule="anneal", lr=0.16, momentum=0.9, lr_schedule="cosine")),
+    "adam-anneal-cos-12": (12, dict(t_schedule="anneal", optimizer="adam", lr=0.2, lr_schedule="cosine")),
+    "adam-cos-12": (12, dict(optimizer="adam", lr=0.2, lr_schedule="cosine")),
+    "sgd-anneal-lr1.2-12": (12, dict(t_schedule="anneal", lr=1.2)),
+    "sgd-anneal-lr1.2-cos-12": (12, dict(t_schedule="anneal", lr=1.6, lr_schedule="cosine")),
+    "sgd-anneal-lr0.8-25": (25, dict(t_schedule="anneal", lr=0.8)),
+}
+PEERS = ("dds", "sdedit-0.5", "sdedit-0.7", "flowedit")
+METRICS = ("colour_ok", "shape_ok", "drift_px", "area_kept", "background_change", "motion_fidelity", "frame_consistency")
+
+
+def held_out_suite() -> list[dict]:
+    return build_suite(seed=1, n_colour=4, n_shape=3, n_both=3)
+
+
+@contextlib.contextmanager
+def counted(backbone):
+    """Count the denoiser's forward batch elements through ``predict_noise`` (the peers' call site)."""
+    calls = {"forward": 0, "backward": 0}
+    orig = backbone.predict_noise
+
+    def wrapper(x_t, *a, **k):
+        calls["forward"] += x_t.shape[0]
+        return orig(x_t, *a, **k)
+
+    backbone.predict_noise = wrapper
+    try:
+        yield calls
+    finally:
+        del backbone.predict_noise  # the instance attribute; the method is the class's again
+
+
+def frames_of(backbone, x: torch.Tensor) -> np.ndarray:
+    from fastdm.driver.pipeline import tensor_to_frames
+
+    with torch.no_grad():
+        return tensor_to_frames(backbone.from_working(x.detach()))
+
+
+def run_paper(pipe, case, clip, snapshots=SNAPSHOTS, method="paper", **settings) -> list[dict]:
+    """One 200-step edit at the paper's settings, scored at every snapshot and at each stop rule's step."""
+    from fastdm.driver.schedule import ConvergenceRule
+
+    t0 = time.perf_counter()
+    run = pipe.prepare(clip, case["source_prompt"], case["target_prompt"], mask="auto", steps=max(snapshots), seed=0, **settings)
+    rules = {r: ConvergenceRule(r[0], r[1], run.mask) for r in STOP_RULES}
+    stopped: dict[tuple, int] = {}
+    out, trace = [], []
+    while not run.done:
+        prev = run.x.detach().clone()
+        run.step()
+        k = run.step_index
+        trace.append({"t": run.last_t, "dx": float((run.x.detach() - prev).norm()), "vdds": float(run.losses["vdds"])})
+        label = []
+        if k in snapshots:
+            label.append(f"{method}@{k}")
+        for r, rule in rules.items():
+            if r not in stopped and rule.update(run.x):
+                stopped[r] = k
+                label.append(f"{method}-auto(w{r[0]},tol{r[1]:g})")
+        for name in label:
+            secs = time.perf_counter() - t0
+            out.append({"method": name, "steps": k, "evaluations": dict(run.evaluations), "seconds": secs,
+                        "frames": frames_of(pipe.backbone, run.x)})
+    for r in STOP_RULES:  # a rule that never fired ran to the cap
+        if r not in stopped:
+            last = next(o for o in out if o["method"] == f"{method}@{max(snapshots)}")
+            out.append({**last, "method": f"{method}-auto(w{r[0]},tol{r[1]:g})"})
+    for o in out:
+        o["trace"] = trace[: o["steps"]] if o["method"] == f"{method}@{max(snapshots)}" else None
+    return out
+
+
+def run_schedule(pipe, case, clip, steps: int, settings: dict, method: str) -> list[dict]:
+    t0 = time.perf_counter()
+    res = pipe(clip, case["source_prompt"], case["target_prompt"], mask="auto", steps=steps, seed=0, **settings)
+    return [{"method": method, "steps": res.report["steps_run"], "evaluations": res.report["evaluations"],
+             "seconds": time.perf_counter() - t0, "frames": res.frames, "stop": res.report["stop"]}]
+
+
+def run_sdedit(pipe, case, clip, strength: float) -> list[dict]:
+    from fastdm.sampling import ddim_video_to_video
+
+    bb = pipe.backbone
+    t0 = time.perf_counter()
+    with counted(bb) as calls:
+        frames = ddim_video_to_video(bb, clip, case["target_prompt"], strength=strength, steps=50, guidance_scale=7.5, seed=0)
+    return [{"method": f"sdedit-{strength:g}", "steps": round(50 * strength), "evaluations": dict(calls),
+             "seconds": time.perf_counter() - t0, "frames": frames}]
+
+
+@torch.no_grad()
+def flowedit(backbone, clip: np.ndarray, source_prompt: str, target_prompt: str, *, steps: int = 50, n_max: int = 33,
+             n_min: int = 0, n_avg: int = 1, src_guidance: float = 3.5, tar_guidance: float = 13.5, seed: int = 0) -> np.ndarray:
+    """FlowEdit (Kulikov et al. 2024) on a flow-matching backbone: inversion-free ODE from the source to
+    the target. Over ``steps`` timesteps (the backbone's shifted sigmas on a uniform grid) it skips the
+    first ``steps - n_max``; then per step noises the source, moves the target point by the source's
+    noise offset, and moves the edit by dt x (v(target, c_tar) - v(source, c_src)), each velocity with
+    its own guidance, averaged over ``n_avg`` noises; the last ``n_min`` steps are plain sampling."""
+    from fastdm.driver.pipeline import frames_to_tensor
+    from fastdm.losses import guided_noise
+
+    if backbone.info.prediction_type != "flow":
+        raise ValueError("FlowEdit needs a flow-matching backbone")
+    n_train = backbone.info.num_train_timesteps
+    ts = [round(n_train - 1 - i * (n_train - 1) / steps) for i in range(steps)]  # descending, t = T-1 first
+    sig = [backbone.noise_coefficients(t)[1] for t in ts] + [0.0]
+    x_src = backbone.to_working(frames_to_tensor(clip))
+    text = backbone.encode_prompts([source_prompt, "", target_prompt])
+    gen = torch.Generator("cpu").manual_seed(seed)
+
+    def velocity(x_t, t, cond, guidance):
+        a = backbone.noise_coefficients(t)[0]
+        eps = backbone.predict_noise(torch.cat([x_t, x_t]), t, torch.stack([cond, text[1]]))
+        e = guided_noise(eps[1:2], eps[0:1], guidance)
+        return (e - x_t) / a  # v = e - x0 with x_t = (1 - s) x0 + s e
+
+    z = x_src.clone()
+    z_t = None
+    for i in range(steps - n_max, steps):
+        t, s, s_next = ts[i], sig[i], sig[i + 1]
+        if i < steps - n_min:
+            dv = torch.zeros_like(z)
+            for _ in range(n_avg):
+                e = torch.randn(x_src.shape, generator=gen).to(x_src.device)
+                zs_t = (1 - s) * x_src + s * e
+                zt_t = z + zs_t - x_src
+                dv += (velocity(zt_t, t, text[2], tar_guidance) - velocity(zs_t, t, text[0], src_guidance)) / n_avg
+            z = z + (s_next - s) * dv
+        else:
+            if z_t is None:
+                e = torch.randn(x_src.shape, generator=gen).to(x_src.device)
+                z_t = z + ((1 - s) * x_src + s * e) - x_src
+            z_t = z_t + (s_next - s) * velocity(z_t, t, text[2], tar_guidance)
+            z = z_t
+    if backbone.valid_range is not None:
+        z = z.clamp(*backbone.valid_range)
+    return frames_of(backbone, z)
+
+
+def run_flowedit(pipe, case, clip) -> list[dict]:
+    bb = pipe.backbone
+    t0 = time.perf_counter()
+    with counted(bb) as calls:
+        frames = flowedit(bb, clip, case["source_prompt"], case["target_prompt"])
+    return [{"method": "flowedit", "steps": 33, "evaluations": dict(calls), "seconds": time.perf_counter() - t0,
+             "frames": frames}]
+
+
+def summarize(runs: list[dict]) -> dict:
+    out = {}
+    for name in dict.fromkeys(r["method"] for r in runs):
+        rs = [r for r in runs if r["method"] == name]
+        col = [r for r in rs if r["kind"] in ("colour", "both")]
+        shp = [r for r in rs if r["kind"] in ("shape", "both")]
+        drifts = [r["metrics"]["drift_px"] for r in rs if math.isfinite(r["metrics"]["drift_px"])]
+        out[name] = {
+            "edits": len(rs),
+            "steps": float(np.mean([r["steps"] for r in rs])),
+            "forward": float(np.mean([r["evaluations"]["forward"] for r in rs])),
+            "backward": float(np.mean([r["evaluations"]["backward"] for r in rs])),
+            "seconds": float(np.median([r["seconds"] for r in rs])),
+            "colour_success": sum(r["metrics"]["colour_ok"] for r in col) / len(col) if col else None,
+            "shape_success": sum(r["metrics"]["shape_ok"] for r in shp) / len(shp) if shp else None,
+            "mean_drift_px": float(np.mean(drifts)) if drifts else None,
+            "object_lost": len(rs) - len(drifts),
+            "area_kept": sum(r["metrics"]["area_kept"] for r in rs) / len(rs),
+            "background_change": float(np.mean([r["metrics"]["background_change"] for r in rs])),
+            "motion_fidelity": float(np.mean([r["metrics"]["motion_fidelity"] for r in rs])),
+            "frame_consistency": float(np.mean([r["metrics"]["frame_consistency"] for r in rs])),
+        }
+    return out
+
+
+def markdown(title: str, summary: dict, meta: dict, note: str) -> str:
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    lines = [f"# {title} ({meta['machine']})", "",
+             f"Machine: {meta['machine_description']}. Model: `{meta['model']}` ({meta['denoiser']} sha256 {meta['model_hash']}). "
+             f"Clips: {meta['cases']} held-out generated cases (`build_suite(seed=1)`), automatic mask, seed 0. "
+             f"Command: `{meta['command']}`.", "", note, "",
+             "| method | edits | steps | forward evals | backward | s / edit (median) | colour success | shape success | "
+             "mean drift (px) | object lost | area kept | background change (0-255) | motion fidelity | frame consistency |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, s in summary.items():
+        lines.append(f"| {name} | {s['edits']} | {s['steps']:.1f} | {s['forward']:.0f} | {s['backward']:.0f} | {s['seconds']:.1f} | "
+                     f"{f(s['colour_success'], '.0%')} | {f(s['shape_success'], '.0%')} | {f(s['mean_drift_px'], '.2f')} | "
+                     f"{s['object_lost']} | {s['area_kept']:.0%} | {s['background_change']:.2f} | {s['motion_fidelity']:.3f} | "
+                     f"{s['frame_consistency']:.3f} |")
+    lines += ["", "forward evals: denoiser batch elements per edit (4 per fastdm step, + 2 per automatic-mask call); backward: passes "
+              "through the tapped prefix (1 per fastdm step). Colour success over colour and both edits, shape success over shape "
+              "and both edits; area kept: the object's area within 0.5x-2x of the source's in every frame."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fastdm import DreamMotionPipeline
+    from fastdm.backbone import resolve_model
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="shapes")
+    ap.add_argument("--methods", default="paper", help=f"paper, schedules ({', '.join(SCHEDULES)}), peers ({', '.join(PEERS)})")
+    ap.add_argument("--cases", type=int, default=None, help="only the first N held-out cases")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = resolve_model(args.model)
+    denoiser, model_hash = denoiser_hash(model)
+    machine = machine_name()
+    name = args.model if args.model in ("shapes", "shapes-dit") else repo_relative(model).replace("/", "-")
+    cache = RESULTS / f"cost-{name}-{machine}.runs.jsonl"
+    done = {}
+    if cache.exists():
+        for line in cache.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["method"], r["case"], r["model_hash"])] = r
+    suite = held_out_suite()[: args.cases]
+    pipe = DreamMotionPipeline.from_pretrained(model)
+    flow = pipe.backbone.info.prediction_type == "flow"
+    for method in args.methods.split(","):
+        if method == "flowedit" and not flow:
+            print("flowedit: skipped, the model is not flow-matching")
+            continue
+        for case in suite:
+            key_method = "paper@200" if method == "paper" else ("dds@200" if method == "dds" else method)
+            if (key_method, case["id"], model_hash) in done:
+                continue
+            clip = render_case(case)
+            if method == "paper":
+                got = run_paper(pipe, case, clip)
+            elif method == "dds":
+                got = run_paper(pipe, case, clip, snapshots=(25, 200), method="dds", s_ssm_weight=0.0, t_ssm_weight=0.0)
+                got = [g for g in got if "auto" not in g["method"]]
+            elif method in SCHEDULES:
+                steps, settings = SCHEDULES[method]
+                got = run_schedule(pipe, case, clip, steps, settings, method)
+            elif method.startswith("sdedit-"):
+                got = run_sdedit(pipe, case, clip, float(method.split("-")[1]))
+            elif method == "flowedit":
+                got = run_flowedit(pipe, case, clip)
+            else:
+                raise SystemExit(f"error: unknown method {method!r}; choose paper, {', '.join(SCHEDULES)} or {', '.join(PEERS)}")
+            with open(cache, "a") as fh:
+                for g in got:
+                    frames = g.pop("frames")
+                    rec = {**g, "case": case["id"], "kind": case["kind"], "model_hash": model_hash, "threads": torch.get_num_threads(),
+                           "machine_description": machine_description(), "metrics": score(case, clip, frames)}
+                    rec["metrics"].pop("colour_frames", None)
+                    rec["metrics"].pop("shape_frames", None)
+                    fh.write(json.dumps(rec) + "\n")
+                    done[(rec["method"], case["id"], model_hash)] = rec
+                    m = rec["metrics"]
+                    print(f"{rec['method']:28s} {case['id']} colour {m['colour_ok']!s:5s} shape {m['shape_ok']!s:5s} drift "
+                          f"{m['drift_px']:.2f} area {m['area_kept']!s:5s} fwd {rec['evaluations']['forward']} ({rec['seconds']:.0f}s)",
+                          flush=True)
+            write_tables(done, suite, name, model, denoiser, model_hash, machine)
+    write_tables(done, suite, name, model, denoiser, model_hash, machine)
+    return 0
+
+
+def write_tables(done: dict, suite: list[dict], name: str, model: str, denoiser: str, model_hash: str, machine: str) -> None:
+    ids = {c["id"] for c in suite}
+    runs = [r for (m, c, h), r in done.items() if h == model_hash and c in ids]
+    on = sorted({r["machine_description"] for r in runs})  # names the cores, the CPU and the threads the runs had
+    meta = {"machine": machine, "machine_description": "; ".join(on), "model": repo_relative(model), "denoiser": denoiser,
+            "model_hash": model_hash, "cases": len(ids), "command": f"python -m benchmarks.cost --model {name} --methods ..."}
+    peers = [r for r in runs if r["method"].split("@")[0].split("-")[0] in ("dds", "sdedit", "flowedit")
+             or r["method"] in ("paper@200",)]
+    ours = [r for r in runs if r not in peers or r["method"] == "paper@200"]
+
+    def order(rs):
+        return sorted(rs, key=lambda r: (r["evaluations"]["forward"] + r["evaluations"]["backward"], r["method"]))
+
+    cost = summarize(order(ours))
+    write_results(f"cost-{name}-{machine}", {"meta": meta, "summary": cost},
+                  markdown("Edit quality against cost", cost, meta,
+                           "paper@k: the paper's schedule stopped at step k; paper-auto(...): stopped by the convergence rule "
+                           "(window, tol; driver/schedule.py ConvergenceRule), cap 200; other rows: benchmarks/cost.py SCHEDULES."))
+    if peers:
+        peer = summarize(order(peers))
+        write_results(f"peers-{name}-{machine}", {"meta": meta, "summary": peer},
+                      markdown("fastdm beside the editors a user would pick instead", peer, meta,
+                               "dds@k: V-DDS alone (fastdm vdds_only, automatic mask); sdedit-S: source noised to strength S of "
+                               "50 DDIM steps, sampled with the target prompt (no mask); flowedit: T 50, n_max 33, guidance 3.5/13.5 "
+                               "(no mask)."))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
