@@ -143,58 +143,11 @@ def run_sdedit(pipe, case, clip, strength: float) -> list[dict]:
              "seconds": time.perf_counter() - t0, "frames": frames}]
 
 
-@torch.no_grad()
-def flowedit(backbone, clip: np.ndarray, source_prompt: str, target_prompt: str, *, steps: int = 50, n_max: int = 33,
-             n_min: int = 0, n_avg: int = 1, src_guidance: float = 3.5, tar_guidance: float = 13.5, seed: int = 0) -> np.ndarray:
-    """FlowEdit (Kulikov et al. 2024) on a flow-matching backbone: inversion-free ODE from the source to
-    the target. Over ``steps`` timesteps (the backbone's shifted sigmas on a uniform grid) it skips the
-    first ``steps - n_max``; then per step noises the source, moves the target point by the source's
-    noise offset, and moves the edit by dt x (v(target, c_tar) - v(source, c_src)), each velocity with
-    its own guidance, averaged over ``n_avg`` noises; the last ``n_min`` steps are plain sampling."""
-    from fastdm.driver.pipeline import frames_to_tensor
-    from fastdm.losses import guided_noise
-
-    if backbone.info.prediction_type != "flow":
-        raise ValueError("FlowEdit needs a flow-matching backbone")
-    n_train = backbone.info.num_train_timesteps
-    ts = [round(n_train - 1 - i * (n_train - 1) / steps) for i in range(steps)]  # descending, t = T-1 first
-    sig = [backbone.noise_coefficients(t)[1] for t in ts] + [0.0]
-    x_src = backbone.to_working(frames_to_tensor(clip))
-    text = backbone.encode_prompts([source_prompt, "", target_prompt])
-    gen = torch.Generator("cpu").manual_seed(seed)
-
-    def velocity(x_t, t, cond, guidance):
-        a = backbone.noise_coefficients(t)[0]
-        eps = backbone.predict_noise(torch.cat([x_t, x_t]), t, torch.stack([cond, text[1]]))
-        e = guided_noise(eps[1:2], eps[0:1], guidance)
-        return (e - x_t) / a  # v = e - x0 with x_t = (1 - s) x0 + s e
-
-    z = x_src.clone()
-    z_t = None
-    for i in range(steps - n_max, steps):
-        t, s, s_next = ts[i], sig[i], sig[i + 1]
-        if i < steps - n_min:
-            dv = torch.zeros_like(z)
-            for _ in range(n_avg):
-                e = torch.randn(x_src.shape, generator=gen).to(x_src.device)
-                zs_t = (1 - s) * x_src + s * e
-                zt_t = z + zs_t - x_src
-                dv += (velocity(zt_t, t, text[2], tar_guidance) - velocity(zs_t, t, text[0], src_guidance)) / n_avg
-            z = z + (s_next - s) * dv
-        else:
-            if z_t is None:
-                e = torch.randn(x_src.shape, generator=gen).to(x_src.device)
-                z_t = z + ((1 - s) * x_src + s * e) - x_src
-            z_t = z_t + (s_next - s) * velocity(z_t, t, text[2], tar_guidance)
-            z = z_t
-    if backbone.valid_range is not None:
-        z = z.clamp(*backbone.valid_range)
-    return frames_of(backbone, z)
-
-
 def run_flowedit(pipe, case, clip) -> list[dict]:
     bb = pipe.backbone
     t0 = time.perf_counter()
+    from fastdm.sampling import flowedit
+
     with counted(bb) as calls:
         frames = flowedit(bb, clip, case["source_prompt"], case["target_prompt"])
     return [{"method": "flowedit", "steps": 33, "evaluations": dict(calls), "seconds": time.perf_counter() - t0,

@@ -1,10 +1,54 @@
-"""User-facing errors.
+"""User-facing errors, typed so that a service can act on them.
 
 `FastDMError` is raised for anything the *user* can fix (bad input, bad flags, missing model
-folder). The CLI prints its message as one line and exits 2; anything else is an internal
-error (exit 1).
+folder). The CLI prints its message as one line and exits 2; anything else is an internal error
+(exit 1). Each subclass has a stable ``code`` a caller can branch on (never the message text), and
+``field`` names the request parameter at fault where there is one (``EditRequest`` / ``EditConfig``
+names: ``steps``, ``mask``, ``resume``, ...).
+
+| class | code | when |
+|---|---|---|
+| `BadInput` | `bad_input` | a value, file or combination of values is wrong |
+| `Unsupported` | `unsupported` | valid on its own, but this model, plan, engine or device cannot do it |
+| `MissingDependency` | `missing_dependency` | an optional package is not installed (the message names the extra) |
+| `Diverged` | `diverged` | the edit produced non-finite values (lower the learning rate or weights) |
+| `ResumeMismatch` | `resume_mismatch` | a checkpoint belongs to another edit, input or settings |
 """
+
+from __future__ import annotations
 
 
 class FastDMError(Exception):
     """A problem with the user's input; the message says what is wrong and how to fix it."""
+
+    code = "fastdm_error"
+
+    def __init__(self, message: str = "", *, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+    def to_dict(self) -> dict:
+        return {"code": self.code, "message": str(self), "field": self.field}
+
+
+class BadInput(FastDMError):
+    code = "bad_input"
+
+
+class Unsupported(FastDMError):
+    code = "unsupported"
+
+
+class MissingDependency(FastDMError):
+    code = "missing_dependency"
+
+
+class Diverged(FastDMError):
+    code = "diverged"
+
+
+class ResumeMismatch(FastDMError):
+    code = "resume_mismatch"
+
+
+__all__ = ["BadInput", "Diverged", "FastDMError", "MissingDependency", "ResumeMismatch", "Unsupported"]

@@ -170,3 +170,52 @@ def build_tiny_stage_model(folder: str | Path, kind: str, *, size: int = 16, cha
         torch.manual_seed(seed + 1)
         UNet3DConditionModel(**cfg).save_pretrained(Path(folder) / "unet", safe_serialization=True)
     return Path(folder)
+
+
+class PointMassBackbone:
+    """A backbone whose data, for each prompt, is one known video: its noise prediction is exact.
+
+    ``data`` maps a prompt to its working tensor ``(1, C, F, h, w)`` (``""`` is the unconditional
+    branch); the text embedding of a prompt is its index in ``data``. With ``flow=True`` it noises as
+    flow matching (``x_t = (1 - s) c + s e``, ``s = (t + 1) / T``), as fastdm's Wan backbone does;
+    else as DDPM with Stable Diffusion's scaled-linear schedule. For the editors that sample
+    (SDEdit, FlowEdit) the exact answer is known in closed form, so their code can be checked."""
+
+    def __init__(self, data: dict[str, torch.Tensor], *, flow: bool = False, num_train_timesteps: int = 1000):
+        from .backbone.base import BackboneInfo
+
+        self.prompts = list(data)
+        self.data = torch.cat([data[p] for p in self.prompts]).double()
+        self.flow, self.n = flow, num_train_timesteps
+        self.device = torch.device("cpu")
+        c, f, h, w = self.data.shape[1:]
+        self.info = BackboneInfo("point-mass", "pixel", "-", (w, h), 1, 1, num_train_timesteps,
+                                 prediction_type="flow" if flow else "epsilon")
+        self.valid_range = (-1.0, 1.0)
+        if flow:
+            s = (torch.arange(num_train_timesteps, dtype=torch.float64) + 1) / num_train_timesteps
+            self.alphas_cumprod = (1 - s) ** 2 / ((1 - s) ** 2 + s**2)
+        else:
+            betas = torch.linspace(0.00085**0.5, 0.012**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+            self.alphas_cumprod = torch.cumprod(1 - betas, 0)
+
+    def to_working(self, frames: torch.Tensor) -> torch.Tensor:
+        return frames.permute(1, 0, 2, 3).unsqueeze(0).double()
+
+    def from_working(self, x: torch.Tensor) -> torch.Tensor:
+        return x[0].permute(1, 0, 2, 3).clamp(-1, 1).float()
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        return torch.tensor([float(self.prompts.index(p)) for p in prompts], dtype=torch.float64).reshape(-1, 1, 1)
+
+    def noise_coefficients(self, t: int) -> tuple[float, float]:
+        if self.flow:
+            s = (t + 1) / self.n
+            return 1 - s, s
+        a = float(self.alphas_cumprod[t])
+        return a**0.5, (1 - a) ** 0.5
+
+    def predict_noise(self, x_t: torch.Tensor, t: int, text: torch.Tensor) -> torch.Tensor:
+        a, b = self.noise_coefficients(t)
+        c = self.data[text.reshape(-1).long()]
+        return (x_t.double() - a * c) / b

@@ -168,13 +168,16 @@ def test_settings_change_the_update(latent_pipe, clip):
 
 
 def test_pipeline_matches_the_cli_defaults():
+    """fastdm-edit without options edits with EditConfig's defaults; --preset paper with the paper's."""
     from fastdm.cli import build_parser
-    from fastdm.driver.config import EditConfig
+    from fastdm.driver.config import PRESETS, EditConfig
+    from fastdm.request import EditRequest
 
     args = build_parser().parse_args(["in.gif", "--source-prompt", "a", "--target-prompt", "b"])
-    d = EditConfig("a", "b")
-    for f in ("steps", "lr", "optimizer", "seed", "guidance_scale", "s_ssm_weight", "t_ssm_weight", "mask_scope"):
-        assert getattr(args, f) == getattr(d, f), f
+    assert EditRequest.from_args(args).config() == EditConfig("a", "b")
+    args = build_parser().parse_args(["in.gif", "--source-prompt", "a", "--target-prompt", "b", "--preset", "paper", "--lr", "0.3"])
+    got = EditRequest.from_args(args).config()
+    assert got == EditConfig("a", "b", **{**PRESETS["paper"], "lr": 0.3})
 
 
 def test_frames_must_be_uint8_video(pipe):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FastDMError
+from ..errors import FastDMError, MissingDependency
 
 
 class CompiledUNet:
@@ -81,7 +81,7 @@ def export_onnx(backbone, path: str | os.PathLike, *, batch: int, frames: int, s
     try:
         import onnx  # noqa: F401
     except ImportError:
-        raise FastDMError("ONNX export needs the onnx extra: pip install 'fastdm[onnx]'") from None
+        raise MissingDependency("ONNX export needs the onnx extra: pip install 'fastdm[onnx]'") from None
     shape = list(backbone.working_shape(frames, size))
     shape[0] = batch
     dev, dt = backbone.device, backbone.dtype
@@ -159,7 +159,7 @@ class OrtUNet:
         try:
             import onnxruntime as ort
         except ImportError:
-            raise FastDMError("the onnxruntime backend needs: pip install 'fastdm[onnx]'") from None
+            raise MissingDependency("the onnxruntime backend needs: pip install 'fastdm[onnx]'") from None
         self.device = torch.device(device)
         if self.device.type not in ("cpu", "cuda"):
             raise FastDMError(f"--backend ort runs on cpu or cuda, not {self.device.type}; use --backend eager")

@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from ..errors import FastDMError
+from ..errors import FastDMError, Unsupported
 from .base import Backbone, BackboneInfo, CrossAttention, checkpoint_forwards, tiled_vae, word_token_positions
 
 
@@ -83,7 +83,7 @@ class UNet3DBackbone(Backbone):
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         if self.text_encoder is None:
-            raise RuntimeError("the text encoder was released; encode prompts before releasing it")
+            raise Unsupported("the text encoder was released; encode prompts before releasing it")
         ids = self.tokenizer(
             prompts,
             padding="max_length",

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FastDMError
+from ..errors import FastDMError, Unsupported
 from .base import Backbone, BackboneInfo, checkpoint_forwards, tiled_vae
 
 MAX_TEXT_TOKENS = 512  # Wan's text length: the embeddings are zero-padded to it
@@ -178,7 +178,7 @@ class WanBackbone(Backbone):
         diffusers Wan pipeline does). Only the longest prompt's tokens are run through the encoder:
         with its attention mask and relative positions the padded positions change nothing."""
         if self.text_encoder is None:
-            raise RuntimeError("the text encoder was released; encode prompts before releasing it")
+            raise Unsupported("the text encoder was released; encode prompts before releasing it")
         length = self.text_length()
         enc = self.tokenizer([_clean(p) for p in prompts], padding="longest", max_length=length, truncation=True,
                              add_special_tokens=True, return_attention_mask=True, return_tensors="pt")

@@ -1,6 +1,6 @@
 """Run a cascade: check every stage, then run them one at a time (load, use, release).
 
-``fastdm-edit INPUT --cascade FILE ...`` comes here from :func:`fastdm.cli.run`. Order of work:
+``fastdm-edit INPUT --cascade FILE ...`` comes here from :func:`fastdm.request.run`. Order of work:
 
 1. Every check that needs no weights: the cascade file, each stage's folder and classes
    (:func:`fastdm.cascade.folders.check_stage_folder`), the input, mask/boxes, output paths, the
@@ -136,28 +136,29 @@ class _StageStore:
                                                          "stages": [self.entries[i] for i in sorted(self.entries)]})
 
 
-def run_cascade(args, *, pipe=None, on_step=None, tensor_inputs=("losses",), check_only: bool = False,
-                config_overrides: dict | None = None) -> int:
-    """``fastdm-edit INPUT --cascade FILE``: see the module docstring."""
-    from ..cli import _quiet_libraries, check_request_outputs, read_request_inputs, request_config, request_paths
-    from ..driver.pipeline import _PeakMemory
+def run_cascade(args, *, pipe=None, on_step=None, tensor_inputs=("losses",), check_only: bool = False):
+    """``fastdm-edit INPUT --cascade FILE``: see the module docstring. ``args`` is the
+    :class:`~fastdm.request.EditRequest`; returns the :class:`~fastdm.driver.pipeline.EditResult` of the
+    whole cascade (the final frames and the report written beside them), None with ``check_only``."""
+    from ..driver.pipeline import EditResult, _PeakMemory
+    from ..request import quiet_libraries
     from ..io import plan_crop, resize_crop, side_by_side, write_video
 
     t_start = time.perf_counter()
     cascade = load_cascade(args.cascade)
-    inp, out, compare, report_path, ckpt_dir = request_paths(args)
-    config = request_config(args, config_overrides)
+    inp, out, compare, report_path, ckpt_dir = args.paths()
+    config = args.config()
     if args.memory_budget is not None:
         raise FastDMError("--memory-budget is not available with --cascade; pick the edit stage's --plan")
     mask_file = args.mask if args.mask not in (None, "auto", "none") else None
-    check_request_outputs(args, out, compare, report_path, ckpt_dir, [inp, mask_file, args.boxes, args.cascade])
+    args.check_outputs(out, compare, report_path, ckpt_dir, [inp, mask_file, args.boxes, args.cascade])
     infos = check_cascade(cascade, args)
     edit = cascade.stages[0]
 
-    raw, fps, indices, src_size, mask_raw, boxes = read_request_inputs(args, inp, mask_file)
+    raw, fps, indices, src_size, mask_raw, boxes = args.read_inputs(inp, mask_file)
     key_pos = keyframe_positions(len(raw), edit.settings.get("frames"))
     if check_only:
-        return 0
+        return None
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -165,7 +166,7 @@ def run_cascade(args, *, pipe=None, on_step=None, tensor_inputs=("losses",), che
     from ..backbone import parse_dtype
 
     dtype = parse_dtype(args.dtype)
-    _quiet_libraries()
+    quiet_libraries()
     keys_raw = raw[key_pos]
     key_indices = [indices[i] for i in key_pos]
     fp = hashlib.sha256(json.dumps({"cascade": cascade.to_dict(), "config": config.fingerprint(), "plan": args.plan,
@@ -251,18 +252,19 @@ def run_cascade(args, *, pipe=None, on_step=None, tensor_inputs=("losses",), che
     if ckpt_dir:
         report["checkpoint_dir"] = ckpt_dir
     write_json_atomic(report_path, report)
+    report["report_path"] = str(report_path)
     if not args.quiet:
         print(f"wrote {', '.join(written + [str(report_path)])} ({len(records)} stages, {frames.shape[0]} frames "
               f"{frames.shape[2]}x{frames.shape[1]} at {fps_out:.3g} fps, largest stage peak "
               f"{(report['peak_memory_bytes'] or 0) / 2**20:.0f} MiB)")
-    return 0
+    return EditResult(frames, report)
 
 
 def _run_edit(st, info, args, pipe, config, keys_raw, key_pos, key_indices, src_size, mask_raw, boxes, ckpt_dir, on_step,
               tensor_inputs, device, dtype):
     """The DreamMotion edit of the keyframes at the base stage's size; returns (frames, report, weakrefs)."""
-    from ..cli import _progress
     from ..driver import DreamMotionPipeline
+    from ..request import progress
     from ..io import boxes_to_mask, crop_mask, plan_crop, resize_crop
 
     own = pipe is None or str(Path(pipe.backbone.info.path).resolve()) != str(Path(st.model).expanduser().resolve())
@@ -295,7 +297,7 @@ def _run_edit(st, info, args, pipe, config, keys_raw, key_pos, key_indices, src_
         mask = boxes_to_mask(boxes, indices=key_indices, src_size=src_size, crop=crop)
     edit_dir = str(Path(ckpt_dir) / "edit") if ckpt_dir else None
     resume = bool(args.resume) and edit_dir is not None and (Path(edit_dir) / "state.pt").is_file()
-    with _progress(config.steps, args.quiet or on_step is not None) as bar_step:
+    with progress(config.steps, args.quiet or on_step is not None) as bar_step:
         result = pipe(frames, config=config, mask=mask, callback_on_step_end=on_step or bar_step,
                       callback_on_step_end_tensor_inputs=tensor_inputs, checkpoint_dir=edit_dir,
                       checkpoint_every=args.checkpoint_every, resume=resume, plan=args.plan or "fast",

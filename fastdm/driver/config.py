@@ -7,7 +7,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from ..errors import FastDMError
+from ..errors import BadInput, FastDMError
 
 OPTIMIZERS = ("sgd", "adam")
 MASK_SCOPES = ("all", "vdds")
@@ -98,3 +98,23 @@ class EditConfig:
 
 _ADDED_DEFAULTS = {"t_schedule": "uniform", "lr_schedule": "constant", "momentum": 0.0, "stop": "steps", "stop_window": 6,
                    "stop_tol": 0.15}
+
+
+# Named settings. "paper": DreamMotion's own schedule (SGD, lr 0.4, t ~ U[50, 950], 200 steps), bit for
+# bit what fastdm ran before presets existed. "default": the dataclass defaults above, chosen by
+# measurement (benchmarks/cost.py; ARCHITECTURE.md, "Cost").
+PRESETS: dict[str, dict] = {
+    "paper": {"steps": 200, "lr": 0.4, "optimizer": "sgd", "momentum": 0.0, "t_schedule": "uniform", "lr_schedule": "constant",
+              "stop": "steps", "guidance_scale": 7.5, "t_min": 50, "t_max": 950, "weighting": "constant"},
+    "default": {},
+}
+
+
+def config_from_preset(preset: str | None, source_prompt: str, target_prompt: str, **settings) -> EditConfig:
+    """``EditConfig`` of a preset (None: "default") with ``settings`` on top, validated."""
+    name = preset or "default"
+    if name not in PRESETS:
+        raise BadInput(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}", field="preset")
+    config = EditConfig(source_prompt, target_prompt, **{**PRESETS[name], **settings})
+    config.validate()
+    return config

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ..backbone import Backbone, load_backbone
-from ..errors import FastDMError
+from ..errors import Diverged, FastDMError, ResumeMismatch
 from ..losses import VDDSConfig
 from ..taps import resolve_layers
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -253,11 +253,11 @@ class EditRun:
                  mask: np.ndarray | None, *, config: EditConfig | None = None, plan: str | ExecutionPlan | None = None,
                  backend: str = "eager", compile_grad: bool = False, memory_budget: int | None = None,
                  checkpoint_dir: str | None = None, checkpoint_every: int = 0, resume: bool = False,
-                 engine_cache: str | None = None, split_gradients: bool = False, **settings):
+                 engine_cache: str | None = None, split_gradients: bool = False, preset: str | None = None, **settings):
         self.pipe, bb = pipe, pipe.backbone
         self.timings = {"start": time.perf_counter()}
         self.memory = _PeakMemory(bb.device)
-        config = self._config(config, source_prompt, target_prompt, settings)
+        config = self._config(config, source_prompt, target_prompt, settings, preset)
         if memory_budget is not None and plan is not None:
             raise FastDMError("give an execution plan or a memory budget, not both")
         if isinstance(plan, str):
@@ -322,7 +322,7 @@ class EditRun:
         if resume:
             state = load_checkpoint(checkpoint_dir, fingerprint=self.fingerprint, input_fingerprint=self.input_fingerprint)
             if state["step"] > config.steps:
-                raise FastDMError(f"--resume: the checkpoint is at step {state['step']}, past --steps {config.steps}; raise --steps")
+                raise ResumeMismatch(f"--resume: the checkpoint is at step {state['step']}, past --steps {config.steps}; raise --steps")
             with torch.no_grad():
                 self.x.copy_(state["x"].to(self.x.device))
             self.opt.load_state_dict(state["optimizer"])
@@ -348,7 +348,7 @@ class EditRun:
         self.step_times: list[float] = []
 
     @staticmethod
-    def _config(config, source_prompt, target_prompt, settings) -> EditConfig:
+    def _config(config, source_prompt, target_prompt, settings, preset=None) -> EditConfig:
         names = {f.name for f in dataclasses.fields(EditConfig)}
         unknown = sorted(set(settings) - names)
         if unknown:
@@ -356,7 +356,11 @@ class EditRun:
         if config is None:
             if source_prompt is None or target_prompt is None:
                 raise FastDMError("give source_prompt and target_prompt (or config=EditConfig(...))")
-            config = EditConfig(source_prompt, target_prompt, **settings)
+            from .config import config_from_preset
+
+            config = config_from_preset(preset, source_prompt, target_prompt, **settings)
+        elif preset is not None:
+            raise FastDMError("give a preset or config=EditConfig(...), not both")
         else:
             prompts = {k: v for k, v in (("source_prompt", source_prompt), ("target_prompt", target_prompt)) if v is not None}
             config = dataclasses.replace(config, **prompts, **settings) if (prompts or settings) else config
@@ -440,7 +444,7 @@ class EditRun:
             kept = ""
             if self.checkpoint_every:
                 kept = f"; the last good checkpoint is kept in {self.checkpoint_dir}"
-            raise FastDMError(f"the edit diverged by step {self.step_index} ({', '.join(bad)} not finite); lower --lr or the "
+            raise Diverged(f"the edit diverged by step {self.step_index} ({', '.join(bad)} not finite); lower --lr or the "
                               f"S-SSM/T-SSM weights{kept}")
 
     def save_checkpoint(self) -> None:

@@ -7,7 +7,7 @@ of the edited frames comes every few steps, Stop ends the edit after the current
 result then covers the steps run). The input | edit video and downloads of the edit, the
 comparison and the JSON report follow.
 
-Each Run goes through :func:`fastdm.cli.run` with the app's pipeline, so inputs are checked and
+Each Run goes through :func:`fastdm.request.run` with the app's pipeline, so inputs are checked and
 refused with exactly ``fastdm-edit``'s one-line messages. One edit runs at a time per loaded
 model: Run is queued with concurrency 1 (the others wait in Gradio's queue), and an edit whose
 tab was closed is told to stop and holds the model until its current step ends.
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import FastDMError
-from .jobs import edit_args
+from ..errors import FastDMError, MissingDependency
+from .jobs import edit_request
 
 PROG = "fastdm-app"
 INSTALL_HINT = "pip install 'fastdm[app]'"
@@ -46,7 +46,7 @@ def _require_gradio():
     try:
         import gradio
     except ImportError:
-        raise FastDMError(f"Gradio is not installed; install it with: {INSTALL_HINT}") from None
+        raise MissingDependency(f"Gradio is not installed; install it with: {INSTALL_HINT}") from None
     return gradio
 
 
@@ -115,11 +115,11 @@ class EditService:
         if seed != int(seed):
             raise FastDMError(f"--seed must be an integer, got {seed}")
         stem = Path(inp).stem or "video"
-        args = edit_args(inp, source or "", target or "", out=run_dir / f"{stem}_edit.mp4", model=self.model,
-                         device=self.device, dtype=self.dtype, mask=mask, boxes=boxes,
-                         frames=int(frames) if frames else None, plan=plan or None, steps=int(steps), lr=float(lr),
-                         guidance_scale=float(guidance), seed=int(seed))
-        return args, names
+        request = edit_request(inp, source or "", target or "", out=run_dir / f"{stem}_edit.mp4", model=self.model,
+                               device=self.device, dtype=self.dtype, mask=mask, boxes=boxes,
+                               frames=int(frames) if frames else None, plan=plan or None, steps=int(steps), lr=float(lr),
+                               guidance_scale=float(guidance), seed=int(seed))
+        return request, names
 
     @staticmethod
     def _friendly(msg: str, names: dict[str, str]) -> str:
@@ -139,8 +139,8 @@ class EditService:
         """Generator of (status, preview, input|edit video, downloads) updates for one Run."""
         import gradio as gr
 
-        from ..cli import run
         from ..io import write_video
+        from ..request import run
 
         keep = gr.update()
         self.out_root.mkdir(parents=True, exist_ok=True)
@@ -167,7 +167,7 @@ class EditService:
                     updates.put(("error", "stopped before it started"))
                     return
                 try:
-                    run(args, pipe=self.pipe, on_step=on_step, tensor_inputs=("losses", "x"))
+                    run(args, pipe=self.pipe, on_step=on_step, tensor_inputs=("losses", "x"))  # args: the EditRequest
                     updates.put(("done",))
                 except FastDMError as e:
                     updates.put(("error", self._friendly(str(e), names)))
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         _require_gradio()
         from ..backbone import default_model_path
         from ..backbone.loader import check_model_folder
-        from ..cli import _quiet_libraries
+        from ..request import quiet_libraries
         from ..driver import DreamMotionPipeline
 
         if not 0 < args.port < 65536:
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         if out_root.exists() and not out_root.is_dir():
             raise FastDMError(f"--out-dir '{out_root}' is a file; give a folder")
         out_root.mkdir(parents=True, exist_ok=True)
-        _quiet_libraries()
+        quiet_libraries()
         pipe = DreamMotionPipeline.from_pretrained(args.model, args.device, args.dtype)
         service = EditService(pipe, model=args.model, device=args.device, dtype=args.dtype, out_root=out_root,
                               preview_every=args.preview_every, max_steps=args.max_steps)

@@ -36,8 +36,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import FastDMError
-from .jobs import CONFIG_TYPES, OPTION_TYPES, edit_args, type_error
+from ..errors import FastDMError, MissingDependency
+from .jobs import CONFIG_TYPES, OPTION_TYPES, edit_request, type_error
 
 PROG = "fastdm-batch"
 INSTALL_HINT = "pip install 'fastdm[batch]'"
@@ -159,26 +159,25 @@ def read_manifest(path: str | Path) -> list[Job]:
     return jobs
 
 
-def job_args(job: dict | Job, out_dir: str | Path, *, model: str | None, device: str = "cpu", dtype: str = "fp32",
-             checkpoint_every: int = 0, resume: bool = False) -> tuple[argparse.Namespace, dict]:
-    """The CLI Namespace and the ``EditConfig`` overrides of one job."""
+def job_request(job: dict | Job, out_dir: str | Path, *, model: str | None, device: str = "cpu", dtype: str = "fp32",
+                checkpoint_every: int = 0, resume: bool = False):
+    """The :class:`~fastdm.request.EditRequest` of one job."""
     job = job.payload() if isinstance(job, Job) else job
     spec, paths = job["spec"], job["paths"]
     options = {k: spec[k] for k in OPTION_TYPES if k in spec}
-    config = {k: tuple(v) if k == "tap_layers" and v is not None else v for k, v in spec.items() if k in CONFIG_TYPES}
+    settings = {k: tuple(v) if k == "tap_layers" and v is not None else v for k, v in spec.items() if k in CONFIG_TYPES}
     ckpt = Path(out_dir) / CHECKPOINTS / f"line{job['line']}-{job['key']}"
-    args = edit_args(paths["input"], *job["prompts"], out=Path(out_dir) / job["output"], model=model, device=device,
-                     dtype=dtype, mask=paths.get("mask"), boxes=paths.get("boxes"), checkpoint_every=checkpoint_every,
-                     checkpoint_dir=str(ckpt) if checkpoint_every else None, resume=str(ckpt) if resume else None, **options)
-    return args, config
+    return edit_request(paths["input"], *job["prompts"], out=Path(out_dir) / job["output"], model=model, device=device,
+                        dtype=dtype, mask=paths.get("mask"), boxes=paths.get("boxes"), checkpoint_every=checkpoint_every,
+                        checkpoint_dir=str(ckpt) if checkpoint_every else None, resume=str(ckpt) if resume else None,
+                        settings=settings, **options)
 
 
 def check_job(job: Job, out_dir: str | Path, *, model: str | None) -> None:
     """Everything ``fastdm-edit`` checks before it loads the model (raises its FastDMError)."""
-    from ..cli import run
+    from ..request import run
 
-    args, config = job_args(job, out_dir, model=model)
-    run(args, check_only=True, config_overrides=config)
+    run(job_request(job, out_dir, model=model), check_only=True)
 
 
 # -- results.jsonl ----------------------------------------------------------------------------------
@@ -230,11 +229,11 @@ class Worker:
     def __init__(self, model: str | None, device: str, dtype: str, threads: int):
         import torch
 
-        from ..cli import _quiet_libraries
         from ..driver import DreamMotionPipeline
+        from ..request import quiet_libraries
 
         torch.set_num_threads(max(1, threads))
-        _quiet_libraries()
+        quiet_libraries()
         t0 = time.perf_counter()
         self.pipe = DreamMotionPipeline.from_pretrained(model, device, dtype)
         self.load_s = time.perf_counter() - t0
@@ -246,7 +245,8 @@ class Worker:
 
     def edit(self, job: dict, out_dir: str, checkpoint_every: int = 0) -> dict:
         """Run one job; never raises for a job's own failure (the record says why)."""
-        from ..cli import run
+        from ..errors import ResumeMismatch
+        from ..request import run
 
         t0 = time.perf_counter()
         out_dir = Path(out_dir)
@@ -255,27 +255,27 @@ class Worker:
         rec = {"worker": self.name}
         try:
             try:
-                args, config = job_args(job, out_dir, model=self.model, device=self.device, dtype=self.dtype,
-                                        checkpoint_every=checkpoint_every, resume=resume)
-                run(args, pipe=self.pipe, config_overrides=config)
-            except FastDMError as e:
-                if not (resume and str(e).startswith("--resume")):
+                request = job_request(job, out_dir, model=self.model, device=self.device, dtype=self.dtype,
+                                      checkpoint_every=checkpoint_every, resume=resume)
+                result = run(request, pipe=self.pipe)
+            except ResumeMismatch:
+                if not resume:
                     raise
                 shutil.rmtree(ckpt, ignore_errors=True)  # a checkpoint of another edit: start afresh
-                args, config = job_args(job, out_dir, model=self.model, device=self.device, dtype=self.dtype,
-                                        checkpoint_every=checkpoint_every)
-                run(args, pipe=self.pipe, config_overrides=config)
-            report_path = Path(args.report) if args.report else Path(args.out).with_suffix(".json")
-            report = json.loads(report_path.read_text())
+                request = job_request(job, out_dir, model=self.model, device=self.device, dtype=self.dtype,
+                                      checkpoint_every=checkpoint_every)
+                result = run(request, pipe=self.pipe)
+            report = result.report  # the result object itself: nothing is read back from disk
+            report_path = Path(report["report_path"])
             shutil.rmtree(ckpt, ignore_errors=True)
             t = report["timings"]
             rec.update(status="done", outputs=[Path(p).name for p in report["outputs"]], report=report_path.name,
                        steps_run=report["steps_run"], resumed_from_step=report["resumed_from_step"],
-                       final_losses=report["final_losses"],
+                       final_losses=report["final_losses"], evaluations=report.get("evaluations"),
                        timings={"job_s": round(time.perf_counter() - t0, 3), "read_s": t.get("load_s"),
                                 "step_mean_s": t.get("step_mean_s"), "edit_s": t.get("total_s")})
         except FastDMError as e:
-            rec.update(status="failed", error=str(e), timings={"job_s": round(time.perf_counter() - t0, 3)})
+            rec.update(status="failed", error=str(e), code=e.code, timings={"job_s": round(time.perf_counter() - t0, 3)})
         except Exception as e:  # noqa: BLE001 - an internal error: recorded, never retried (it would fail again)
             rec.update(status="failed", error=f"internal error: {type(e).__name__}: {e}".replace("\n", " "),
                        timings={"job_s": round(time.perf_counter() - t0, 3)})
@@ -287,7 +287,7 @@ def _require_ray():
     try:
         import ray
     except ImportError:
-        raise FastDMError(f"Ray is not installed; install it with: {INSTALL_HINT}") from None
+        raise MissingDependency(f"Ray is not installed; install it with: {INSTALL_HINT}") from None
     return ray
 
 

@@ -1,23 +1,23 @@
-"""One edit request as the front ends over the pipeline see it (``fastdm-batch``, ``fastdm-app``).
+"""One edit request as the service front ends see it (``fastdm-batch``, ``fastdm-app``).
 
-A request becomes the same ``argparse.Namespace`` the command line builds, and runs through
-:func:`fastdm.cli.run`, so every check, its order (before the model loads) and every one-line
-message are the CLI's; only the pipeline is passed in, loaded once per worker or per app.
+A request becomes the same :class:`~fastdm.request.EditRequest` the command line builds, and runs
+through :func:`fastdm.request.run`, so every check, its order (before the model loads) and every
+one-line message are the CLI's; only the pipeline is passed in, loaded once per worker or per app.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 
 from ..driver.config import EditConfig
-from ..errors import FastDMError
+from ..errors import BadInput
+from ..request import EditRequest
 
 # EditConfig fields a request may set by their own names, and the JSON types each accepts
 CONFIG_TYPES: dict[str, tuple[type, ...]] = {}
 for _f in dataclasses.fields(EditConfig):
-    if _f.name in ("source_prompt", "target_prompt", "extra"):
+    if _f.name in ("source_prompt", "target_prompt"):
         continue
     _default = _f.default
     if _f.name == "tap_layers":
@@ -33,7 +33,7 @@ for _f in dataclasses.fields(EditConfig):
 
 # command-line options a request may also set (frame selection and size, plan, engine)
 OPTION_TYPES: dict[str, tuple[type, ...]] = {"frames": (int, type(None)), "stride": (int,), "size": (str, type(None)),
-                                             "plan": (str, type(None)), "backend": (str,)}
+                                             "plan": (str, type(None)), "backend": (str,), "preset": (str, type(None))}
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a list of strings", bool: "true or false",
                type(None): "null"}
@@ -55,37 +55,28 @@ def type_error(name: str, value, types: tuple[type, ...]) -> str | None:
     return f"'{name}' must be {want}, got {value!r}"
 
 
-def edit_args(input: str | Path, source_prompt: str, target_prompt: str, *, out: str | Path, model: str | None = None,
-              device: str = "cpu", dtype: str = "fp32", mask: str | None = None, boxes: str | None = None,
-              frames: int | None = None, stride: int = 1, size: str | None = None, plan: str | None = None,
-              backend: str = "eager", checkpoint_every: int = 0, checkpoint_dir: str | None = None,
-              resume: str | None = None, **cli_options) -> argparse.Namespace:
-    """The Namespace ``fastdm-edit INPUT --source-prompt ... --out OUT`` would give (all other
-    options at their command-line defaults), quiet. ``cli_options`` set further CLI
-    options by their argparse names (``steps``, ``lr``, ``guidance_scale``, ``seed``, ...)."""
-    from ..cli import _size, build_parser
-
-    args = build_parser().parse_args([f"--source-prompt={source_prompt}", f"--target-prompt={target_prompt}", "--", str(input)])
-    if size is not None:
-        try:
-            args.size = _size(size)
-        except argparse.ArgumentTypeError as e:
-            raise FastDMError(str(e)) from None
-    args.out, args.model, args.device, args.dtype = str(out), model, device, dtype
-    args.mask, args.boxes, args.frames, args.stride, args.plan, args.backend = mask, boxes, frames, stride, plan, backend
-    args.checkpoint_every, args.checkpoint_dir, args.resume = checkpoint_every, checkpoint_dir, resume
-    args.quiet = True
+def edit_request(input: str | Path, source_prompt: str, target_prompt: str, *, out: str | Path, model: str | None = None,
+                 device: str = "cpu", dtype: str = "fp32", mask: str | None = None, boxes: str | None = None,
+                 frames: int | None = None, stride: int = 1, size: str | None = None, plan: str | None = None,
+                 backend: str = "eager", checkpoint_every: int = 0, checkpoint_dir: str | None = None,
+                 resume: str | None = None, settings: dict | None = None, **options) -> EditRequest:
+    """The :class:`~fastdm.request.EditRequest` of ``fastdm-edit INPUT --source-prompt ... --out OUT`` with
+    these options (all others at their defaults), quiet. ``settings`` set ``EditConfig`` fields by name;
+    ``options`` set further request fields (``steps``, ``lr``, ``guidance_scale``, ``seed``, ``preset``, ...)."""
     from ..backbone.engines import ENGINES
     from ..driver.plan import PLANS
 
-    if plan is not None and plan not in PLANS:  # (argparse's choices, which a request bypasses)
-        raise FastDMError(f"unknown plan {plan!r}; choose one of {', '.join(PLANS)}")
+    if plan is not None and plan not in PLANS:
+        raise BadInput(f"unknown plan {plan!r}; choose one of {', '.join(PLANS)}", field="plan")
     if backend not in ENGINES:
-        raise FastDMError(f"unknown backend {backend!r}; choose one of {', '.join(ENGINES)}")
+        raise BadInput(f"unknown backend {backend!r}; choose one of {', '.join(ENGINES)}", field="backend")
     if mask is not None and boxes is not None:
-        raise FastDMError("give a mask or boxes, not both (--mask and --boxes exclude each other)")
-    for k, v in cli_options.items():
-        if not hasattr(args, k):
-            raise TypeError(f"no fastdm-edit option {k!r}")
-        setattr(args, k, v)
-    return args
+        raise BadInput("give a mask or boxes, not both (--mask and --boxes exclude each other)", field="mask")
+    names = {f.name for f in dataclasses.fields(EditRequest)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise BadInput(f"unknown request option(s) {', '.join(unknown)}", field=unknown[0])
+    return EditRequest(str(input), source_prompt, target_prompt, out=str(out), model=model, device=device, dtype=dtype,
+                       mask=mask, boxes=boxes, frames=frames, stride=stride, size=size, plan=plan, backend=backend,
+                       checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir, resume=resume,
+                       settings=dict(settings or {}), quiet=True, **options)

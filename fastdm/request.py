@@ -1,0 +1,344 @@
+"""One edit request, below every front end: ``EditRequest`` and :func:`run`.
+
+``fastdm-edit`` turns its flags into an :class:`EditRequest`; ``fastdm-batch`` turns each manifest
+line into one; ``fastdm-app`` turns its form into one; the cascade runner takes one. :func:`run`
+checks it (every check before the model loads, in one order, each failure one
+:class:`~fastdm.errors.FastDMError` line), reads the input, edits (or cascades) and writes the
+outputs atomically, and returns the :class:`~fastdm.driver.pipeline.EditResult`: the front ends
+get the result object, never a report re-read from disk.
+
+Field names are the command line's (``--guidance-scale`` is ``guidance_scale``); settings left
+``None`` come from the preset (:data:`fastdm.driver.config.PRESETS`). ``settings`` sets any other
+:class:`~fastdm.driver.config.EditConfig` field by its own name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .driver.config import EditConfig, config_from_preset
+from .driver.plan import PLANS
+from .errors import BadInput, FastDMError, Unsupported
+
+# request fields that map to EditConfig fields (None: the preset's value)
+CONFIG_FIELDS = ("steps", "lr", "optimizer", "seed", "guidance_scale", "s_ssm_weight", "t_ssm_weight", "mask_scope",
+                 "t_schedule", "lr_schedule", "momentum")
+
+
+@dataclass
+class EditRequest:
+    input: str
+    source_prompt: str
+    target_prompt: str
+    out: str | None = None
+    model: str | None = None
+    cascade: str | None = None
+    mask: str | None = None  # a file, "auto" or "none"; None: the default (auto) unless boxes are given
+    boxes: str | None = None
+    # the edit's settings (None: the preset's)
+    preset: str | None = None
+    steps: int | str | None = None  # an integer, or "auto": stop when converged (max_steps the cap)
+    max_steps: int | None = None
+    lr: float | None = None
+    optimizer: str | None = None
+    seed: int | None = None
+    guidance_scale: float | None = None
+    s_ssm_weight: float | None = None
+    t_ssm_weight: float | None = None
+    layers: str | None = None  # comma-separated glob patterns
+    mask_scope: str | None = None
+    t_schedule: str | None = None
+    lr_schedule: str | None = None
+    momentum: float | None = None
+    settings: dict = field(default_factory=dict)  # any other EditConfig field by name
+    # what is read and how it runs
+    frames: int | None = None
+    stride: int = 1
+    size: tuple[int, int] | str | None = None
+    device: str = "cpu"
+    dtype: str = "fp32"
+    plan: str | None = None
+    memory_budget: str | None = None
+    compile_grad: bool = False
+    attention: str = "sdpa"
+    backend: str = "eager"
+    # outputs
+    checkpoint_every: int = 0
+    checkpoint_dir: str | None = None
+    resume: str | None = None
+    report: str | None = None
+    no_compare: bool = False
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    quiet: bool = True
+
+    @classmethod
+    def from_args(cls, args) -> "EditRequest":
+        """From ``fastdm-edit``'s parsed flags (an ``argparse.Namespace``)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+    def __post_init__(self):
+        if isinstance(self.size, str):
+            self.size = parse_size(self.size)
+        if isinstance(self.input, os.PathLike):
+            self.input = str(self.input)
+
+    # -- checks before anything is read or loaded ---------------------------------------------------
+    def paths(self) -> tuple[Path, Path, Path, Path, str | None]:
+        """``(input, output video, comparison video, report, checkpoint folder or None)``."""
+        inp = Path(self.input)
+        out = Path(self.out) if self.out else Path(f"{inp.stem or 'video'}_edit.mp4")
+        compare = out.with_name(f"{out.stem}_compare{out.suffix}")
+        report_path = Path(self.report) if self.report else out.with_suffix(".json")
+        ckpt_dir = self.checkpoint_dir or self.resume or (str(out.with_suffix(".ckpt")) if self.checkpoint_every else None)
+        return inp, out, compare, report_path, ckpt_dir
+
+    def config(self) -> EditConfig:
+        """The edit's ``EditConfig`` (the preset, then every setting given), validated, and the plan's
+        refusal of the backend / options."""
+        values = {k: getattr(self, k) for k in CONFIG_FIELDS if getattr(self, k) is not None}
+        values.update(self.settings)
+        if self.layers:
+            values["tap_layers"] = tuple(s.strip() for s in self.layers.split(",") if s.strip())
+        if isinstance(values.get("tap_layers"), list):
+            values["tap_layers"] = tuple(values["tap_layers"])
+        steps = values.get("steps")
+        if isinstance(steps, str):
+            if steps != "auto":
+                try:
+                    values["steps"] = int(steps)
+                except ValueError:
+                    raise BadInput(f"--steps must be a positive integer or auto, got {steps!r}", field="steps") from None
+            else:
+                values["stop"] = "converged"
+                values.pop("steps")
+                if self.max_steps is not None:
+                    values["steps"] = self.max_steps
+        elif self.max_steps is not None:
+            raise BadInput("--max-steps is the cap of --steps auto; give --steps auto with it", field="max_steps")
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(EditConfig)})
+        if unknown:
+            raise BadInput(f"unknown setting(s) {', '.join(unknown)}; settings are EditConfig fields", field="settings")
+        config = config_from_preset(self.preset, self.source_prompt, self.target_prompt, **values)
+        need_keys = config.s_ssm_weight > 0 or config.t_ssm_weight > 0
+        if self.plan is not None and self.plan not in PLANS:
+            raise BadInput(f"unknown plan {self.plan!r}; choose one of {', '.join(PLANS)}", field="plan")
+        reasons = PLANS[self.plan or "fast"].not_supported_reasons(backend=self.backend, compile_grad=self.compile_grad,
+                                                                   need_keys=need_keys)
+        if reasons:
+            raise Unsupported("; ".join(reasons), field="backend")
+        return config
+
+    def mask_mode(self) -> str:
+        """``file``, ``auto`` or ``none``."""
+        from .automask import DEFAULT_MODE
+
+        return self.mask if self.mask in ("auto", "none") else "file" if self.mask else "none" if self.boxes else DEFAULT_MODE
+
+    def check_outputs(self, out: Path, compare: Path, report_path: Path, ckpt_dir: str | None, inputs: list,
+                      mask_out: Path | None = None) -> None:
+        """``checkpoint_every``, every output path (writable, none of ``inputs``), ``resume`` and the
+        checkpoint folder, in that order."""
+        from .io import check_output_path, check_report_path
+
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise BadInput("--checkpoint-every must be >= 0", field="checkpoint_every")
+        check_output_path(out, inputs=inputs)
+        if not self.no_compare:
+            check_output_path(compare, inputs=inputs, what="comparison video", flag="--out (or pass --no-compare)")
+        check_report_path(report_path, inputs=inputs)
+        if mask_out is not None:
+            check_output_path(mask_out, inputs=inputs, what="mask video", flag="--out")
+        if self.resume and not Path(self.resume).is_dir():
+            raise BadInput(f"--resume {self.resume}: no such checkpoint folder", field="resume")
+        if ckpt_dir and Path(ckpt_dir).exists() and not Path(ckpt_dir).is_dir():
+            raise BadInput(f"--checkpoint-dir '{ckpt_dir}' is a file; give a folder (it is created if missing)",
+                           field="checkpoint_dir")
+
+    def read_inputs(self, inp: Path, mask_file: str | None):
+        """The input's frames and, checked against them, the mask and boxes: ``(raw (F, H, W, 3) uint8, fps,
+        frame indices, (width, height), mask or None, boxes or None)``."""
+        from .io import read_boxes, read_frames, read_mask
+
+        need_total = bool(self.boxes or mask_file)  # to check their frame count against the whole input
+        raw, fps, indices, total = read_frames(inp, frames=self.frames, stride=self.stride, with_total=True) if need_total \
+            else (*read_frames(inp, frames=self.frames, stride=self.stride), None)
+        src_size = (raw.shape[2], raw.shape[1])
+        mask_raw = read_mask(mask_file, indices=indices, src_size=src_size, total_frames=total) if mask_file else None
+        boxes = read_boxes(self.boxes, src_size=src_size, total_frames=total) if self.boxes else None
+        return raw, fps, indices, src_size, mask_raw, boxes
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+        if w <= 0 or h <= 0:
+            raise ValueError
+    except ValueError:
+        raise BadInput(f"--size must look like 576x320 (width x height), got {text!r}", field="size") from None
+    return w, h
+
+
+def quiet_libraries() -> None:
+    """Offline, and no library warnings or progress bars (front ends print their own)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except Exception:
+        pass
+
+
+@contextlib.contextmanager
+def progress(total: int, quiet: bool):
+    """A tqdm bar fed by the pipeline's step-end callback (reading the losses syncs: CLI only)."""
+    if quiet:
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="fastdm-edit", unit="step", dynamic_ncols=True)
+
+    def on_step(_pipe, step, t, tensors):
+        bar.n = step
+        bar.set_postfix({k: f"{float(v):.3g}" for k, v in tensors["losses"].items()} | {"t": t}, refresh=True)
+
+    try:
+        yield on_step
+    finally:
+        bar.close()
+
+
+def run(request: EditRequest, *, pipe=None, on_step=None, tensor_inputs: tuple[str, ...] = ("losses",),
+        check_only: bool = False):
+    """One edit as ``request`` describes it: checks, read, edit (or cascade), atomic outputs.
+
+    ``pipe`` is an already loaded pipeline (else ``request.model`` is loaded); ``on_step`` replaces the
+    progress bar as the step-end callback (it receives ``tensor_inputs``); ``check_only`` stops after
+    the checks made before the model loads (returns None). Returns the ``EditResult`` (its ``report`` is
+    the JSON report written beside the output)."""
+    if request.cascade:  # cascaded edit: fastdm/cascade
+        from .cascade import run_cascade
+
+        return run_cascade(request, pipe=pipe, on_step=on_step, tensor_inputs=tensor_inputs, check_only=check_only)
+    from .backbone import default_model_path
+    from .backbone.loader import check_model_folder
+    from .driver import DreamMotionPipeline
+    from .io import boxes_to_mask, crop_mask, plan_crop, resize_crop
+
+    inp, out, compare, report_path, ckpt_dir = request.paths()
+    config = request.config()  # (and the plan's refusals) before anything is read or loaded
+    budget = None
+    if request.memory_budget is not None:
+        if request.plan is not None:
+            raise BadInput("give --plan or --memory-budget, not both", field="memory_budget")
+        from .driver.budget import parse_size as parse_bytes
+
+        budget = parse_bytes(request.memory_budget)
+    mask_mode = request.mask_mode()
+    mask_file = request.mask if mask_mode == "file" else None
+    mask_out = out.with_name(f"{out.stem}_mask{out.suffix}") if mask_mode == "auto" else None
+    request.check_outputs(out, compare, report_path, ckpt_dir, [inp, mask_file, request.boxes], mask_out)
+
+    check_model_folder(request.model or default_model_path())
+
+    t0 = time.perf_counter()
+    # mask and boxes are checked here, before the model loads; the crop comes after (it needs the model's size)
+    raw, fps, indices, src_size, mask_raw, boxes = request.read_inputs(inp, mask_file)
+    if check_only:
+        return None
+
+    if pipe is None:
+        quiet_libraries()
+        pipe = DreamMotionPipeline.from_pretrained(request.model, request.device, request.dtype, allow_pickle=request.allow_pickle,
+                                                   trust_remote_code=request.trust_remote_code, attention=request.attention,
+                                                   release_text_encoder=True)
+    info = pipe.backbone.info
+    size = request.size or info.native_size
+    if size[0] % info.size_multiple or size[1] % info.size_multiple:
+        raise BadInput(f"--size {size[0]}x{size[1]}: width and height must be multiples of {info.size_multiple} for this model",
+                       field="size")
+    crop = plan_crop(src_size, size)
+    frames = resize_crop(raw, crop)
+    mask = "auto" if mask_mode == "auto" else None
+    if mask_raw is not None:
+        mask = crop_mask(mask_raw, crop)
+    elif boxes is not None:
+        mask = boxes_to_mask(boxes, indices=indices, src_size=src_size, crop=crop)
+    load_s = time.perf_counter() - t0
+
+    with progress(config.steps, request.quiet or on_step is not None) as bar_step:
+        result = pipe(frames, config=config, mask=mask, callback_on_step_end=on_step or bar_step,
+                      callback_on_step_end_tensor_inputs=tensor_inputs, checkpoint_dir=ckpt_dir,
+                      checkpoint_every=request.checkpoint_every, resume=bool(request.resume),
+                      plan=None if budget is not None else (request.plan or "fast"), backend=request.backend,
+                      memory_budget=budget, compile_grad=request.compile_grad)
+    report = result.report
+    report["input"] = {"path": str(inp), "fps": fps, "source_size": list(src_size), "frame_indices": indices,
+                       "mask": request.mask, "boxes": request.boxes}
+    if mask_mode == "auto" and not request.quiet:
+        am = report["auto_mask"]
+        words = ", ".join(am["words"]["source"] + am["words"]["target"])
+        print(f"auto mask: {am['fallback']}; editing without a mask" if am["fallback"] else
+              f"auto mask from the words {words}: {am['area_fraction']:.0%} of the frame editable "
+              f"({am['denoiser_calls']} extra model call(s), {am['seconds']:.1f} s)")
+    report["timings"]["load_s"] = round(load_s, 4)
+    if ckpt_dir:
+        report["checkpoint_dir"] = ckpt_dir
+    written = write_outputs(result, frames, fps, out, None if request.no_compare else compare, report_path, mask_out)
+    report["report_path"] = str(report_path)
+    if not request.quiet:
+        t = report["timings"]
+        ev = report["evaluations"]
+        stop = f", converged at step {report['stop']['stopped_at']}" if report["stop"]["converged"] else ""
+        print(f"wrote {', '.join(written)} ({report['steps_run']} steps{stop}, {ev['forward']} forward + {ev['backward']} "
+              f"backward model evaluations, {t['step_mean_s']} s/step, plan {report['plan']['name']}, engine {report['backend']}, "
+              f"peak memory {report['peak_memory_bytes'] / 2**20:.0f} MiB)")
+    return result
+
+
+def _mask_frames(mask, like):
+    """A (F, H, W) 0/1 mask as RGB frames, white = editable (all white when there is none: all editable)."""
+    import numpy as np
+
+    if mask is None:
+        return np.full_like(like, 255)
+    return np.repeat((np.asarray(mask) > 0.5).astype(np.uint8)[..., None] * 255, 3, axis=-1)
+
+
+def write_outputs(result, frames, fps, out: Path, compare: Path | None, report_path: Path, mask_out: Path | None = None) -> list[str]:
+    """The edit, the side-by-side comparison (input | mask | edit with an automatic mask), the mask
+    video (automatic mask) and the JSON report, each written atomically."""
+    from .io import side_by_side, write_video
+    from .io.atomic import write_json_atomic
+
+    write_video(out, result.frames, fps)
+    written = [str(out)]
+    mask_panel = None if mask_out is None else [_mask_frames(result.mask, frames)]
+    if mask_out is not None:
+        write_video(mask_out, mask_panel[0], fps)
+        written.append(str(mask_out))
+    if compare is not None:
+        write_video(compare, side_by_side(frames, *(mask_panel or []), result.frames), fps)
+        written.append(str(compare))
+    result.report["outputs"] = written
+    write_json_atomic(report_path, result.report)
+    return [*written, str(report_path)]
+
+
+__all__ = ["EditRequest", "FastDMError", "parse_size", "progress", "quiet_libraries", "run", "write_outputs"]

@@ -1,0 +1,225 @@
+"""What an edit costs and when it stops: the evaluation counter, the paper preset, schedules, the
+convergence rule, and the peers fastdm is measured against (SDEdit, FlowEdit) on exact denoisers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fastdm import DreamMotionPipeline
+from fastdm.driver.config import PRESETS, EditConfig
+from fastdm.driver.pipeline import frames_to_tensor
+from fastdm.driver.schedule import ConvergenceRule, draw_timestep, lr_factor, strata_order
+from fastdm.losses import VDDSConfig
+from fastdm.testing import PointMassBackbone
+
+SRC, TGT = "a red circle moving right", "a blue circle moving right"
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model):
+    return DreamMotionPipeline.from_pretrained(tiny_model)
+
+
+class _Count:
+    """Counts the denoiser's forward batch elements at the backbone (independent of the step's own counter)."""
+
+    def __init__(self, bb):
+        self.bb, self.forward = bb, 0
+
+    def __enter__(self):
+        orig = type(self.bb).predict_noise
+
+        def counted(bb_self, x_t, *a, **k):
+            self.forward += x_t.shape[0]
+            return orig(bb_self, x_t, *a, **k)
+
+        self.bb.predict_noise = counted.__get__(self.bb)
+        return self
+
+    def __exit__(self, *exc):
+        del self.bb.predict_noise
+
+
+@pytest.mark.parametrize("plan,settings,per_step", [
+    ("fast", {}, (4, 1)),  # grad branch 1 + three no-grad batched; one backward into the tapped prefix
+    ("fast-seq", {}, (4, 1)),  # the three no-grad calls one at a time
+    ("naive", {}, (4, 1)),  # all four in one batched call
+    ("plain", {}, (4, 1)),
+    ("fast", {"s_ssm_weight": 0.0, "t_ssm_weight": 0.0}, (4, 0)),  # V-DDS alone: no backward at all
+])
+def test_evaluation_counter_matches_a_hand_count(pipe, clip, plan, settings, per_step):
+    steps = 3
+    with _Count(pipe.backbone) as c:
+        res = pipe(clip, SRC, TGT, steps=steps, plan=plan, **settings)
+    ev = res.report["evaluations"]
+    assert ev["forward"] == c.forward == steps * per_step[0]
+    assert ev["backward"] == steps * per_step[1] and ev["setup_forward"] == 0
+
+
+def test_counter_includes_the_automatic_mask_and_the_split_backward(pipe, clip):
+    with _Count(pipe.backbone) as c:
+        run = pipe.prepare(clip, SRC, TGT, mask="auto", steps=2, split_gradients=True)
+        while not run.done:
+            run.step()
+    ev = run.evaluations
+    calls = run.auto_mask.denoiser_calls
+    assert calls >= 1 and ev["setup_forward"] == 2 * calls  # batch 2: the source under both prompts
+    assert ev["forward"] == c.forward == 2 * 4 + 2 * calls
+    assert ev["backward"] == 2 * 2  # split_gradients: S-SSM and T-SSM backpropagated apart
+
+
+def test_paper_preset_is_the_paper_loop(pipe, clip):
+    """--preset paper is exactly DreamMotion's loop: t ~ U[50, 950] and one noise per step from the seeded
+    CPU generator, the step's gradient, plain SGD at lr 0.4, pixels clamped. Written out by hand here."""
+    from fastdm.driver.plan import PLANS
+    from fastdm.driver.step import DreamMotionStep
+    from fastdm.losses import sample_timestep
+    from fastdm.taps import resolve_layers
+
+    steps = 4
+    got = pipe(clip, SRC, TGT, preset="paper", steps=steps)
+    assert got.report["config"]["t_schedule"] == "uniform" and got.report["config"]["lr"] == 0.4
+
+    bb = pipe.backbone
+    cfg = EditConfig(SRC, TGT, **{**PRESETS["paper"], "steps": steps})
+    vcfg = VDDSConfig(cfg.guidance_scale, cfg.t_min, cfg.t_max, cfg.weighting)
+    text = pipe.encode_prompts([TGT, "", SRC])
+    x_src = bb.to_working(frames_to_tensor(clip))
+    x = torch.nn.Parameter(x_src.clone())
+    opt = torch.optim.SGD([x], lr=0.4)
+    gen = torch.Generator("cpu").manual_seed(0)
+    step = DreamMotionStep(bb, cfg, PLANS["fast"], vcfg, resolve_layers(bb, None), clip.shape[0], text, None)
+    for _ in range(steps):
+        t = sample_timestep(vcfg, gen)
+        noise = torch.randn(x.shape, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        step(x, x_src, t, noise)
+        opt.step()
+        with torch.no_grad():
+            x.clamp_(-1, 1)
+    assert torch.equal(got.working, x.detach())
+
+
+def test_presets_and_their_overrides():
+    from fastdm.driver.config import config_from_preset
+    from fastdm.errors import BadInput
+
+    paper = config_from_preset("paper", SRC, TGT)
+    for k, v in PRESETS["paper"].items():
+        assert getattr(paper, k) == v, k
+    assert config_from_preset("paper", SRC, TGT, steps=20).steps == 20
+    assert config_from_preset(None, SRC, TGT) == EditConfig(SRC, TGT)
+    with pytest.raises(BadInput, match="unknown preset 'fastest'"):
+        config_from_preset("fastest", SRC, TGT)
+    # fingerprints of settings at their paper values are those of earlier releases (checkpoints, result caches)
+    assert paper.fingerprint() == EditConfig(SRC, TGT, **PRESETS["paper"]).fingerprint()
+
+
+def test_timestep_schedules():
+    cfg = VDDSConfig(t_min=50, t_max=950)
+    gen = torch.Generator().manual_seed(0)
+    n = 12
+    anneal = [draw_timestep("anneal", k, n, cfg, gen) for k in range(n)]
+    assert anneal == sorted(anneal, reverse=True) and anneal[0] > 875 and anneal[-1] < 125
+    width = (cfg.t_max - cfg.t_min) / n
+    for k, t in enumerate(anneal):  # each step inside its own stratum
+        assert cfg.t_max - (k + 1) * width - 1 <= t <= cfg.t_max - k * width + 1
+    order = strata_order(n, seed=0)
+    strat = [draw_timestep("stratified", k, n, cfg, gen, order) for k in range(n)]
+    strata = sorted(int((cfg.t_max - t) // width) for t in strat)
+    assert strata == list(range(n)) and strat != sorted(strat, reverse=True)  # every stratum once, not in order
+    assert lr_factor("constant", 5, 10) == 1.0
+    cos = [lr_factor("cosine", k, 10) for k in range(10)]
+    assert cos == sorted(cos, reverse=True) and cos[0] > 0.97 and 0 < cos[-1] < 0.03
+
+
+def _trajectory(kind: str, n: int = 60) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(1, 3, 2, 4, 4, generator=g)
+    xs, x = [], torch.zeros_like(target)
+    for k in range(n):
+        if kind == "converging":  # geometric approach to the target, plus a little noise
+            x = x + 0.25 * (target - x) + 1e-3 * torch.randn(x.shape, generator=g)
+        elif kind == "moving":  # a steady drift that never settles (with noise of a third of its pace)
+            x = x + 0.05 * target + 0.02 * torch.randn(x.shape, generator=g)
+        elif kind == "slowing-but-moving":  # the pace halves once, then stays
+            x = x + (0.1 if k < 20 else 0.05) * target
+        xs.append(x.clone())
+    return xs
+
+
+@pytest.mark.parametrize("kind,stops", [("converging", True), ("moving", False), ("slowing-but-moving", False)])
+def test_convergence_rule_on_toy_trajectories(kind, stops):
+    rule = ConvergenceRule(window=6, tol=0.15)
+    at = next((k + 1 for k, x in enumerate(_trajectory(kind)) if rule.update(x)), None)
+    assert (at is not None) == stops, (kind, at, rule.progress[-5:])
+    if stops:
+        assert 12 <= at <= 40
+
+
+def test_steps_auto_stops_a_converged_edit_and_runs_on_a_moving_one(pipe, clip):
+    """On the tiny model: with a decaying learning rate the edit stops moving and the rule stops it early;
+    at a constant rate on a random model it keeps moving and runs to the cap."""
+    done = pipe(clip, SRC, TGT, steps=60, stop="converged", lr_schedule="linear")
+    stop = done.report["stop"]
+    assert stop["converged"] and stop["stopped_at"] < 60 and done.report["steps_run"] == stop["stopped_at"]
+    assert done.report["evaluations"]["forward"] == 4 * stop["stopped_at"]
+    moving = pipe(clip, SRC, TGT, steps=30, stop="converged", lr=0.4)
+    assert not moving.report["stop"]["converged"] and moving.report["steps_run"] == 30, moving.report["stop"]["progress"]
+
+
+def test_cli_steps_auto_and_preset(tiny_model, clip_file, tmp_path):
+    import json
+
+    from fastdm.cli import main
+
+    out = tmp_path / "o.gif"
+    assert main([str(clip_file), "--model", tiny_model, "--source-prompt", SRC, "--target-prompt", TGT, "--steps", "auto",
+                 "--max-steps", "5", "--preset", "paper", "--mask", "none", "--out", str(out), "--quiet", "--no-compare"]) == 0
+    rep = json.loads(out.with_suffix(".json").read_text())
+    assert rep["config"]["stop"] == "converged" and rep["config"]["steps"] == 5 and rep["config"]["lr"] == 0.4
+    assert rep["evaluations"]["forward"] == 4 * rep["steps_run"]
+
+
+def _clip_tensor(seed: int, lo: float = -0.4, hi: float = 0.4) -> tuple[np.ndarray, torch.Tensor]:
+    """A random 2-frame 8x8 clip as uint8 frames and as the exact working tensor they decode to."""
+    rng = np.random.default_rng(seed)
+    frames = rng.integers(round((lo + 1) * 127.5), round((hi + 1) * 127.5), (2, 8, 8, 3), dtype=np.uint8)
+    return frames, frames_to_tensor(frames).permute(1, 0, 2, 3).unsqueeze(0).double()
+
+
+def test_flowedit_with_exact_velocities_lands_on_the_known_edit():
+    """Point-mass data per prompt: the guided velocity field of a prompt points at c_u + g (c - c_u), so
+    FlowEdit's ODE from x_src = c_src ends at x_src + g (c_tar - c_src), whatever the noises."""
+    from fastdm.sampling import flowedit
+
+    clip, c_src = _clip_tensor(0)
+    _, c_tar = _clip_tensor(1)
+    _, c_u = _clip_tensor(2)
+    bb = PointMassBackbone({"": c_u, "src": c_src, "tar": c_tar}, flow=True)
+    g = 1.5
+    want = (c_src + g * (c_tar - c_src)).clamp(-1, 1)
+    want = ((want[0].permute(1, 2, 3, 0) + 1) * 127.5).round().numpy()
+    for seed in (0, 1):
+        out = flowedit(bb, clip, "src", "tar", steps=50, n_max=33, src_guidance=g, tar_guidance=g, seed=seed)
+        assert np.abs(out.astype(np.float64) - want).max() <= 1.0
+    # a plain-sampling tail (n_min) samples the target's own point mass from where the edit is
+    out = flowedit(bb, clip, "src", "tar", steps=50, n_max=33, n_min=33, src_guidance=1.0, tar_guidance=1.0)
+    want_tar = ((c_tar[0].permute(1, 2, 3, 0) + 1) * 127.5).round().numpy()
+    assert np.abs(out.astype(np.float64) - want_tar).max() <= 1.0
+
+
+def test_sdedit_with_an_exact_denoiser_lands_on_the_guided_target():
+    from fastdm.sampling import ddim_video_to_video
+
+    clip, c_src = _clip_tensor(0)
+    _, c_tar = _clip_tensor(1)
+    _, c_u = _clip_tensor(2)
+    bb = PointMassBackbone({"": c_u, "tar": c_tar, "src": c_src})
+    g = 1.5
+    want = ((c_u + g * (c_tar - c_u)).clamp(-1, 1)[0].permute(1, 2, 3, 0) + 1) * 127.5
+    out = ddim_video_to_video(bb, clip, "tar", strength=0.6, steps=50, guidance_scale=g, seed=0)
+    # the last DDIM step lands on t = 0, not on the data: ~3% of the noise is left
+    assert np.abs(out.astype(np.float64) - want.numpy()).mean() < 0.03 * 127.5
