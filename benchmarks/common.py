@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fastdm.bench.machine import machine_description, machine_name  # noqa: F401  (re-exported)
+from fastdm.machine import machine_description, machine_name  # noqa: F401  (re-exported)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = RESULTS.parent.parent

@@ -265,7 +265,7 @@ def check(cases=(("tiny", 4), ("shapes", 8)), plans=("naive", "plain", "fast", "
 
 def _machine() -> str:
     try:
-        from fastdm.bench.machine import machine_name
+        from fastdm.machine import machine_name
 
         return machine_name("cpu")
     except Exception:

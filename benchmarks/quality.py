@@ -41,8 +41,8 @@ from benchmarks.common import (
     repo_relative,
     write_results,
 )
-from benchmarks.shapes_metrics import centroid_drift, object_mask, video_summary
-from fastdm.shapes import COLOURS, DIRECTIONS, SHAPES, prompt, render_clip
+from fastdm.shapes_metrics import object_mask
+from fastdm.suite import area_kept, background_change, box_mask, build_suite, render_case, score  # noqa: F401  (re-exported)
 
 CONFIGS = {
     "full": dict(mask=True),
@@ -57,23 +57,6 @@ MASK_AXIS = {"none": "no_mask", "auto": "auto_mask", "box": "full"}
 # metrics a run must have to count (runs scored before a metric existed are run again when asked for)
 SCORE_KEYS = ("colour_ok", "shape_ok", "drift_px", "motion_fidelity", "flow_epe_px", "frame_consistency", "area_kept",
               "background_change")
-
-
-def build_suite(seed: int = 0, n_colour: int = 12, n_shape: int = 6, n_both: int = 6, size: int = 32, frames: int = 8) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    cases = []
-    for kind, count in (("colour", n_colour), ("shape", n_shape), ("both", n_both)):
-        for i in range(count):
-            colour, shape, direction = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), str(rng.choice(list(DIRECTIONS)))
-            t_colour = colour if kind == "shape" else str(rng.choice([c for c in COLOURS if c != colour]))
-            t_shape = shape if kind == "colour" else str(rng.choice([s for s in SHAPES if s != shape]))
-            cases.append(dict(
-                id=f"{kind}-{i:02d}", kind=kind, colour=colour, shape=shape, direction=direction,
-                target_colour=t_colour, target_shape=t_shape,
-                radius=float(rng.uniform(5.0, 7.0)), speed=float(rng.uniform(1.5, 2.0)), size=size, frames=frames,
-                source_prompt=prompt(colour, shape, direction), target_prompt=prompt(t_colour, t_shape, direction),
-            ))
-    return cases
 
 
 def edit_config(case: dict, name: str, steps: int, lr: float, overrides: dict | None = None):
@@ -111,21 +94,6 @@ def parse_overrides(items: list[str]) -> dict:
 
 def overrides_label(overrides: dict) -> str:
     return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(overrides.items()))
-
-
-def render_case(case: dict) -> np.ndarray:
-    return render_clip(case["colour"], case["shape"], case["direction"], size=case["size"], frames=case["frames"],
-                       radius=case["radius"], speed=case["speed"])
-
-
-def box_mask(clip: np.ndarray, margin: int = 2) -> np.ndarray:
-    """Per-frame bounding boxes of the source object, grown by ``margin`` px: (F, H, W) float32."""
-    out = np.zeros(clip.shape[:3], np.float32)
-    for i, f in enumerate(clip):
-        ys, xs = np.nonzero(object_mask(f))
-        if len(xs):
-            out[i, max(0, ys.min() - margin) : ys.max() + margin + 1, max(0, xs.min() - margin) : xs.max() + margin + 1] = 1
-    return out
 
 
 def mask_iou(mask: np.ndarray, obj: np.ndarray) -> float:
@@ -169,49 +137,10 @@ def mask_iou_table(pipe, suite: list[dict], settings: dict[str, dict]) -> dict:
     return {"summary": summary, "rows": rows}
 
 
-def area_kept(source: np.ndarray, edit: np.ndarray, low: float = 0.5, high: float = 2.0) -> bool:
-    """The edited object's area is within ``low``-``high`` times the source object's in every frame."""
-    for a, b in zip(source, edit):
-        sa, ea = object_mask(a).sum(), object_mask(b).sum()
-        if sa == 0 or not (low * sa <= ea <= high * sa):
-            return False
-    return True
-
-
-def background_change(source: np.ndarray, edit: np.ndarray, grow: int = 3) -> float:
-    """Mean absolute change (0-255) outside the source object grown by ``grow`` px, over all frames."""
-    import cv2
-
-    kernel = np.ones((2 * grow + 1, 2 * grow + 1), np.uint8)
-    outside = np.stack([cv2.dilate(object_mask(f).astype(np.uint8), kernel) == 0 for f in source])
-    diff = np.abs(edit.astype(np.float32) - source.astype(np.float32)).mean(-1)
-    return float(diff[outside].mean()) if outside.any() else 0.0
-
-
 def case_mask(clip: np.ndarray, name: str):
     """The mask a configuration edits with: the box mask, ``"auto"`` or None."""
     kind = CONFIGS[name]["mask"]
     return box_mask(clip) if kind is True else (kind or None)
-
-
-def score(case: dict, source: np.ndarray, edit: np.ndarray) -> dict:
-    from fastdm.metrics import frame_consistency, motion_fidelity
-
-    s = video_summary(edit)
-    mf = motion_fidelity(source, edit)
-    shape_hits = sum(x == case["target_shape"] for x in s["shapes"])
-    return {
-        "colour_ok": all(c == case["target_colour"] for c in s["colours"]),
-        "colour_frames": s["colours"],
-        "shape_ok": shape_hits * 2 > len(edit),
-        "shape_frames": s["shapes"],
-        "drift_px": centroid_drift(source, edit),
-        "motion_fidelity": mf["fidelity"],
-        "flow_epe_px": mf["epe"],
-        "frame_consistency": frame_consistency(edit),
-        "area_kept": area_kept(source, edit),
-        "background_change": background_change(source, edit),
-    }
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -532,7 +461,7 @@ def main() -> None:
             and r.get("edit_fingerprint") == wanted.get((r["config"], r["case"]))]
     recorded_on: dict[str, int] = {}
     for r in runs:
-        d = r.get("machine_description", "AMD EPYC, 2 cores, torch 2.13.0+cpu (runs before 2026-11-26; not recorded per run)")
+        d = r.get("machine_description", "a machine the run did not record (runs before 2026-11-26)")
         recorded_on[d] = recorded_on.get(d, 0) + 1
     meta = {"machine": machine, "machine_description": "; ".join(f"{n} runs on {d}" for d, n in recorded_on.items()),
             "model": repo_relative(model), "model_hash": model_hash, "denoiser": denoiser,

@@ -26,7 +26,7 @@ from benchmarks.common import (
     repo_relative,
     write_results,
 )
-from benchmarks.shapes_metrics import video_summary
+from fastdm.shapes_metrics import video_summary
 from fastdm.shapes import COLOURS, DIRECTIONS, SHAPES, prompt
 
 

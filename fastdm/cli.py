@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .backbone.engines import ENGINES
 from .backbone.loader import DTYPES
 from .driver.config import LR_SCHEDULES, MASK_SCOPES, OPTIMIZERS, PRESETS, T_SCHEDULES, EditConfig, config_from_preset
+from .driver.engines import ENGINES
 from .driver.plan import PLANS
 from .errors import FastDMError
 

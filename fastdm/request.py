@@ -14,7 +14,6 @@ Field names are the command line's (``--guidance-scale`` is ``guidance_scale``);
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from .driver.config import EditConfig, config_from_preset
 from .driver.plan import PLANS
+from .driver.progress import progress, quiet_libraries
 from .errors import BadInput, FastDMError, Unsupported
 
 # request fields that map to EditConfig fields (None: the preset's value)
@@ -183,45 +183,6 @@ def parse_size(text: str) -> tuple[int, int]:
     except ValueError:
         raise BadInput(f"--size must look like 576x320 (width x height), got {text!r}", field="size") from None
     return w, h
-
-
-def quiet_libraries() -> None:
-    """Offline, and no library warnings or progress bars (front ends print their own)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    try:
-        from diffusers.utils import logging as dlog
-
-        dlog.set_verbosity_error()
-        dlog.disable_progress_bar()
-        from transformers.utils import logging as tlog
-
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except Exception:
-        pass
-
-
-@contextlib.contextmanager
-def progress(total: int, quiet: bool):
-    """A tqdm bar fed by the pipeline's step-end callback (reading the losses syncs: CLI only)."""
-    if quiet:
-        yield None
-        return
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc="fastdm-edit", unit="step", dynamic_ncols=True)
-
-    def on_step(_pipe, step, t, tensors):
-        bar.n = step
-        bar.set_postfix({k: f"{float(v):.3g}" for k, v in tensors["losses"].items()} | {"t": t}, refresh=True)
-
-    try:
-        yield on_step
-    finally:
-        bar.close()
 
 
 def run(request: EditRequest, *, pipe=None, on_step=None, tensor_inputs: tuple[str, ...] = ("losses",),

@@ -113,8 +113,8 @@ def shapes_pipe():
 # 0.54 and 0.48; the test asks for 0.3 and 95 % coverage.
 @pytest.mark.parametrize("case_id", ["shape-00", "colour-05"])
 def test_shapes_model_mask_overlaps_the_object(shapes_pipe, case_id):
-    from benchmarks.quality import build_suite, render_case
-    from benchmarks.shapes_metrics import object_mask
+    from fastdm.suite import build_suite, render_case
+    from fastdm.shapes_metrics import object_mask
 
     case = next(c for c in build_suite() if c["id"] == case_id)
     clip = render_case(case)

@@ -85,7 +85,7 @@ def test_shapes_upscale_restores_a_known_clip():
     the chain started from the noised upsampled clip, this model's output was noise: 7 dB.)"""
     import torch
 
-    from benchmarks.shapes_metrics import video_summary
+    from fastdm.shapes_metrics import video_summary
     from benchmarks.upscale_settings import psnr
     from fastdm.cascade import load_cascade, run_upscale
     from fastdm.cascade.folders import check_stage_folder, load_stage_model

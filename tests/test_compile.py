@@ -51,7 +51,7 @@ def test_edit_with_compile_backend_matches_eager(pipe, clip, monkeypatch):
     forward/backward split as inductor, without inductor's C++ code generation, which the test above
     already covers on the same module (the no-grad engine it built is reused here) and which took
     about 4 of CI's 15 minutes when cold. The GPU check runs the grad branch with inductor."""
-    from fastdm.backbone.engines import CompiledUNet
+    from fastdm.driver.engines import CompiledUNet
 
     monkeypatch.setattr(CompiledUNet, "dynamo_backend", "aot_eager")
     cfg = EditConfig("a red circle moving right", "a blue circle moving right", steps=3, seed=1)

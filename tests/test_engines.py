@@ -12,7 +12,7 @@ pytest.importorskip("onnxscript", reason="onnxscript is not installed (pip insta
 
 @pytest.fixture(scope="module")
 def exported(editor, tmp_path_factory):
-    from fastdm.backbone.engines import export_onnx
+    from fastdm.driver.engines import export_onnx
 
     bb = editor.backbone
     layers = resolve_layers(bb, None)
@@ -21,7 +21,7 @@ def exported(editor, tmp_path_factory):
 
 
 def test_onnx_matches_eager_with_keys(editor, exported):
-    from fastdm.backbone.engines import OrtUNet
+    from fastdm.driver.engines import OrtUNet
 
     path, layers = exported
     bb = editor.backbone

@@ -17,7 +17,7 @@ from fastdm.errors import FastDMError
 onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install 'fastdm[onnx]')")
 from onnx import TensorProto, helper  # noqa: E402
 
-from fastdm.backbone import engines  # noqa: E402
+from fastdm.driver import engines  # noqa: E402
 
 # -- a fake tensorrt ---------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ def latent_pipe(tiny_latent_model):
 def test_three_edits_build_the_ort_engine_once(tiny_model, clip, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    import fastdm.backbone.engines as engines
+    import fastdm.driver.engines as engines
 
     exports = []
     real = engines.export_onnx
@@ -55,6 +55,40 @@ def test_two_threads_get_exactly_the_sequential_results(pipe, clip):
         t.join()
     assert not torch.equal(seq[0], seq[1])
     assert torch.equal(out[0], seq[0]) and torch.equal(out[1], seq[1])
+
+
+def test_two_threads_with_a_memory_budget_and_an_engine_get_their_sequential_results(pipe, clip):
+    """The budget's probes run whole steps under the pipeline's lock, beside another thread's edit on an
+    onnxruntime engine; each gets what it gets alone, and the overlapping calls say their peaks are shared."""
+    pytest.importorskip("onnxruntime")
+    jobs = [dict(target_prompt=TGT, seed=1, steps=2, memory_budget=2**40),
+            dict(target_prompt="a green square moving right", seed=2, steps=2, backend="ort")]
+    seq = [pipe(clip, SRC, **j) for j in jobs]
+    out = [None, None]
+    barrier = threading.Barrier(2)
+
+    def work(i):
+        barrier.wait()
+        out[i] = pipe(clip, SRC, **jobs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seq[0].report["memory_budget"]["probed_peak_bytes"] and seq[1].report["engine"]["nograd"] == "ort"
+    for got, want in zip(out, seq):
+        assert torch.equal(got.working, want.working)
+    assert not seq[0].report["peak_memory_kind"].endswith("_shared")  # alone: its own high-water mark
+    assert any(r.report["peak_memory_kind"].endswith("_shared") for r in out)  # together: said to be shared
+
+
+def test_callback_names_are_checked_before_the_first_step(pipe, clip):
+    calls = []
+    with pytest.raises(FastDMError, match="unknown \\['lossez'\\]"):
+        pipe(clip, SRC, TGT, steps=3, callback_on_step_end=lambda *a: calls.append(a),
+             callback_on_step_end_tensor_inputs=("lossez",))
+    assert calls == []
 
 
 def test_callback_reads_replaces_and_stops(pipe, clip):

@@ -114,7 +114,7 @@ def test_cascaded_rows_render_the_same_case_at_twice_the_size_and_score_in_its_p
     import numpy as np
 
     from benchmarks.quality_cascade import bicubic, render_case_at
-    from benchmarks.shapes_metrics import centroid, object_mask, video_summary
+    from fastdm.shapes_metrics import centroid, object_mask, video_summary
 
     case = build_suite()[0]
     lo, hi = render_case(case), render_case_at(case, 2)

@@ -95,7 +95,7 @@ def check_model_folder(path: str | os.PathLike) -> Path:
     return _check_folder(str(path))
 
 
-def _component_class(root: Path, name: str, spec, trust_remote_code: bool):
+def component_class(root: Path, name: str, spec, trust_remote_code: bool):
     """Resolve the class a model_index.json entry names: ``[library, class_name]``."""
     if not (isinstance(spec, (list, tuple)) and len(spec) == 2 and all(isinstance(s, str) for s in spec)):
         raise FastDMError(f"model_index.json: entry '{name}' must be [library, class], got {spec!r}")
@@ -119,7 +119,7 @@ def _component_class(root: Path, name: str, spec, trust_remote_code: bool):
     return getattr(module, cls_name)
 
 
-def _check_weights(folder: Path, allow_pickle: bool) -> None:
+def check_weights(folder: Path, allow_pickle: bool) -> None:
     files = [f.name for f in folder.iterdir() if f.is_file()]
     has_st = any(f.endswith(".safetensors") for f in files)
     has_pickle = any(f.endswith((".bin", ".pt", ".pth", ".ckpt")) for f in files)
@@ -132,7 +132,7 @@ def _check_weights(folder: Path, allow_pickle: bool) -> None:
         raise FastDMError(f"'{folder}' holds no weights (.safetensors); the model folder is incomplete")
 
 
-def _load(cls, folder: Path, allow_pickle: bool):
+def load_component(cls, folder: Path, allow_pickle: bool):
     kwargs = {"local_files_only": True}
     if hasattr(cls, "from_pretrained"):
         try:
@@ -166,11 +166,11 @@ def load_backbone(
     for name in required + (("vae",) if (root / "vae").is_dir() and "vae" in index and index["vae"][0] is not None else ()):
         if name not in index:
             raise FastDMError(f"model_index.json has no entry for '{name}'")
-        cls = _component_class(root, name, index[name], trust_remote_code)
+        cls = component_class(root, name, index[name], trust_remote_code)
         if name in ("unet", "transformer", "text_encoder", "vae"):
-            _check_weights(root / name, allow_pickle)
+            check_weights(root / name, allow_pickle)
         try:
-            comps[name] = _load(cls, root / name, allow_pickle)
+            comps[name] = load_component(cls, root / name, allow_pickle)
         except FastDMError:
             raise
         except (OSError, ValueError, EnvironmentError) as e:

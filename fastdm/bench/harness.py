@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         print("fastdm-bench: error: --device cuda but no CUDA GPU is available", file=sys.stderr)
         return 2
 
-    from .machine import machine_description, machine_name
+    from ..machine import machine_description, machine_name
 
     presets, frames_list, modes = args.preset.split(","), [int(f) for f in args.frames.split(",")], args.modes.split(",")
     peak = args.peak_tflops or round(matmul_tflops(args.device, DTYPES[args.dtype]), 3)

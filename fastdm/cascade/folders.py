@@ -72,13 +72,14 @@ def showone_class(library: str, cls_name: str, label: str, trust_remote_code: bo
                       "use the Show-1 code the folder was made for")
 
 
-def component_class(root: Path, name: str, spec, label: str, trust_remote_code: bool):
+def stage_component_class(root: Path, name: str, spec, label: str, trust_remote_code: bool):
+    """The class of one component of a stage folder: Show-1's own, or what the loader resolves."""
     if isinstance(spec, (list, tuple)) and len(spec) == 2 and is_showone(spec[0]):
         return showone_class(spec[0], spec[1], label, trust_remote_code)
-    from ..backbone.loader import _component_class
+    from ..backbone.loader import component_class
 
     try:
-        return _component_class(root, name, spec, trust_remote_code)
+        return component_class(root, name, spec, trust_remote_code)
     except FastDMError as e:
         raise FastDMError(f"{label}: {e}") from None
 
@@ -127,12 +128,12 @@ def check_stage_folder(path: str, kind: str, label: str, *, trust_remote_code: b
                           "(diffusers, or Show-1's showone)")
     showone = any(isinstance(v, list) and len(v) == 2 and is_showone(v[0]) for k, v in index.items() if k in need)
     for c in need:  # resolves classes: showone gating, custom code, missing classes
-        component_class(p, c, index[c], label, trust_remote_code)
-    from ..backbone.loader import _check_weights
+        stage_component_class(p, c, index[c], label, trust_remote_code)
+    from ..backbone.loader import check_weights
 
     for c in ("unet", "text_encoder") + (("vae",) if kind == "refine" else ()):
         try:
-            _check_weights(p / c, allow_pickle)
+            check_weights(p / c, allow_pickle)
         except FastDMError as e:
             raise FastDMError(f"{label}: {e}") from None
     cfg = _read_json(p / "unet" / "config.json", label)
@@ -200,13 +201,13 @@ class StageModel:
 
 def load_stage_model(info: FolderInfo, label: str, *, device: torch.device, dtype: torch.dtype,
                      trust_remote_code: bool = False, allow_pickle: bool = False) -> StageModel:
-    from ..backbone.loader import _load
+    from ..backbone.loader import load_component
 
     comps = {}
     for name in ("unet", "text_encoder", "tokenizer", "scheduler") + (("vae",) if info.latent else ()):
-        cls = component_class(info.path, name, info.index[name], label, trust_remote_code)
+        cls = stage_component_class(info.path, name, info.index[name], label, trust_remote_code)
         try:
-            comps[name] = _load(cls, info.path / name, allow_pickle)
+            comps[name] = load_component(cls, info.path / name, allow_pickle)
         except FastDMError as e:
             raise FastDMError(f"{label}: {e}") from None
         except (OSError, ValueError) as e:

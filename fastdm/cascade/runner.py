@@ -141,7 +141,7 @@ def run_cascade(args, *, pipe=None, on_step=None, tensor_inputs=("losses",), che
     :class:`~fastdm.request.EditRequest`; returns the :class:`~fastdm.driver.pipeline.EditResult` of the
     whole cascade (the final frames and the report written beside them), None with ``check_only``."""
     from ..driver.pipeline import EditResult, _PeakMemory
-    from ..request import quiet_libraries
+    from ..driver.progress import quiet_libraries
     from ..io import plan_crop, resize_crop, side_by_side, write_video
 
     t_start = time.perf_counter()
@@ -221,6 +221,7 @@ def run_cascade(args, *, pipe=None, on_step=None, tensor_inputs=("losses",), che
                "frames_out": int(frames.shape[0]), "size_out": [int(frames.shape[2]), int(frames.shape[1])],
                "seconds": round(time.perf_counter() - t0, 4), "peak_memory_bytes": memory.read(),
                "peak_memory_kind": memory.kind, "model_released": _dead(refs) if refs else None, "skipped": False, **extra}
+        memory.close()
         records.append(rec)
         store.save(st.index, st.kind, frames, rec)
         if not args.quiet:
@@ -264,7 +265,7 @@ def _run_edit(st, info, args, pipe, config, keys_raw, key_pos, key_indices, src_
               tensor_inputs, device, dtype):
     """The DreamMotion edit of the keyframes at the base stage's size; returns (frames, report, weakrefs)."""
     from ..driver import DreamMotionPipeline
-    from ..request import progress
+    from ..driver.progress import progress
     from ..io import boxes_to_mask, crop_mask, plan_crop, resize_crop
 
     own = pipe is None or str(Path(pipe.backbone.info.path).resolve()) != str(Path(st.model).expanduser().resolve())

@@ -18,7 +18,11 @@ encoding and every engine build runs under the pipeline's lock (``pipe.lock``, r
 guards the state a step patches for its duration (block checkpointing swaps block ``forward``\\s,
 taps hook modules, engines are shared). Each call keeps its own edited tensor, optimizer and
 random generator, so concurrent calls interleave step by step and each gets exactly what it
-would get alone. Peak-memory figures are per process and mix when calls overlap.
+would get alone; a ``memory_budget``'s probe steps run under the lock too. Process-wide state is
+never written behind another call's back: the peak-memory counters (CUDA peak stats, the RSS
+high-water mark) are reset only by a call that starts alone, and a call that overlaps another
+reports ``peak_memory_kind`` ``..._shared``; output files get their mode without touching the
+process umask (``fastdm.io.atomic``).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import numpy as np
 import torch
 
 from ..backbone import Backbone, load_backbone
-from ..errors import Diverged, FastDMError, ResumeMismatch
+from ..errors import BadInput, Diverged, FastDMError, ResumeMismatch
 from ..losses import VDDSConfig
 from ..taps import resolve_layers
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -45,6 +49,7 @@ from .schedule import ConvergenceRule, draw_timestep, lr_factor, strata_order
 from .step import DreamMotionStep
 
 PROMPT_CACHE_SIZE = 32
+CALLBACK_TENSORS = ("x", "x_src", "grad", "losses", "grad_parts", "seconds")  # what a step-end callback may ask for
 FINITE_CHECK_EVERY = 10  # on CUDA the finiteness check syncs, so it runs every N steps (every step on CPU)
 
 
@@ -97,13 +102,31 @@ def mask_to_working(mask: np.ndarray | None, frames: np.ndarray, backbone: Backb
 
 class _PeakMemory:
     """Peak memory of one call: CUDA max allocated, or on Linux the process's peak RSS since the call
-    began (the kernel's high-water mark is reset through /proc/self/clear_refs)."""
+    began (the kernel's high-water mark is reset through /proc/self/clear_refs).
+
+    Both counters are process-wide: a reset by one call would cut the figure of another call running
+    at the same time. So only a call that starts while no other call is measuring resets them; a call
+    that overlaps another reads the shared high-water mark and says so in its ``kind``
+    (``..._shared``)."""
+
+    _active = 0
+    _guard = threading.Lock()
 
     def __init__(self, device: torch.device):
         self.device = device
+        with _PeakMemory._guard:
+            alone = _PeakMemory._active == 0
+            _PeakMemory._active += 1
+        self._open = True
         self.kind = "cuda_max_allocated"
         if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+            if alone:
+                torch.cuda.reset_peak_memory_stats(device)
+            else:
+                self.kind += "_shared"
+            return
+        if not alone:
+            self.kind = "process_peak_rss_shared"
             return
         try:
             with open("/proc/self/clear_refs", "w") as f:
@@ -111,6 +134,16 @@ class _PeakMemory:
             self.kind = "process_peak_rss_during_call"
         except OSError:
             self.kind = "process_peak_rss_lifetime"
+
+    def close(self) -> None:
+        """The call is over: a later call may reset the counters again."""
+        if self._open:
+            self._open = False
+            with _PeakMemory._guard:
+                _PeakMemory._active -= 1
+
+    def __del__(self):
+        self.close()
 
     def read(self) -> int:
         if self.device.type == "cuda":
@@ -196,7 +229,7 @@ class DreamMotionPipeline:
         with self.lock:
             if key in self._engines:
                 return self._engines[key], 0.0
-            from ..backbone.engines import build_engine
+            from .engines import build_engine
 
             t0 = time.perf_counter()
             engine = build_engine(bb, kind, batch=batch, frames=frames, size=size, layers=layers, cache_dir=cache_dir,
@@ -234,6 +267,10 @@ class DreamMotionPipeline:
         the edited tensor, ``"stop": True`` ends the edit after this step (the result covers the steps
         run).
         """
+        unknown = [n for n in callback_on_step_end_tensor_inputs if n not in CALLBACK_TENSORS]
+        if unknown:  # before anything is prepared, not at the end of the first step
+            raise BadInput(f"callback_on_step_end_tensor_inputs: unknown {unknown}; choose from {', '.join(CALLBACK_TENSORS)}",
+                           field="callback_on_step_end_tensor_inputs")
         run = self.prepare(video, source_prompt, target_prompt, mask,
                            split_gradients="grad_parts" in callback_on_step_end_tensor_inputs, **kwargs)
         while not run.done:
@@ -276,7 +313,7 @@ class EditRun:
         if reasons:  # (the budget's candidates, fast / fast-seq / lean, accept the same options as fast)
             raise FastDMError("; ".join(reasons))
         if backend != "eager":
-            from ..backbone.engines import engine_unsupported_reasons
+            from .engines import engine_unsupported_reasons
 
             reasons = engine_unsupported_reasons(backend, bb)
             if reasons:
@@ -337,7 +374,8 @@ class EditRun:
         if memory_budget is not None:
             from .budget import fit_plan
 
-            plan, self.probes = fit_plan(self._make_step, bb, self.x, self.x_src, memory_budget)
+            with pipe.lock:  # the probes run whole steps: hooks, block checkpointing and engines are shared state
+                plan, self.probes = fit_plan(self._make_step, bb, self.x, self.x_src, memory_budget)
         self.plan = plan or FAST
         self.stepper = self._make_step(self.plan)
         self.step_index = self.start_step
@@ -506,10 +544,11 @@ class EditRun:
                 "total_s": round(time.perf_counter() - self.timings["start"], 4),
             },
             "peak_memory_bytes": self.memory.read(),
-            "peak_memory_kind": self.memory.kind,
+            "peak_memory_kind": self.memory.kind,  # (read before close: the call's own high-water mark)
             "final_losses": {k: float(v) for k, v in self.losses.items() if v.device.type != "meta"},
         }
         if self.auto_mask is not None:
             report["auto_mask"] = self.auto_mask.report()
             report["timings"]["auto_mask_s"] = round(self.auto_mask.seconds, 4)
+        self.memory.close()
         return EditResult(out, report, self.x.detach().cpu(), self.pixel_mask)

@@ -235,7 +235,6 @@ def build_app(service: EditService):
     import gradio as gr
 
     from ..automask import DEFAULT_MODE
-
     from ..driver.config import EditConfig
     from ..driver.plan import PLANS
 
@@ -325,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         _require_gradio()
         from ..backbone import default_model_path
         from ..backbone.loader import check_model_folder
-        from ..request import quiet_libraries
         from ..driver import DreamMotionPipeline
+        from ..driver.progress import quiet_libraries
 
         if not 0 < args.port < 65536:
             raise FastDMError(f"--port must be 1-65535, got {args.port}")

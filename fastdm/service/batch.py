@@ -230,7 +230,7 @@ class Worker:
         import torch
 
         from ..driver import DreamMotionPipeline
-        from ..request import quiet_libraries
+        from ..driver.progress import quiet_libraries
 
         torch.set_num_threads(max(1, threads))
         quiet_libraries()
@@ -481,7 +481,7 @@ class BatchRunner:
         times = stats["job_s"]
         per_job = {"mean": round(sum(times) / len(times), 2), "min": round(min(times), 2), "max": round(max(times), 2)} if times else None
         status = [records.get(j.line, {}).get("status", "pending") for j in jobs]
-        from ..bench.machine import machine_description
+        from ..machine import machine_description
 
         return {
             "manifest": str(self.manifest), "out": str(self.out), "machine": machine_description(self.device), "jobs": len(jobs),

@@ -63,7 +63,7 @@ def edit_request(input: str | Path, source_prompt: str, target_prompt: str, *, o
     """The :class:`~fastdm.request.EditRequest` of ``fastdm-edit INPUT --source-prompt ... --out OUT`` with
     these options (all others at their defaults), quiet. ``settings`` set ``EditConfig`` fields by name;
     ``options`` set further request fields (``steps``, ``lr``, ``guidance_scale``, ``seed``, ``preset``, ...)."""
-    from ..backbone.engines import ENGINES
+    from ..driver.engines import ENGINES
     from ..driver.plan import PLANS
 
     if plan is not None and plan not in PLANS:

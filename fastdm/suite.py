@@ -1,0 +1,82 @@
+"""The shapes-world edit suite: generated cases, their clips, box masks, and the weight-free scores
+every quality benchmark uses (``benchmarks/quality.py``, ``benchmarks/cost.py``, the cascade rows).
+
+In the installed package so that tests and benchmarks share one copy."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .shapes import COLOURS, DIRECTIONS, SHAPES, prompt, render_clip
+from .shapes_metrics import centroid_drift, object_mask, video_summary
+
+
+def build_suite(seed: int = 0, n_colour: int = 12, n_shape: int = 6, n_both: int = 6, size: int = 32, frames: int = 8) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    cases = []
+    for kind, count in (("colour", n_colour), ("shape", n_shape), ("both", n_both)):
+        for i in range(count):
+            colour, shape, direction = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), str(rng.choice(list(DIRECTIONS)))
+            t_colour = colour if kind == "shape" else str(rng.choice([c for c in COLOURS if c != colour]))
+            t_shape = shape if kind == "colour" else str(rng.choice([s for s in SHAPES if s != shape]))
+            cases.append(dict(
+                id=f"{kind}-{i:02d}", kind=kind, colour=colour, shape=shape, direction=direction,
+                target_colour=t_colour, target_shape=t_shape,
+                radius=float(rng.uniform(5.0, 7.0)), speed=float(rng.uniform(1.5, 2.0)), size=size, frames=frames,
+                source_prompt=prompt(colour, shape, direction), target_prompt=prompt(t_colour, t_shape, direction),
+            ))
+    return cases
+
+
+def render_case(case: dict) -> np.ndarray:
+    return render_clip(case["colour"], case["shape"], case["direction"], size=case["size"], frames=case["frames"],
+                       radius=case["radius"], speed=case["speed"])
+
+
+def box_mask(clip: np.ndarray, margin: int = 2) -> np.ndarray:
+    """Per-frame bounding boxes of the source object, grown by ``margin`` px: (F, H, W) float32."""
+    out = np.zeros(clip.shape[:3], np.float32)
+    for i, f in enumerate(clip):
+        ys, xs = np.nonzero(object_mask(f))
+        if len(xs):
+            out[i, max(0, ys.min() - margin) : ys.max() + margin + 1, max(0, xs.min() - margin) : xs.max() + margin + 1] = 1
+    return out
+
+
+def area_kept(source: np.ndarray, edit: np.ndarray, low: float = 0.5, high: float = 2.0) -> bool:
+    """The edited object's area is within ``low``-``high`` times the source object's in every frame."""
+    for a, b in zip(source, edit):
+        sa, ea = object_mask(a).sum(), object_mask(b).sum()
+        if sa == 0 or not (low * sa <= ea <= high * sa):
+            return False
+    return True
+
+
+def background_change(source: np.ndarray, edit: np.ndarray, grow: int = 3) -> float:
+    """Mean absolute change (0-255) outside the source object grown by ``grow`` px, over all frames."""
+    import cv2
+
+    kernel = np.ones((2 * grow + 1, 2 * grow + 1), np.uint8)
+    outside = np.stack([cv2.dilate(object_mask(f).astype(np.uint8), kernel) == 0 for f in source])
+    diff = np.abs(edit.astype(np.float32) - source.astype(np.float32)).mean(-1)
+    return float(diff[outside].mean()) if outside.any() else 0.0
+
+
+def score(case: dict, source: np.ndarray, edit: np.ndarray) -> dict:
+    from fastdm.metrics import frame_consistency, motion_fidelity
+
+    s = video_summary(edit)
+    mf = motion_fidelity(source, edit)
+    shape_hits = sum(x == case["target_shape"] for x in s["shapes"])
+    return {
+        "colour_ok": all(c == case["target_colour"] for c in s["colours"]),
+        "colour_frames": s["colours"],
+        "shape_ok": shape_hits * 2 > len(edit),
+        "shape_frames": s["shapes"],
+        "drift_px": centroid_drift(source, edit),
+        "motion_fidelity": mf["fidelity"],
+        "flow_epe_px": mf["epe"],
+        "frame_consistency": frame_consistency(edit),
+        "area_kept": area_kept(source, edit),
+        "background_change": background_change(source, edit),
+    }

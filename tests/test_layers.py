@@ -1,0 +1,76 @@
+"""The package's layers read as the data flow: no import cycle between its parts, no module imports the
+command line, the kernels import nothing from the package. Walked from the source (AST), so an import
+inside a function counts as much as one at the top."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = ("fastdm", "kernels", *rel.parts[1:]) if rel.parts[0] == "kernels" else rel.parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports() -> list[tuple[str, str]]:
+    """(importing module, imported fastdm module) for every import in fastdm/ and kernels/."""
+    out = []
+    for path in [*ROOT.joinpath("fastdm").rglob("*.py"), *ROOT.joinpath("kernels").rglob("*.py")]:
+        mod, pkg = _module(path), path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = mod.split(".") if pkg else mod.split(".")[:-1]
+                    base = base[: len(base) - node.level + 1]
+                    targets = [".".join(base + ([node.module] if node.module else []))]
+                else:
+                    targets = [node.module or ""]
+            else:
+                continue
+            out += [(mod, t) for t in targets if t == "fastdm" or t.startswith("fastdm.")]
+    return out
+
+
+def _part(mod: str) -> str:
+    """The layer a module belongs to: a subpackage or a top-level module of fastdm."""
+    return ".".join(mod.split(".")[:2])
+
+
+def test_no_cycle_between_the_package_parts():
+    graph: dict[str, set[str]] = {}
+    for a, b in imports():
+        pa, pb = _part(a), _part(b)
+        if pa != pb and pb != "fastdm":  # (the package root re-exports the API)
+            graph.setdefault(pa, set()).add(pb)
+
+    def reach(start):
+        seen, todo = set(), [start]
+        while todo:
+            for n in graph.get(todo.pop(), ()):
+                if n not in seen:
+                    seen.add(n)
+                    todo.append(n)
+        return seen
+
+    cycles = sorted(p for p in graph if p in reach(p))
+    assert cycles == [], {p: sorted(graph[p]) for p in cycles}
+
+
+def test_nothing_imports_the_command_line():
+    assert [a for a, b in imports() if b == "fastdm.cli" or b.startswith("fastdm.cli.")] == []
+
+
+def test_kernels_import_nothing_from_the_package():
+    assert [(a, b) for a, b in imports() if a.startswith("fastdm.kernels") and not b.startswith("fastdm.kernels")] == []
+
+
+def test_the_walk_sees_imports_inside_functions():
+    """A check that could not fail if the walk missed function-local imports (the request layer imports
+    the cascade inside run())."""
+    assert ("fastdm.request", "fastdm.cascade") in imports()
