@@ -5,8 +5,9 @@ Data flow (one package per stage):
     fastdm.backbone  the frozen text-to-video model behind a small interface
     fastdm.taps      attention-key feature taps
     fastdm.losses    V-DDS, S-SSM, T-SSM (PyTorch; fused Triton kernels in fastdm.kernels)
-    fastdm.driver    the optimizer loop, checkpoints, reports
-    fastdm.cli       the `fastdm-edit` command
+    fastdm.driver    the optimizer loop, plans, engines, schedules, checkpoints, reports
+    fastdm.request   one edit request (check, read, edit or cascade, write) under every front end
+    fastdm.cli       the `fastdm-edit` command; fastdm.service: `fastdm-batch`, `fastdm-app`
 
 Python API::
 
@@ -18,8 +19,10 @@ Python API::
 """
 
 from .driver import DreamMotionPipeline, EditConfig, EditResult, Editor, StepInfo, edit
-from .errors import FastDMError
+from .errors import BadInput, Diverged, FastDMError, MissingDependency, ResumeMismatch, Unsupported
 from .io import read_video, write_video
+from .request import EditRequest
 
 __version__ = "0.1.0"
-__all__ = ["DreamMotionPipeline", "EditConfig", "EditResult", "Editor", "StepInfo", "edit", "FastDMError", "read_video", "write_video"]
+__all__ = ["DreamMotionPipeline", "EditConfig", "EditRequest", "EditResult", "Editor", "StepInfo", "edit", "FastDMError", "BadInput",
+           "Unsupported", "MissingDependency", "Diverged", "ResumeMismatch", "read_video", "write_video"]

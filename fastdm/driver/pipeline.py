@@ -53,12 +53,61 @@ CALLBACK_TENSORS = ("x", "x_src", "grad", "losses", "grad_parts", "seconds")  # 
 FINITE_CHECK_EVERY = 10  # on CUDA the finiteness check syncs, so it runs every N steps (every step on CPU)
 
 
+@dataclass(frozen=True)
+class Timings:
+    """Seconds of one edit's phases (the report's ``timings``); None where a phase did not run."""
+
+    encode_prompts_s: float | None = None
+    prepare_s: float | None = None
+    engine_build_s: float | None = None
+    step_mean_s: float | None = None
+    step_median_s: float | None = None
+    decode_s: float | None = None
+    total_s: float | None = None
+    load_s: float | None = None  # reading and cropping the input (request layer)
+    auto_mask_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Evaluations:
+    """Denoiser work of one edit, counted where it was done: forward batch elements (all of them, the
+    automatic mask's and budget probes' ``setup_forward`` included) and backward passes."""
+
+    forward: int = 0
+    backward: int = 0
+    setup_forward: int = 0
+
+
 @dataclass
 class EditResult:
+    """The edited video, the JSON report, and typed views of the report's figures."""
+
     frames: np.ndarray  # (F, H, W, 3) uint8, the edited video
     report: dict = field(default_factory=dict)
     working: torch.Tensor | None = None  # the edited working tensor (1, C, F, h, w), fp32 on CPU
     mask: np.ndarray | None = None  # (F, H, W) the mask the edit used (given or estimated), 1 = editable
+
+    @property
+    def timings(self) -> Timings:
+        names = {f.name for f in dataclasses.fields(Timings)}
+        return Timings(**{k: v for k, v in self.report.get("timings", {}).items() if k in names})
+
+    @property
+    def evaluations(self) -> Evaluations:
+        return Evaluations(**self.report.get("evaluations", {}))
+
+    @property
+    def peak_memory_bytes(self) -> int | None:
+        return self.report.get("peak_memory_bytes")
+
+    @property
+    def losses(self) -> dict[str, float]:
+        """The last step's loss terms (``vdds``, ``s_ssm``, ``t_ssm``)."""
+        return dict(self.report.get("final_losses", {}))
+
+    @property
+    def steps_run(self) -> int | None:
+        return self.report.get("steps_run")
 
 
 def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FastDMError, MissingDependency
+from ..request import EditRequest
 from .jobs import edit_request
 
 PROG = "fastdm-app"
@@ -78,8 +79,8 @@ class EditService:
 
     # -- a request -> the CLI's Namespace -----------------------------------------------------------
     def _args(self, run_dir: Path, upload, bundled, source, target, boxes_text, mask_file, steps, lr, guidance, seed,
-              plan, frames, mask_mode=None) -> tuple[argparse.Namespace, dict[str, str]]:
-        """The Namespace of this request and the names to show for paths the user never typed."""
+              plan, frames, mask_mode=None) -> tuple[EditRequest, dict[str, str]]:
+        """The request of this form and the names to show for paths the user never typed."""
         names = {str(run_dir): "the app's output folder"}
         if upload:
             inp = str(upload)
