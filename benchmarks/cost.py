@@ -58,6 +58,8 @@ SCHEDULES = {
     "sgd-anneal-lr1.2-12": (12, dict(t_schedule="anneal", lr=1.2)),
     "sgd-anneal-lr1.2-cos-12": (12, dict(t_schedule="anneal", lr=1.6, lr_schedule="cosine")),
     "sgd-anneal-lr0.8-25": (25, dict(t_schedule="anneal", lr=0.8)),
+    "momentum-cos-12": (12, dict(lr=0.16, momentum=0.9, lr_schedule="cosine")),
+    "momentum-anneal-cos-16": (16, dict(t_schedule="anneal", lr=0.12, momentum=0.9, lr_schedule="cosine")),
 }
 PEERS = ("dds", "sdedit-0.5", "sdedit-0.7", "flowedit")
 METRICS = ("colour_ok", "shape_ok", "drift_px", "area_kept", "background_change", "motion_fidelity", "frame_consistency")

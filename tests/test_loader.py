@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastdm.backbone import load_backbone
-from fastdm.errors import FastDMError
+from fastdm.errors import FastDMError, Unsupported
 
 
 def test_pixel_and_latent_models_load(tiny_model, tiny_latent_model):
@@ -28,7 +28,7 @@ def test_text_encoder_release(tiny_model):
     assert e.shape[0] == 2
     bb.release_text_encoder()
     assert bb.text_encoder is None
-    with pytest.raises(RuntimeError):
+    with pytest.raises(Unsupported, match="released"):  # a typed error, not a bare RuntimeError
         bb.encode_prompts(["x"])
 
 
