@@ -158,12 +158,14 @@ def _grid(n: int, h: int, w: int) -> tuple[int, int]:
 def estimate_mask(backbone: Backbone, x_src: torch.Tensor, text: torch.Tensor, source_prompt: str, target_prompt: str,
                   size: tuple[int, int], *, seed: int = 0, timestep_fractions=TIMESTEP_FRACTIONS, margin: float = MARGIN,
                   max_foreground: float = MAX_FOREGROUND, layers: list[str] | None = None,
-                  prompts: str = "both", num_frames: int | None = None) -> AutoMask:
+                  prompts: str = "both", num_frames: int | None = None, window: int | None = None) -> AutoMask:
     """The automatic mask of the source working tensor ``x_src`` (1, C, F, h, w) for an edit from
     ``source_prompt`` to ``target_prompt``; ``text`` holds their embeddings ``(2, L, D)`` (source
     first); ``size`` = (W, H) and ``num_frames`` (default: the working tensor's) of the frames; maps
-    of a model that compresses time (Wan's latent frames) are interpolated to the frames. See the
-    module docstring for the method."""
+    of a model that compresses time (Wan's latent frames) are interpolated to the frames. A clip
+    longer than ``window`` working frames is read window by window (consecutive windows, the last
+    one ending at the clip's end), so the model never sees more frames than in an edit; the maps
+    are thresholded together. See the module docstring for the method."""
     t0 = time.perf_counter()
     si, ti = changed_words(source_prompt, target_prompt)
     sw, tw = source_prompt.split(), target_prompt.split()
@@ -195,19 +197,38 @@ def estimate_mask(backbone: Backbone, x_src: torch.Tensor, text: torch.Tensor, s
     used = [i for i, pos in enumerate((sp, tp)) if pos and (prompts == "both" or i == (prompts == "target"))]
     used = used or [i for i, pos in enumerate((sp, tp)) if pos]
     T = backbone.info.num_train_timesteps
+    fw = x_src.shape[2]
+    n = fw if not window or window >= fw else window
+    starts = sorted({min(s, fw - n) for s in range(0, fw, n)})
     for frac in timestep_fractions:
         t = min(T - 1, max(0, int(round(frac * T))))
         a, b = backbone.noise_coefficients(t)
-        x_t = (a * x_src + b * noise).expand(2, *x_src.shape[1:])
-        with _CrossAttentionMaps(backbone, chosen, [sp, tp], nf) as cap:
-            backbone.predict_noise(x_t, t, text)
         result.timesteps.append(t)
-        result.denoiser_calls += 1
-        for m in cap.maps.values():
-            gh, gw = _grid(m.shape[-1], h, w)
-            grid = m.reshape(2, 1, m.shape[1], gh, gw).float().cpu()  # (B, 1, F', gh, gw)
-            up = F.interpolate(grid, size=(nf, H, W), mode="trilinear", align_corners=False)[:, 0]
-            total += up[used].mean(0)
+        if n == fw:  # the whole clip in one call (the form every clip had before windows)
+            x_t = (a * x_src + b * noise).expand(2, *x_src.shape[1:])
+            with _CrossAttentionMaps(backbone, chosen, [sp, tp], nf) as cap:
+                backbone.predict_noise(x_t, t, text)
+            result.denoiser_calls += 1
+            for m in cap.maps.values():
+                gh, gw = _grid(m.shape[-1], h, w)
+                grid = m.reshape(2, 1, m.shape[1], gh, gw).float().cpu()  # (B, 1, F', gh, gw)
+                up = F.interpolate(grid, size=(nf, H, W), mode="trilinear", align_corners=False)[:, 0]
+                total += up[used].mean(0)
+            continue
+        acc, count = torch.zeros(nf, H, W), torch.zeros(nf, 1, 1)
+        for s in starts:  # window by window; frames two windows share get the mean of both
+            v0, v1 = backbone.working_to_video_range(s, s + n)
+            x_t = (a * x_src[:, :, s:s + n] + b * noise[:, :, s:s + n]).expand(2, -1, -1, -1, -1)
+            with _CrossAttentionMaps(backbone, chosen, [sp, tp], v1 - v0) as cap:
+                backbone.predict_noise(x_t, t, text)
+            result.denoiser_calls += 1
+            for m in cap.maps.values():
+                gh, gw = _grid(m.shape[-1], h, w)
+                grid = m.reshape(2, 1, m.shape[1], gh, gw).float().cpu()
+                up = F.interpolate(grid, size=(v1 - v0, H, W), mode="trilinear", align_corners=False)[:, 0]
+                acc[v0:v1] += up[used].mean(0)
+            count[v0:v1] += 1
+        total += acc / count
     heat = total / (len(chosen) * len(timestep_fractions))
     if nf > 2:  # temporal smoothing 1/4, 1/2, 1/4 (edges replicated)
         padded = torch.cat([heat[:1], heat, heat[-1:]])

@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"how t is drawn per step: uniform (paper), anneal (descending strata), stratified (default "
                         f"{_DEFAULTS.t_schedule})")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None, help=f"default {_DEFAULTS.lr_schedule}")
+    p.add_argument("--window", type=int, default=None, metavar="N",
+                   help="long clips: edit in windows of N working frames (Wan: latent frames) on one shared video; default: "
+                        "the model's own length (fastdm.json 'frames', else 24 for UNet3D, 21 latent = 81 frames for Wan)")
+    p.add_argument("--window-overlap", type=float, default=None,
+                   help=f"share of a window its neighbour overlaps (default {_DEFAULTS.window_overlap:g})")
     p.add_argument("--seed", type=int, default=None, help=f"default {_DEFAULTS.seed}")
     p.add_argument("--guidance-scale", type=float, default=None, help=f"default {_DEFAULTS.guidance_scale:g}")
     p.add_argument("--s-ssm-weight", type=float, default=None,

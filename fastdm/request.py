@@ -27,7 +27,7 @@ from .errors import BadInput, FastDMError, Unsupported
 
 # request fields that map to EditConfig fields (None: the preset's value)
 CONFIG_FIELDS = ("steps", "lr", "optimizer", "seed", "guidance_scale", "s_ssm_weight", "t_ssm_weight", "mask_scope",
-                 "t_schedule", "lr_schedule", "momentum")
+                 "t_schedule", "lr_schedule", "momentum", "window", "window_overlap")
 
 
 @dataclass
@@ -55,6 +55,8 @@ class EditRequest:
     t_schedule: str | None = None
     lr_schedule: str | None = None
     momentum: float | None = None
+    window: int | None = None  # long clips: working frames the model sees at once (None: the model's own length)
+    window_overlap: float | None = None
     settings: dict = field(default_factory=dict)  # any other EditConfig field by name
     # what is read and how it runs
     frames: int | None = None

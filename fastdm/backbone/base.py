@@ -214,6 +214,17 @@ class Backbone(abc.ABC):
         Default: any count (Wan's VAE needs 4k+1 frames)."""
         return None
 
+    def working_to_video_range(self, start: int, stop: int) -> tuple[int, int]:
+        """The video frames ``[v0, v1)`` that working frames ``[start, stop)`` hold (default: the same)."""
+        return start, stop
+
+    def native_frames(self) -> int:
+        """Working frames the denoiser was trained on: the default edit window (``fastdm.json``'s
+        ``frames`` where the folder has one, else the family's documented length)."""
+        return int(getattr(self, "_native_frames", None) or self.default_window)
+
+    default_window = 24  # UNet3D text-to-video (ZeroScope v2 576w: 24 frames; ModelScope 16)
+
     def mask_frames_to_working(self, mask: torch.Tensor) -> torch.Tensor:
         """A mask ``(F, ...)`` per video frame -> per working-space frame (default: the same frames;
         a VAE that compresses time pools the frames of each latent frame)."""

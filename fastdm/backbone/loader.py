@@ -4,7 +4,7 @@ Layout: ``model_index.json``, ``unet/``, ``text_encoder/``, ``tokenizer/``, ``sc
 optional ``vae/`` (with it the edit runs in latent space, without it in pixel space). A Wan 2.1
 folder holds ``transformer/`` in place of ``unet/`` (and needs ``accelerate`` installed, which
 diffusers uses to load ``WanTransformer3DModel``). An optional ``fastdm.json`` may give
-``{"native_size": [W, H]}``.
+``{"native_size": [W, H], "frames": N}`` (N: the video frames it was trained on, the default edit window).
 
 Weights load from safetensors only unless ``allow_pickle``; a component whose class is not a
 diffusers/transformers class (custom model code shipped in the folder) loads only with
@@ -178,16 +178,21 @@ def load_backbone(
             raise FastDMError(f"could not load '{name}' from {root / name}: {msg}") from None
     native = None
     meta = root / "fastdm.json"
+    frames = None
     if meta.is_file():
         try:
-            native = json.loads(meta.read_text()).get("native_size")
+            info = json.loads(meta.read_text())
+            native, frames = info.get("native_size"), info.get("frames")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
             raise FastDMError(f"{meta} is not a JSON object ({e}); fix it or delete it") from None
     from .components import from_components
 
-    return from_components(denoiser=comps[required[0]], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"],
-                           scheduler=comps["scheduler"], vae=comps.get("vae"), path=str(root), native_size=native,
-                           device=device, dtype=dtype)
+    backbone = from_components(denoiser=comps[required[0]], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"],
+                               scheduler=comps["scheduler"], vae=comps.get("vae"), path=str(root), native_size=native,
+                               device=device, dtype=dtype)
+    if isinstance(frames, int) and frames > 0:
+        backbone._native_frames = frames  # video frames it was trained on: the default edit window
+    return backbone
 
 
 def default_model_path() -> str:

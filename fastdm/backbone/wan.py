@@ -210,6 +210,17 @@ class WanBackbone(Backbone):
             return f"the transformer patches {self.patch[0]} latent frames together; {num_frames} frames do not divide"
         return None
 
+    default_window = 21  # Wan 2.1: 81 frames, 21 latent frames
+
+    def working_to_video_range(self, start: int, stop: int) -> tuple[int, int]:
+        """Latent frame 0 holds frame 0; latent frame j >= 1 frames 4j-3..4j."""
+        k = self.temporal_factor
+        return (0 if start == 0 else k * start - k + 1), k * (stop - 1) + 1
+
+    def native_frames(self) -> int:
+        frames = getattr(self, "_native_frames", None)
+        return self.latent_frames(int(frames)) if frames else self.default_window
+
     def mask_frames_to_working(self, mask: torch.Tensor) -> torch.Tensor:
         """A per-frame mask ``(F, ...)`` -> per latent frame: latent frame 0 holds frame 0, latent
         frame j >= 1 frames 4j-3..4j; a latent cell is editable when any of its frames is."""

@@ -49,6 +49,10 @@ class EditConfig:
     stop: str = "steps"  # paper: run all the steps
     stop_window: int = 6  # "converged": steps over which progress is measured
     stop_tol: float = 0.15  # "converged": stop when the last window moved the edit less than this share of its peak window
+    # long clips: the model sees at most `window` working frames at once (None: the backbone's native
+    # frame count; Wan: latent frames); windows overlap by this share (driver/windows.py)
+    window: int | None = None
+    window_overlap: float = 0.5
 
     def validate(self) -> None:
         for name in ("source_prompt", "target_prompt"):
@@ -73,6 +77,10 @@ class EditConfig:
             raise FastDMError(f"momentum must be in [0, 1), got {self.momentum}")
         if not isinstance(self.stop_window, int) or self.stop_window < 1 or not 0 < self.stop_tol < 1:
             raise FastDMError("stop_window must be a positive integer and stop_tol in (0, 1)")
+        if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
+            raise BadInput(f"window must be a positive number of frames, got {self.window}", field="window")
+        if not 0 <= self.window_overlap < 1:
+            raise BadInput(f"window_overlap must be in [0, 1), got {self.window_overlap}", field="window_overlap")
         if self.guidance_scale < 0:
             raise FastDMError(f"guidance scale must be >= 0, got {self.guidance_scale}")
 
@@ -97,7 +105,7 @@ class EditConfig:
 
 
 _ADDED_DEFAULTS = {"t_schedule": "uniform", "lr_schedule": "constant", "momentum": 0.0, "stop": "steps", "stop_window": 6,
-                   "stop_tol": 0.15}
+                   "stop_tol": 0.15, "window": None, "window_overlap": 0.5}
 
 
 # Named settings. "paper": DreamMotion's own schedule (SGD, lr 0.4, t ~ U[50, 950], 200 steps), bit for

@@ -46,6 +46,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import EditConfig
 from .plan import FAST, PLANS, ExecutionPlan
 from .schedule import ConvergenceRule, draw_timestep, lr_factor, strata_order
+from .windows import coverage, window_starts, window_stride
 from .step import DreamMotionStep
 
 PROMPT_CACHE_SIZE = 32
@@ -377,6 +378,14 @@ class EditRun:
         self.timings["encode_s"] = time.perf_counter() - self.timings["start"]
         with pipe.lock, bb.vae_tiling((plan or FAST).vae_tiling):
             self.x_src = bb.to_working(frames_to_tensor(video))
+        # windows: a clip longer than the model's own length is edited window by window (driver/windows.py)
+        frames_w = self.x_src.shape[2]
+        window = config.window or bb.native_frames()
+        self.window = window if frames_w > window else None
+        self.step_frames = self.num_frames
+        if self.window is not None:
+            v0, v1 = bb.working_to_video_range(0, self.window)
+            self.step_frames = v1 - v0  # the video frames one window holds (what taps and engines see)
         self.auto_mask = None
         if isinstance(mask, str):
             if mask != "auto":
@@ -385,7 +394,7 @@ class EditRun:
 
             with pipe.lock:  # hooks on the denoiser for one batch-2 call
                 self.auto_mask = estimate_mask(bb, self.x_src, self.text[[2, 0]], config.source_prompt, config.target_prompt,
-                                               self.size, seed=config.seed, num_frames=self.num_frames)
+                                               self.size, seed=config.seed, num_frames=self.num_frames, window=self.window)
             mask = self.auto_mask.mask
         self.mask = mask_to_working(mask, video, bb)
         self.masked = mask is not None
@@ -424,11 +433,13 @@ class EditRun:
             from .budget import fit_plan
 
             with pipe.lock:  # the probes run whole steps: hooks, block checkpointing and engines are shared state
-                plan, self.probes = fit_plan(self._make_step, bb, self.x, self.x_src, memory_budget)
+                n = self.window or frames_w  # a windowed edit's step holds one window
+                plan, self.probes = fit_plan(self._make_step, bb, self.x[:, :, :n], self.x_src[:, :, :n], memory_budget)
         self.plan = plan or FAST
         self.stepper = self._make_step(self.plan)
         self.step_index = self.start_step
         self.stopped_early = False
+        self.window_evaluations = 0  # windows run so far (windowed edits)
         self.converged_at: int | None = None
         self.last_t: int | None = None
         self.losses: dict[str, torch.Tensor] = {}
@@ -458,15 +469,15 @@ class EditRun:
         """The step of ``plan`` with its engines (built once per shape by the pipeline)."""
         engine = grad_engine = None
         if self.backend != "eager":
-            engine, s = self.pipe.engine(self.backend, batch=plan.nograd_batch, frames=self.num_frames, size=self.size,
+            engine, s = self.pipe.engine(self.backend, batch=plan.nograd_batch, frames=self.step_frames, size=self.size,
                                          layers=self.layers, cache_dir=self.engine_cache, text=self.text[[1, 2, 1]])
             self.engine_build_s += s
         if self.compile_grad:
-            grad_engine, s = self.pipe.engine("compile", batch=1, frames=self.num_frames, size=self.size, layers=self.layers,
+            grad_engine, s = self.pipe.engine("compile", batch=1, frames=self.step_frames, size=self.size, layers=self.layers,
                                               grad_until=self.layers[-1], text=self.text[:1])
             self.engine_build_s += s
-        stepper = DreamMotionStep(self.pipe.backbone, self.config, plan, self.vcfg, self.layers, self.num_frames, self.text,
-                                  self.mask, engine, grad_engine, split_gradients=self.split_gradients)
+        stepper = DreamMotionStep(self.pipe.backbone, self.config, plan, self.vcfg, self.layers, self.step_frames, self.text,
+                                  None if self.window else self.mask, engine, grad_engine, split_gradients=self.split_gradients)
         self.steppers.append(stepper)
         return stepper
 
@@ -499,7 +510,10 @@ class EditRun:
             t = draw_timestep(cfg.t_schedule, self.step_index, cfg.steps, self.vcfg, self.gen, self.t_order)
             noise = torch.randn(x.shape, generator=self.gen).to(bb.device, non_blocking=True)
             self.opt.zero_grad(set_to_none=True)
-            self.losses = self.stepper(x, self.x_src, t, noise)
+            if self.window is None:
+                self.losses = self.stepper(x, self.x_src, t, noise)
+            else:
+                self.losses = self._windowed(t, noise)
             if cfg.lr_schedule != "constant":
                 for group in self.opt.param_groups:
                     group["lr"] = cfg.lr * lr_factor(cfg.lr_schedule, self.step_index, cfg.steps)
@@ -522,6 +536,28 @@ class EditRun:
             self.save_checkpoint()
         self.step_times.append(time.perf_counter() - t0)
         return self.losses
+
+    def _windowed(self, t: int, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One step of a windowed edit: the step's t and noise for the whole clip; the model on each window
+        of this step's placement (a random phase; :func:`fastdm.driver.windows.window_starts`), each
+        window's update into its frames, frames two windows share getting the mean of both; so every
+        frame gets one update per step, as in an edit of one window."""
+        x, n = self.x, self.window
+        stride = window_stride(n, self.config.window_overlap)
+        starts = window_starts(x.shape[2], n, int(torch.randint(0, stride, (1,), generator=self.gen).item()), stride)
+        cover = coverage(x.shape[2], n, starts).to(x.device)
+        grad = torch.zeros_like(x)
+        totals: dict[str, torch.Tensor] = {}
+        for s in starts:
+            w = x.detach()[:, :, s:s + n].clone().requires_grad_(True)
+            self.stepper.mask = None if self.mask is None else self.mask[:, :, s:s + n]
+            losses = self.stepper(w, self.x_src[:, :, s:s + n], t, noise[:, :, s:s + n])
+            grad[:, :, s:s + n] += w.grad / cover[s:s + n].view(1, 1, -1, 1, 1)
+            for k, v in losses.items():
+                totals[k] = totals.get(k, 0) + v / len(starts)
+        x.grad = grad
+        self.window_evaluations += len(starts)
+        return totals
 
     def _check_finite(self) -> None:
         bad = [k for k, v in self.losses.items() if not torch.isfinite(v).all()]
@@ -582,6 +618,10 @@ class EditRun:
                      "converged": self.converged_at is not None,
                      **(self.convergence.report() if self.convergence is not None else {})},
             "evaluations": self.evaluations,
+            "windows": None if self.window is None else {
+                "window": self.window, "working_frames": int(self.x.shape[2]), "windows_run": self.window_evaluations,
+                "windows_per_step": round(self.window_evaluations / max(1, len(times)), 3),
+                "updates_per_frame": len(times)},
             "resumed_from_step": self.start_step if self.resumed else None,
             "timings": {
                 "encode_prompts_s": round(self.timings["encode_s"], 4),

@@ -22,6 +22,8 @@ for _f in dataclasses.fields(EditConfig):
     _default = _f.default
     if _f.name == "tap_layers":
         CONFIG_TYPES[_f.name] = (list, type(None))
+    elif _f.name == "window":
+        CONFIG_TYPES[_f.name] = (int, type(None))
     elif isinstance(_default, bool):
         CONFIG_TYPES[_f.name] = (bool,)
     elif isinstance(_default, int):
