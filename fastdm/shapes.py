@@ -65,6 +65,19 @@ def render_clip(colour: str, shape: str, direction: str, *, size: int = 32, fram
     return out
 
 
+def render_back_and_forth(colour: str, shape: str, frames: int, *, size: int = 32, leg: int = 11, speed: float = 1.5,
+                          radius: float = 5.5) -> np.ndarray:
+    """A clip of any length: the object goes right for ``leg`` frames, then left, and so on, centred in
+    the frame (each frame moves ``speed`` px, as in the training clips), so it never leaves the frame."""
+    travel = speed * leg
+    out = np.zeros((frames, size, size, 3), np.uint8)
+    for f in range(frames):
+        k, r = divmod(f, leg)
+        x = size / 2 - travel / 2 + (r * speed if k % 2 == 0 else travel - r * speed)
+        out[f] = render_clip(colour, shape, "right", size=size, frames=1, radius=radius, speed=0.0, start=(x, size / 2))[0]
+    return out
+
+
 def sample_clip(rng: np.random.Generator, *, size: int = 32, frames: int = 8, supersample: int = 2):
     """A random training clip: (frames (F, S, S, 3) uint8, prompt, metadata).
 

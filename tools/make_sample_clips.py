@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastdm.io import write_video  # noqa: E402
-from fastdm.shapes import render_clip  # noqa: E402
+from fastdm.shapes import render_back_and_forth, render_clip  # noqa: E402
 
 CLIPS = [
     ("red_circle_right", "red", "circle", "right"),
@@ -33,6 +33,9 @@ def main() -> None:
         frames = render_clip(colour, shape, direction, size=args.size, frames=args.frames, radius=7, speed=2.0, start=None)
         write_video(out / f"{name}.gif", frames, fps=8)
         print("wrote", out / f"{name}.gif")
+    # a long clip, four times the bundled models' 8 frames: the object goes right and back
+    write_video(out / "red_circle_long.gif", render_back_and_forth("red", "circle", 32, size=args.size), fps=8)
+    print("wrote", out / "red_circle_long.gif")
 
 
 if __name__ == "__main__":
