@@ -79,7 +79,7 @@ class EditService:
 
     # -- a request -> the CLI's Namespace -----------------------------------------------------------
     def _args(self, run_dir: Path, upload, bundled, source, target, boxes_text, mask_file, steps, lr, guidance, seed,
-              plan, frames, mask_mode=None) -> tuple[EditRequest, dict[str, str]]:
+              plan, frames, mask_mode=None, preset=None) -> tuple[EditRequest, dict[str, str]]:
         """The request of this form and the names to show for paths the user never typed."""
         names = {str(run_dir): "the app's output folder"}
         if upload:
@@ -119,7 +119,7 @@ class EditService:
         request = edit_request(inp, source or "", target or "", out=run_dir / f"{stem}_edit.mp4", model=self.model,
                                device=self.device, dtype=self.dtype, mask=mask, boxes=boxes,
                                frames=int(frames) if frames else None, plan=plan or None, steps=int(steps), lr=float(lr),
-                               guidance_scale=float(guidance), seed=int(seed))
+                               guidance_scale=float(guidance), seed=int(seed), preset=preset or None)
         return request, names
 
     @staticmethod
@@ -236,7 +236,7 @@ def build_app(service: EditService):
     import gradio as gr
 
     from ..automask import DEFAULT_MODE
-    from ..driver.config import EditConfig
+    from ..driver.config import PRESETS, EditConfig, config_from_preset
     from ..driver.plan import PLANS
 
     d = EditConfig("s", "t")
@@ -261,6 +261,9 @@ def build_app(service: EditService):
                     auto_mask = gr.Radio(["auto", "none"], value=DEFAULT_MODE, elem_id="mask_mode",
                                          label="Without boxes or an upload: automatic mask (from the words that differ "
                                                "between the prompts) or none")
+                preset = gr.Dropdown(list(PRESETS), value="default", label="Preset",
+                                     info="default: fastdm's measured schedule; paper: DreamMotion's (SGD, 200 steps). "
+                                          "Steps and learning rate below override it")
                 with gr.Row():
                     steps = gr.Number(value=d.steps, precision=0, label="Steps", minimum=1)
                     lr = gr.Number(value=d.lr, label="Learning rate")
@@ -280,8 +283,12 @@ def build_app(service: EditService):
                 files = gr.File(label="Downloads (edit, side by side, mask, JSON report)", file_count="multiple", interactive=False,
                                 elem_id="downloads")
 
-        def on_run(up, bu, so, ta, bx, ma, st, l, g, se, pl, fr, am, request: gr.Request):
-            yield from service.edit(request.session_hash, up, bu, so, ta, bx, ma, st, l, g, se, pl, fr, am)
+        def on_run(up, bu, so, ta, bx, ma, st, l, g, se, pl, fr, am, pr, request: gr.Request):
+            yield from service.edit(request.session_hash, up, bu, so, ta, bx, ma, st, l, g, se, pl, fr, am, pr)
+
+        def on_preset(name):
+            c = config_from_preset(name, "s", "t")
+            return gr.update(value=c.steps), gr.update(value=c.lr)
 
         def on_stop(request: gr.Request):
             service.stop(request.session_hash)
@@ -289,7 +296,9 @@ def build_app(service: EditService):
         for fn in (on_run, on_stop):  # (this module's annotations are strings Gradio cannot resolve in here)
             fn.__annotations__["request"] = gr.Request
 
-        run_btn.click(on_run, [upload, bundled, source, target, boxes, mask, steps, lr, guidance, seed, plan, frames, auto_mask],
+        preset.change(on_preset, [preset], [steps, lr])
+        run_btn.click(on_run, [upload, bundled, source, target, boxes, mask, steps, lr, guidance, seed, plan, frames, auto_mask,
+                               preset],
                       [status, preview, video, files], concurrency_limit=1, concurrency_id="edit", show_progress="minimal")
         stop_btn.click(on_stop, None, None, concurrency_limit=None, show_progress="hidden")
     demo.queue(default_concurrency_limit=1)

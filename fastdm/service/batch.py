@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import FastDMError, MissingDependency
-from .jobs import CONFIG_TYPES, OPTION_TYPES, edit_request, type_error
+from ..schema import JOB, OPTIONS, job_errors, settings_schema
+from .jobs import edit_request
 
 PROG = "fastdm-batch"
 INSTALL_HINT = "pip install 'fastdm[batch]'"
@@ -46,8 +47,7 @@ SUMMARY = "summary.json"
 CHECKPOINTS = ".checkpoints"
 LOCK = ".fastdm-batch.lock"
 REQUIRED = ("input", "source_prompt", "target_prompt")
-JOB_FIELDS = (*REQUIRED, "mask", "boxes", "output")
-ALL_FIELDS = (*JOB_FIELDS, *OPTION_TYPES, *CONFIG_TYPES)
+JOB_FIELDS = tuple(JOB)  # input, prompts, mask, boxes, output; then OPTIONS and every EditConfig setting (fastdm/schema.py)
 MASK_WORDS = ("auto", "none")  # fastdm-edit --mask auto|none: words, not paths
 
 
@@ -115,22 +115,7 @@ def read_manifest(path: str | Path) -> list[Job]:
             errors.append(f"{where}: a job must be a JSON object like {{\"input\": ..., \"source_prompt\": ..., "
                           f"\"target_prompt\": ...}}, got {type(spec).__name__}")
             continue
-        line_errors = []
-        missing = [k for k in REQUIRED if k not in spec]
-        if missing:
-            line_errors.append(f"missing {', '.join(repr(k) for k in missing)}; every job needs input, source_prompt and target_prompt")
-        unknown = [k for k in spec if k not in ALL_FIELDS]
-        if unknown:
-            line_errors.append(f"unknown field(s) {', '.join(repr(k) for k in unknown)}; fields are {', '.join(ALL_FIELDS)}")
-        for k in ("input", "source_prompt", "target_prompt"):
-            if k in spec and not isinstance(spec[k], str):
-                line_errors.append(f"'{k}' must be a string, got {spec[k]!r}")
-        for k in ("mask", "boxes", "output"):
-            if spec.get(k) is not None and not isinstance(spec[k], str):
-                line_errors.append(f"'{k}' must be a string (a path), got {spec[k]!r}")
-        for k, types in {**OPTION_TYPES, **CONFIG_TYPES}.items():
-            if k in spec and (err := type_error(k, spec[k], types)):
-                line_errors.append(err)
+        line_errors = job_errors(spec)  # fields and types: the one declared schema (fastdm/schema.py)
         output = spec.get("output")
         if isinstance(output, str) and (Path(output).name != output or output in (".", "..")
                                         or Path(output).suffix.lower() not in (".mp4", ".gif")):
@@ -164,8 +149,9 @@ def job_request(job: dict | Job, out_dir: str | Path, *, model: str | None, devi
     """The :class:`~fastdm.request.EditRequest` of one job."""
     job = job.payload() if isinstance(job, Job) else job
     spec, paths = job["spec"], job["paths"]
-    options = {k: spec[k] for k in OPTION_TYPES if k in spec}
-    settings = {k: tuple(v) if k == "tap_layers" and v is not None else v for k, v in spec.items() if k in CONFIG_TYPES}
+    options = {k: spec[k] for k in OPTIONS if k in spec}
+    config_fields = settings_schema()
+    settings = {k: tuple(v) if k == "tap_layers" and v is not None else v for k, v in spec.items() if k in config_fields}
     ckpt = Path(out_dir) / CHECKPOINTS / f"line{job['line']}-{job['key']}"
     return edit_request(paths["input"], *job["prompts"], out=Path(out_dir) / job["output"], model=model, device=device,
                         dtype=dtype, mask=paths.get("mask"), boxes=paths.get("boxes"), checkpoint_every=checkpoint_every,

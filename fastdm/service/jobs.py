@@ -10,52 +10,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..driver.config import EditConfig
 from ..errors import BadInput
 from ..request import EditRequest
-
-# EditConfig fields a request may set by their own names, and the JSON types each accepts
-CONFIG_TYPES: dict[str, tuple[type, ...]] = {}
-for _f in dataclasses.fields(EditConfig):
-    if _f.name in ("source_prompt", "target_prompt"):
-        continue
-    _default = _f.default
-    if _f.name == "tap_layers":
-        CONFIG_TYPES[_f.name] = (list, type(None))
-    elif _f.name == "window":
-        CONFIG_TYPES[_f.name] = (int, type(None))
-    elif isinstance(_default, bool):
-        CONFIG_TYPES[_f.name] = (bool,)
-    elif isinstance(_default, int):
-        CONFIG_TYPES[_f.name] = (int,)
-    elif isinstance(_default, float):
-        CONFIG_TYPES[_f.name] = (int, float)
-    else:
-        CONFIG_TYPES[_f.name] = (str,)
-
-# command-line options a request may also set (frame selection and size, plan, engine)
-OPTION_TYPES: dict[str, tuple[type, ...]] = {"frames": (int, type(None)), "stride": (int,), "size": (str, type(None)),
-                                             "plan": (str, type(None)), "backend": (str,), "preset": (str, type(None))}
-
-_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a list of strings", bool: "true or false",
-               type(None): "null"}
-
-
-def type_error(name: str, value, types: tuple[type, ...]) -> str | None:
-    """Why ``value`` does not fit ``types`` (JSON values; a bool is no number), or None."""
-    if isinstance(value, bool) and bool not in types:
-        ok = False
-    elif isinstance(value, int) and not isinstance(value, bool) and (int in types or float in types):
-        ok = True
-    else:
-        ok = isinstance(value, types)
-    if ok and isinstance(value, list):
-        ok = all(isinstance(v, str) for v in value)
-    if ok:
-        return None
-    want = " or ".join(_TYPE_NAMES[t] for t in types if not (t is int and float in types))
-    return f"'{name}' must be {want}, got {value!r}"
-
 
 def edit_request(input: str | Path, source_prompt: str, target_prompt: str, *, out: str | Path, model: str | None = None,
                  device: str = "cpu", dtype: str = "fp32", mask: str | None = None, boxes: str | None = None,
