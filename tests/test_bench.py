@@ -107,3 +107,26 @@ def test_bench_ssm_writes_each_case_as_it_finishes(tmp_path, monkeypatch):
     rows = json.loads(j.read_text())["rows"]
     assert [(r["loss"], r["backend"]) for r in rows] == [("spatial", "naive"), ("spatial", "torch")]
     assert "| spatial | 2880 | 320 | 16 | torch | 0.0200 |" in j.with_suffix(".md").read_text()
+
+
+def test_batch_report_is_written_from_the_runs_own_files(tmp_path, monkeypatch):
+    import benchmarks.common as common
+    from benchmarks import batch_report
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    run = tmp_path / "runs"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({
+        "machine": "Some CPU, 2 cores", "jobs": 2, "done": 1, "failed": 1,
+        "this_run": {"done": 1, "failed": 1, "retried": 1, "skipped": 0, "wall_s": 10.0, "workers": 2, "edits_per_hour": 360.0}}))
+    (run / "results.jsonl").write_text(
+        json.dumps({"line": 3, "status": "done", "attempts": 2, "deaths": 1, "resumed_from_step": 4, "steps_run": 8,
+                    "evaluations": {"forward": 34, "backward": 8}, "timings": {"job_s": 5.5}, "output": "a.mp4"}) + "\n"
+        + json.dumps({"line": 2, "status": "failed", "attempts": 0, "error": "input video 'x' could not be read"}) + "\n"
+        + '{"line": 4, "sta')  # a torn last line is skipped
+    assert batch_report.main([str(run), "--name", "t"]) == 0
+    (md,) = (tmp_path / "results").glob("batch-t-*.md")
+    text = md.read_text()
+    assert "Machine: Some CPU, 2 cores." in text  # the run's own machine, not this process's
+    assert "| 3 | done | 2 | 1 | 4 | 8 | 34 | 8 | 5.5 | a.mp4 |" in text
+    assert "| 2 | failed |" in text and "could not be read" in text and "360.0 edits/hour" in text
