@@ -63,6 +63,9 @@ SCHEDULES = {
     "sgd-anneal-cos-lr0.8-12": (12, dict(t_schedule="anneal", lr=0.8, lr_schedule="cosine")),
     "sgd-anneal-cos-lr1.2-16": (16, dict(t_schedule="anneal", lr=1.2, lr_schedule="cosine")),
     "momentum0.5-anneal-cos-lr0.6-12": (12, dict(t_schedule="anneal", lr=0.6, momentum=0.5, lr_schedule="cosine")),
+    "momentum-anneal-linear-lr0.12-12": (12, dict(t_schedule="anneal", lr=0.12, momentum=0.9, lr_schedule="linear")),
+    "momentum-anneal-lr0.12-12": (12, dict(t_schedule="anneal", lr=0.12, momentum=0.9)),
+    "momentum-anneal-16": (16, dict(t_schedule="anneal", lr=0.1, momentum=0.9)),
     "sgd-anneal-lr0.8-25": (25, dict(t_schedule="anneal", lr=0.8)),
     "momentum-cos-12": (12, dict(lr=0.16, momentum=0.9, lr_schedule="cosine")),
     "momentum-anneal-cos-16": (16, dict(t_schedule="anneal", lr=0.12, momentum=0.9, lr_schedule="cosine")),
@@ -209,6 +212,61 @@ def markdown(title: str, summary: dict, meta: dict, note: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# the measures a default must match or beat on both models ("higher" is better unless listed in LOWER)
+MEASURES = ("colour_success", "shape_success", "mean_drift_px", "area_kept", "background_change", "motion_fidelity",
+            "frame_consistency")
+LOWER = ("mean_drift_px", "background_change")
+# differences that count as equal: background change is a mean over every pixel outside the object of a
+# 0-255 difference; below 0.05 of one level it is under the rounding of the uint8 frames it is measured on
+TOLERANCE = {"background_change": 0.05}
+
+
+def choose(machine: str, models=("shapes", "shapes-dit"), reference: str = "paper@200") -> tuple[dict, str]:
+    """Every measured schedule against the paper's 200 steps on both models: which match or beat it on
+    every measure of both, and the cheapest of those (fewest forward + backward evaluations)."""
+    tables = {m: json.loads((RESULTS / f"cost-{m}-{machine}.json").read_text())["summary"] for m in models}
+    names = sorted(set.intersection(*(set(t) for t in tables.values())) - {reference})
+    rows = []
+    for name in names:
+        worse, within = [], []
+        for m, t in tables.items():
+            a, ref = t[name], t[reference]
+            if a["edits"] != ref["edits"]:
+                worse.append(f"{m}: {a['edits']} edits vs {ref['edits']}")
+                continue
+            for k in MEASURES:
+                if a[k] is None or ref[k] is None:
+                    continue
+                if (a[k] > ref[k] + 1e-9) if k in LOWER else (a[k] < ref[k] - 1e-9):
+                    tol = TOLERANCE.get(k, 0.0)
+                    (within if abs(a[k] - ref[k]) <= tol else worse).append(f"{m} {k} {a[k]:.4g} vs {ref[k]:.4g}")
+        cost = tables[models[0]][name]["forward"] + tables[models[0]][name]["backward"]
+        rows.append({"schedule": name, "evaluations": cost, "holds": not worse, "strictly": not worse and not within,
+                     "worse": worse, "within_tolerance": within})
+    def drift(name):  # the tie-break among equally cheap schedules: mean centroid drift over both models
+        return sum(t[name]["mean_drift_px"] or 0.0 for t in tables.values())
+
+    rows.sort(key=lambda r: (not r["holds"], r["evaluations"], len(r["within_tolerance"]), drift(r["schedule"]), r["schedule"]))
+    ref_cost = tables[models[0]][reference]["forward"] + tables[models[0]][reference]["backward"]
+    winner = next((r for r in rows if r["holds"]), None)
+    lines = [f"# The cheapest schedule that holds the paper's quality on both models ({machine})", "",
+             f"Each schedule of `cost-shapes-{machine}.md` and `cost-shapes-dit-{machine}.md` against `{reference}` "
+             f"({ref_cost:.0f} evaluations: forward + backward per edit) on every measure ({', '.join(MEASURES)}; lower is better for "
+             f"{', '.join(LOWER)}), on both models. Written by `python -m benchmarks.cost --choose`.", "",
+             f"Differences within {', '.join(f'{v:g} ({k})' for k, v in TOLERANCE.items())} count as equal (see TOLERANCE in "
+             "benchmarks/cost.py); such rows say so. Equally cheap schedules are ordered by their mean drift over both models.", "",
+             "| schedule | evaluations | share of the paper's | holds on both models | where it falls short |", "|---|---|---|---|---|"]
+    for r in rows:
+        short = "; ".join(r["worse"][:4]) + (" ..." if len(r["worse"]) > 4 else "")
+        if r["within_tolerance"]:
+            short += ("; " if short else "") + "within tolerance: " + "; ".join(r["within_tolerance"])
+        holds = ("yes" if r["strictly"] else "yes, within tolerance") if r["holds"] else "no"
+        lines.append(f"| {r['schedule']} | {r['evaluations']:.0f} | 1/{ref_cost / r['evaluations']:.1f} | {holds} | {short} |")
+    lines += ["", f"Winner: {winner['schedule'] if winner else 'none'}" + (f" ({winner['evaluations']:.0f} evaluations, "
+              f"1/{ref_cost / winner['evaluations']:.1f} of the paper's)." if winner else ".")]
+    return {"reference": reference, "rows": rows, "winner": winner and winner["schedule"]}, "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     from fastdm import DreamMotionPipeline
     from fastdm.backbone import resolve_model
@@ -218,9 +276,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default="paper", help=f"paper, schedules ({', '.join(SCHEDULES)}), peers ({', '.join(PEERS)})")
     ap.add_argument("--cases", type=int, default=None, help="only the first N held-out cases")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--choose", action="store_true", help="from both models' tables: the cheapest schedule that holds "
+                    "the paper's quality on every measure (writes results/cost-choice-<machine>.{json,md})")
+    ap.add_argument("--tables", action="store_true", help="rewrite the tables from the run caches, run nothing")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.choose:
+        data, md = choose(machine_name())
+        write_results(f"cost-choice-{machine_name()}", data, md)
+        print(md)
+        return 0
     model = resolve_model(args.model)
     denoiser, model_hash = denoiser_hash(model)
     machine = machine_name()
@@ -232,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
             r = json.loads(line)
             done[(r["method"], r["case"], r["model_hash"])] = r
     suite = held_out_suite()[: args.cases]
+    if args.tables:
+        write_tables(done, suite, name, model, denoiser, model_hash, machine)
+        return 0
     pipe = DreamMotionPipeline.from_pretrained(model)
     flow = pipe.backbone.info.prediction_type == "flow"
     for method in args.methods.split(","):

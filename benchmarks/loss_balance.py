@@ -185,7 +185,8 @@ def markdown(per_case: dict, meta: dict) -> str:
 
 
 def main() -> None:
-    from fastdm import DreamMotionPipeline, EditConfig
+    from fastdm import DreamMotionPipeline
+    from fastdm.driver.config import config_from_preset
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="colour-00,colour-02,colour-03,shape-01")
@@ -209,7 +210,7 @@ def main() -> None:
 
         from benchmarks.common import repo_relative
 
-        cfg = EditConfig("a", "b", steps=args.steps)
+        cfg = config_from_preset("paper", "a", "b", steps=args.steps)  # (measured under the paper's schedule)
         cases = [suite[c] for c in args.cases.split(",") if c and c != "none"]
         rows = per_layer(pipe, cases, args.steps, args.every, cfg)
         meta = {"machine": machine_name(), "machine_description": machine_description(), "model": repo_relative(model),
@@ -224,7 +225,7 @@ def main() -> None:
         raise SystemExit("error: the walked table is the bundled UNet model's; use --per-layer for another model")
     sens = sensitivity(pipe)
     per_case, raw = {}, {}
-    cfg = EditConfig("a", "b", steps=args.steps)  # the walked edits' settings: the package defaults
+    cfg = config_from_preset("paper", "a", "b", steps=args.steps)  # the walked edits: the paper's schedule, as measured
     walked = {"every": args.every, "steps": args.steps, "lr": cfg.lr, "s_ssm_weight": cfg.s_ssm_weight,
               "t_ssm_weight": cfg.t_ssm_weight}
     for cid in [c for c in args.cases.split(",") if c and c != "none"]:

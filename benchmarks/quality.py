@@ -63,12 +63,14 @@ def edit_config(case: dict, name: str, steps: int, lr: float, overrides: dict | 
     """The EditConfig of one suite case under one configuration (its mask flag aside).
 
     ``overrides`` (from ``--set``) change EditConfig fields for a sweep; an ablation's own
-    settings (a weight it turns off) win over them.
+    settings (a weight it turns off) win over them. The suite runs the paper's schedule (``--preset
+    paper``: its ablations are the paper's Table 3); fastdm's default schedule is measured against it
+    in ``benchmarks/cost.py``.
     """
-    from fastdm import EditConfig
+    from fastdm.driver.config import config_from_preset
 
     opts = {"lr": lr, **(overrides or {}), **{k: v for k, v in CONFIGS[name].items() if k != "mask"}}
-    return EditConfig(case["source_prompt"], case["target_prompt"], steps=steps, seed=0, **opts)
+    return config_from_preset("paper", case["source_prompt"], case["target_prompt"], steps=steps, seed=0, **opts)
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -84,7 +86,7 @@ def parse_overrides(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or key not in fields or key in ("source_prompt", "target_prompt", "steps", "extra", "tap_layers"):
             raise FastDMError(f"--set {item!r}: expected FIELD=VALUE with FIELD an EditConfig setting such as guidance_scale, t_ssm_weight")
-        default = getattr(EditConfig("a", "b"), key)
+        default = getattr(EditConfig("a", "b"), key)  # (its type: the same in every preset)
         try:
             out[key] = type(default)(value)
         except ValueError:

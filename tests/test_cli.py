@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from fastdm import EditConfig
 from fastdm.cli import main
 
 PROMPTS = ["--source-prompt", "a red circle moving right", "--target-prompt", "a blue circle moving right"]
@@ -40,7 +41,7 @@ def test_end_to_end_writes_video_comparison_and_report(tiny_model, clip_file, tm
     compare = iio.imread(out.with_name("edit_compare.mp4"), plugin="FFMPEG")
     assert frames.shape == (4, 16, 16, 3) and compare.shape == (4, 16, 16 * (3 if auto else 2), 3)
     report = json.loads(out.with_suffix(".json").read_text())
-    assert report["steps_run"] == 2 and report["config"]["lr"] == 0.4
+    assert report["steps_run"] == 2 and report["config"]["lr"] == EditConfig("a", "b").lr
     assert report["outputs"] == [str(out), *[str(out.with_name("edit_mask.mp4"))] * auto, str(out.with_name("edit_compare.mp4"))]
     assert ("auto_mask" in report) == auto
     assert {"s_ssm", "t_ssm", "vdds"} == set(report["final_losses"])

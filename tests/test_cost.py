@@ -162,11 +162,11 @@ def test_convergence_rule_on_toy_trajectories(kind, stops):
 def test_steps_auto_stops_a_converged_edit_and_runs_on_a_moving_one(pipe, clip):
     """On the tiny model: with a decaying learning rate the edit stops moving and the rule stops it early;
     at a constant rate on a random model it keeps moving and runs to the cap."""
-    done = pipe(clip, SRC, TGT, steps=60, stop="converged", lr_schedule="linear")
+    done = pipe(clip, SRC, TGT, steps=60, stop="converged", lr=0.4, t_schedule="uniform", lr_schedule="linear")
     stop = done.report["stop"]
     assert stop["converged"] and stop["stopped_at"] < 60 and done.report["steps_run"] == stop["stopped_at"]
     assert done.report["evaluations"]["forward"] == 4 * stop["stopped_at"]
-    moving = pipe(clip, SRC, TGT, steps=30, stop="converged", lr=0.4)
+    moving = pipe(clip, SRC, TGT, steps=30, stop="converged", lr=0.4, t_schedule="uniform", lr_schedule="constant")
     assert not moving.report["stop"]["converged"] and moving.report["steps_run"] == 30, moving.report["stop"]["progress"]
 
 
