@@ -94,7 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # FRAMES,CASE_INDEX,METHOD in this process
+    ap.add_argument("--project", action="store_true",
+                    help="no edits: project the GPU peak of ZeroScope 576w and Wan 2.1 1.3B at 5 s and 10 s with windows, from "
+                         "the committed memory projections (writes results/long-projection-<machine>.{json,md})")
     args = ap.parse_args(argv)
+    if args.project:
+        return project()
     if args.threads:
         torch.set_num_threads(args.threads)
     model = resolve_model(args.model)
@@ -152,6 +157,58 @@ def main(argv: list[str] | None = None) -> int:
                       f"{rec['seconds']:.0f}s", flush=True)
                 write_table(done, model, model_hash, fp, machine, stem, denoiser)
     write_table(done, model, model_hash, fp, machine, stem, denoiser)
+    return 0
+
+
+# (preset, projection file, fps, window in video frames, its working frames) of the windowed projection
+PROJECTED = [("zeroscope-576w", "memory-projection-cpu-2core-x86_64.json", 8, 24, 24),
+             ("wan2.1-t2v-1.3b", "memory-projection-wan2.1-t2v-1.3b-cpu-2core-x86_64.json", 16, 81, 21)]
+
+
+def project() -> int:
+    """A windowed edit's GPU peak at 5 s and 10 s: weights + the clip's held tensors (edited, source, noise,
+    update, mask: linear in the frames) + the largest of one window's step, the VAE encode and the VAE
+    decode of the whole clip (encode/decode and held tensors fitted linearly through the two frame counts
+    the committed projection measured; the step at the window's length, as projected)."""
+    GiB = 2**30
+    rows = []
+    for preset, fname, fps, window, window_w in PROJECTED:
+        data = json.loads((RESULTS / fname).read_text())
+        for plan in ("fast", "lean"):
+            got = sorted((r for r in data["rows"] if r["plan"] == plan), key=lambda r: r["frames"])
+            (f0, r0), (f1, r1) = (got[0]["frames"], got[0]), (got[-1]["frames"], got[-1])
+            at_window = next(r for r in got if r["frames"] == window)
+
+            def fit(key, frames):
+                return r0[key] + (r1[key] - r0[key]) * (frames - f0) / (f1 - f0)
+
+            for seconds in (5, 10):
+                frames = seconds * fps + (1 if preset.startswith("wan") else 0)  # Wan: 4k+1 frames
+                windowed = frames > window
+                step = at_window["step_working_bytes"] if windowed else fit("step_working_bytes", frames)
+                held = fit("held_bytes", frames)
+                phases = {"step": step, "encode": fit("encode_working_bytes", frames), "decode": fit("decode_working_bytes", frames)}
+                phase = max(phases, key=phases.get)
+                peak = at_window["weights_bytes"] + held + phases[phase]
+                whole = at_window["weights_bytes"] + held + max(fit("step_working_bytes", frames), phases["encode"], phases["decode"])
+                rows.append({"preset": preset, "plan": plan, "seconds": seconds, "frames": frames, "window_frames": window,
+                             "windowed": windowed, "peak_bytes": peak, "peak_phase": phase, "whole_clip_peak_bytes": whole})
+    lines = [f"# Windowed edits at 5 s and 10 s: projected GPU peak ({machine_name()})", "",
+             "From the committed projections (`" + "`, `".join(f for _, f, *_ in PROJECTED) + "`, bf16, the meta-device method "
+             "of `benchmarks/project_memory.py`): weights + the clip's held tensors + the largest of one window's step, the VAE "
+             "encode and the VAE decode of the whole clip. Held tensors and VAE phases are fitted linearly through the two frame "
+             "counts projected there; the step is the window's own. 'whole clip' is the same without windows (the step at "
+             "the clip's length, extrapolated). Command: `python -m benchmarks.long --project`.", "",
+             "| model | plan | video | frames | window (frames) | projected peak GiB | phase | whole clip, no windows GiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['preset']} | {r['plan']} | {r['seconds']} s | {r['frames']} | {r['window_frames'] if r['windowed'] else '-'} | "
+                     f"{r['peak_bytes'] / GiB:.2f} | {r['peak_phase']} | {r['whole_clip_peak_bytes'] / GiB:.2f} |")
+    lines += ["", "ZeroScope at 8 fps (its 24 frames are 3 s), Wan 2.1 at 16 fps (81 frames = 5 s: its own window). The VAE of "
+              "ZeroScope runs frame by frame and Wan's causal VAE in its own temporal chunks, so their phases grow only with "
+              "the frames they hold."]
+    write_results(f"long-projection-{machine_name()}", {"rows": rows}, "\n".join(lines) + "\n")
+    print("\n".join(lines))
     return 0
 
 
