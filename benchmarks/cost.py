@@ -71,6 +71,7 @@ SCHEDULES = {
     "momentum-anneal-cos-16": (16, dict(t_schedule="anneal", lr=0.12, momentum=0.9, lr_schedule="cosine")),
 }
 PEERS = ("dds", "sdedit-0.5", "sdedit-0.7", "flowedit")
+DEFAULT_SCHEDULE = "sgd-anneal-cos-lr0.8-12"  # the schedule fastdm-edit runs by default (EditConfig's defaults; tested)
 METRICS = ("colour_ok", "shape_ok", "drift_px", "area_kept", "background_change", "motion_fidelity", "frame_consistency")
 
 
@@ -351,8 +352,8 @@ def write_tables(done: dict, suite: list[dict], name: str, model: str, denoiser:
     meta = {"machine": machine, "machine_description": "; ".join(on), "model": repo_relative(model), "denoiser": denoiser,
             "model_hash": model_hash, "cases": len(ids), "command": f"python -m benchmarks.cost --model {name} --methods ..."}
     peers = [r for r in runs if r["method"].split("@")[0].split("-")[0] in ("dds", "sdedit", "flowedit")
-             or r["method"] in ("paper@200",)]
-    ours = [r for r in runs if r not in peers or r["method"] == "paper@200"]
+             or r["method"] in ("paper@200", DEFAULT_SCHEDULE)]
+    ours = [r for r in runs if r not in peers or r["method"] in ("paper@200", DEFAULT_SCHEDULE)]
 
     def order(rs):
         return sorted(rs, key=lambda r: (r["evaluations"]["forward"] + r["evaluations"]["backward"], r["method"]))
@@ -366,6 +367,7 @@ def write_tables(done: dict, suite: list[dict], name: str, model: str, denoiser:
         peer = summarize(order(peers))
         write_results(f"peers-{name}-{machine}", {"meta": meta, "summary": peer},
                       markdown("fastdm beside the editors a user would pick instead", peer, meta,
+                               f"{DEFAULT_SCHEDULE}: fastdm-edit's default; paper@200: --preset paper; "
                                "dds@k: V-DDS alone (fastdm vdds_only, automatic mask); sdedit-S: source noised to strength S of "
                                "50 DDIM steps, sampled with the target prompt (no mask); flowedit: T 50, n_max 33, guidance 3.5/13.5 "
                                "(no mask)."))

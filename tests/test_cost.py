@@ -223,3 +223,11 @@ def test_sdedit_with_an_exact_denoiser_lands_on_the_guided_target():
     out = ddim_video_to_video(bb, clip, "tar", strength=0.6, steps=50, guidance_scale=g, seed=0)
     # the last DDIM step lands on t = 0, not on the data: ~3% of the noise is left
     assert np.abs(out.astype(np.float64) - want.numpy()).mean() < 0.03 * 127.5
+
+
+def test_the_benchmarks_default_row_is_fastdm_edits_default():
+    """benchmarks/cost.py names the schedule the defaults were chosen from; it must be what EditConfig runs."""
+    from benchmarks.cost import DEFAULT_SCHEDULE, SCHEDULES
+
+    steps, settings = SCHEDULES[DEFAULT_SCHEDULE]
+    assert EditConfig(SRC, TGT, steps=steps, **settings) == EditConfig(SRC, TGT)
