@@ -36,7 +36,7 @@ CLIPS = Path(fastdm.__file__).parent / "assets" / "clips"
 GOOD = [("red_circle_right.gif", "a red circle moving right", "a blue circle moving right"),
         ("green_square_down.gif", "a green square moving down", "a white square moving down"),
         ("blue_triangle_left.gif", "a blue triangle moving left", "a yellow triangle moving left")]
-STEPS = 3
+STEPS = 6  # (a checkpoint exists for 5 of the 6 steps: time for the test to catch a job mid-run on a busy machine)
 FRAMES = 2
 
 
