@@ -210,15 +210,7 @@ def main() -> None:
 def write(rows: list[dict], meta: dict, out: Path | None, write_results) -> tuple[str, tuple[Path, Path]]:
     """The markdown of the rows so far, written with the JSON (to ``out`` or benchmarks/results)."""
     md = markdown(rows, meta)
-    stem = f"ssm-{meta['machine']}"
-    if out is None:
-        return md, write_results(stem, {"meta": meta, "rows": rows}, md)
-    from fastdm.io.atomic import write_json_atomic, write_text_atomic
-
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / f"{stem}.json", {"meta": meta, "rows": rows})
-    write_text_atomic(out / f"{stem}.md", md)
-    return md, (out / f"{stem}.json", out / f"{stem}.md")
+    return md, write_results(f"ssm-{meta['machine']}", {"meta": meta, "rows": rows}, md, out)
 
 
 def markdown(rows: list[dict], meta: dict) -> str:

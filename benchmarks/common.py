@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from fastdm.machine import machine_description, machine_name  # noqa: F401  (re-exported)
@@ -41,13 +40,13 @@ def model_stem(prefix: str, model: str | Path) -> str:
     return prefix if folder == Path(resolve_model("shapes")).resolve() else f"{prefix}-{folder.name}"
 
 
-def write_results(stem: str, data: dict, markdown: str) -> tuple[Path, Path]:
-    from fastdm.io.atomic import atomic_output
+def write_results(stem: str, data: dict, markdown: str, folder: Path | None = None) -> tuple[Path, Path]:
+    """``STEM.json`` and ``STEM.md``, each written atomically, in ``folder`` (default: benchmarks/results)."""
+    from fastdm.io.atomic import write_json_atomic, write_text_atomic
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    j, m = RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"
-    with atomic_output(j) as tmp:
-        Path(tmp).write_text(json.dumps(data, indent=2))
-    with atomic_output(m) as tmp:
-        Path(tmp).write_text(markdown)
+    folder = Path(folder) if folder is not None else RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
+    j, m = folder / f"{stem}.json", folder / f"{stem}.md"
+    write_json_atomic(j, data)
+    write_text_atomic(m, markdown)
     return j, m

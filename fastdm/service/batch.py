@@ -46,7 +46,6 @@ RESULTS = "results.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINTS = ".checkpoints"
 LOCK = ".fastdm-batch.lock"
-REQUIRED = ("input", "source_prompt", "target_prompt")
 JOB_FIELDS = tuple(JOB)  # input, prompts, mask, boxes, output; then OPTIONS and every EditConfig setting (fastdm/schema.py)
 MASK_WORDS = ("auto", "none")  # fastdm-edit --mask auto|none: words, not paths
 
