@@ -38,7 +38,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.common import RESULTS, denoiser_hash, machine_description, machine_name, repo_relative, write_results
+from benchmarks.common import RESULTS, denoiser_hash, machine_description, machine_name, repo_relative, runs_machines, write_results
 from fastdm.suite import build_suite, render_case, score
 
 SNAPSHOTS = (12, 16, 25, 50, 100, 200)
@@ -225,7 +225,9 @@ TOLERANCE = {"background_change": 0.05}
 def choose(machine: str, models=("shapes", "shapes-dit"), reference: str = "paper@200") -> tuple[dict, str]:
     """Every measured schedule against the paper's 200 steps on both models: which match or beat it on
     every measure of both, and the cheapest of those (fewest forward + backward evaluations)."""
-    tables = {m: json.loads((RESULTS / f"cost-{m}-{machine}.json").read_text())["summary"] for m in models}
+    files = {m: json.loads((RESULTS / f"cost-{m}-{machine}.json").read_text()) for m in models}
+    tables = {m: f["summary"] for m, f in files.items()}
+    ran_on = sorted({f["meta"]["machine_description"] for f in files.values()})
     names = sorted(set.intersection(*(set(t) for t in tables.values())) - {reference})
     rows = []
     for name in names:
@@ -251,6 +253,7 @@ def choose(machine: str, models=("shapes", "shapes-dit"), reference: str = "pape
     ref_cost = tables[models[0]][reference]["forward"] + tables[models[0]][reference]["backward"]
     winner = next((r for r in rows if r["holds"]), None)
     lines = [f"# The cheapest schedule that holds the paper's quality on both models ({machine})", "",
+             f"Machine of the runs: {'; '.join(ran_on)}. "
              f"Each schedule of `cost-shapes-{machine}.md` and `cost-shapes-dit-{machine}.md` against `{reference}` "
              f"({ref_cost:.0f} evaluations: forward + backward per edit) on every measure ({', '.join(MEASURES)}; lower is better for "
              f"{', '.join(LOWER)}), on both models. Written by `python -m benchmarks.cost --choose`.", "",
@@ -265,7 +268,8 @@ def choose(machine: str, models=("shapes", "shapes-dit"), reference: str = "pape
         lines.append(f"| {r['schedule']} | {r['evaluations']:.0f} | 1/{ref_cost / r['evaluations']:.1f} | {holds} | {short} |")
     lines += ["", f"Winner: {winner['schedule'] if winner else 'none'}" + (f" ({winner['evaluations']:.0f} evaluations, "
               f"1/{ref_cost / winner['evaluations']:.1f} of the paper's)." if winner else ".")]
-    return {"reference": reference, "rows": rows, "winner": winner and winner["schedule"]}, "\n".join(lines) + "\n"
+    meta = {"machine": machine, "machine_description": "; ".join(ran_on), "command": "python -m benchmarks.cost --choose"}
+    return {"meta": meta, "reference": reference, "rows": rows, "winner": winner and winner["schedule"]}, "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -331,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                 for g in got:
                     frames = g.pop("frames")
                     rec = {**g, "case": case["id"], "kind": case["kind"], "model_hash": model_hash, "threads": torch.get_num_threads(),
-                           "machine_description": machine_description(), "metrics": score(case, clip, frames)}
+                           "machine": machine, "machine_description": machine_description(), "metrics": score(case, clip, frames)}
                     rec["metrics"].pop("colour_frames", None)
                     rec["metrics"].pop("shape_frames", None)
                     fh.write(json.dumps(rec) + "\n")
@@ -348,8 +352,8 @@ def main(argv: list[str] | None = None) -> int:
 def write_tables(done: dict, suite: list[dict], name: str, model: str, denoiser: str, model_hash: str, machine: str) -> None:
     ids = {c["id"] for c in suite}
     runs = [r for (m, c, h), r in done.items() if h == model_hash and c in ids]
-    on = sorted({r["machine_description"] for r in runs})  # names the cores, the CPU and the threads the runs had
-    meta = {"machine": machine, "machine_description": "; ".join(on), "model": repo_relative(model), "denoiser": denoiser,
+    _, on = runs_machines(runs)  # names the cores, the CPU and the threads the runs had
+    meta = {"machine": machine, "machine_description": on, "model": repo_relative(model), "denoiser": denoiser,
             "model_hash": model_hash, "cases": len(ids), "command": f"python -m benchmarks.cost --model {name} --methods ..."}
     peers = [r for r in runs if r["method"].split("@")[0].split("-")[0] in ("dds", "sdedit", "flowedit")
              or r["method"] in ("paper@200", DEFAULT_SCHEDULE)]

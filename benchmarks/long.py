@@ -32,7 +32,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.common import RESULTS, denoiser_hash, machine_description, machine_name, repo_relative, write_results
+from benchmarks.common import RESULTS, denoiser_hash, machine_description, machine_name, repo_relative, runs_machines, write_results
 from fastdm.shapes import render_back_and_forth
 from fastdm.shapes_metrics import centroid_drift, video_summary
 
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 got = json.loads(p.stdout.strip().splitlines()[-1])
                 rec = {"method": method, "case": case, "frames": frames, "model_hash": model_hash, "config": fp,
-                       "machine_description": machine_description(), **got}
+                       "machine": machine, "machine_description": machine_description(), **got}
                 with open(cache, "a") as fh:
                     fh.write(json.dumps(rec) + "\n")
                 done[key] = rec
@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # (preset, projection file, fps, window in video frames, its working frames) of the windowed projection
-PROJECTED = [("zeroscope-576w", "memory-projection-cpu-2core-x86_64.json", 8, 24, 24),
-             ("wan2.1-t2v-1.3b", "memory-projection-wan2.1-t2v-1.3b-cpu-2core-x86_64.json", 16, 81, 21)]
+PROJECTED = [("zeroscope-576w", "memory-projection-cuda-bf16.json", 8, 24, 24),
+             ("wan2.1-t2v-1.3b", "memory-projection-wan2.1-t2v-1.3b-cuda-bf16.json", 16, 81, 21)]
 
 
 def project() -> int:
@@ -193,7 +193,7 @@ def project() -> int:
                 whole = at_window["weights_bytes"] + held + max(fit("step_working_bytes", frames), phases["encode"], phases["decode"])
                 rows.append({"preset": preset, "plan": plan, "seconds": seconds, "frames": frames, "window_frames": window,
                              "windowed": windowed, "peak_bytes": peak, "peak_phase": phase, "whole_clip_peak_bytes": whole})
-    lines = [f"# Windowed edits at 5 s and 10 s: projected GPU peak ({machine_name()})", "",
+    lines = [f"# Windowed edits at 5 s and 10 s: projected GPU peak (cuda-bf16)", "",
              "From the committed projections (`" + "`, `".join(f for _, f, *_ in PROJECTED) + "`, bf16, the meta-device method "
              "of `benchmarks/project_memory.py`): weights + the clip's held tensors + the largest of one window's step, the VAE "
              "encode and the VAE decode of the whole clip. Held tensors and VAE phases are fitted linearly through the two frame "
@@ -207,7 +207,7 @@ def project() -> int:
     lines += ["", "ZeroScope at 8 fps (its 24 frames are 3 s), Wan 2.1 at 16 fps (81 frames = 5 s: its own window). The VAE of "
               "ZeroScope runs frame by frame and Wan's causal VAE in its own temporal chunks, so their phases grow only with "
               "the frames they hold."]
-    write_results(f"long-projection-{machine_name()}", {"rows": rows}, "\n".join(lines) + "\n")
+    write_results("long-projection-cuda-bf16", {"rows": rows}, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
@@ -230,8 +230,8 @@ def write_table(done: dict, model: str, model_hash: str, fp: str, machine: str, 
                          "seconds": float(np.median([r["seconds"] for r in rs])),
                          "forward": float(np.mean([r["evaluations"]["forward"] for r in rs]))})
     base = next((r for r in rows if r["frames"] == WINDOW), None)
-    on = sorted({r["machine_description"] for r in runs})
-    meta = {"machine": machine, "machine_description": "; ".join(on), "model": repo_relative(model), "denoiser": denoiser,
+    _, on = runs_machines(runs)
+    meta = {"machine": machine, "machine_description": on, "model": repo_relative(model), "denoiser": denoiser,
             "model_hash": model_hash, "config_fingerprint": fp, "window": WINDOW, "cases": [f"{a} {b} -> {c}" for a, b, c in CASES]}
     lines = [f"# Long clips: windows, independent chunks and the whole clip ({machine})", "",
              f"Machine: {meta['machine_description']}. Model: `{meta['model']}` ({denoiser} sha256 {model_hash}). "

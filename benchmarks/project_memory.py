@@ -28,7 +28,7 @@ GPU comparison is ``tools/gpu_check.sh``'s job.
     python -m benchmarks.project_memory --preset zeroscope-576w --frames 24 --dtype bf16 --out DIR
     python -m benchmarks.project_memory --measured gpu-results/edit-*.json   # compare with a GPU run
 
-Writes ``<out>/memory-projection-<machine>.{json,md}`` (default out: benchmarks/results).
+Writes ``<out>/memory-projection[-<preset>]-<target>-<dtype>.{json,md}`` (default out: benchmarks/results).
 """
 
 from __future__ import annotations
@@ -273,7 +273,8 @@ def _machine() -> str:
 
 
 def _markdown(meta: dict, rows: list[dict], checks: list[dict], measured: list[dict]) -> str:
-    L = [f"# Peak GPU memory, projected on the CPU ({meta['machine']})", "",
+    L = [f"# Peak GPU memory, projected on the CPU ({meta.get('name', meta['machine'])})", "",
+         f"Ran on: {meta.get('machine_description', 'a CPU the run did not record')}.", "",
          f"Projected before any GPU run by `python -m benchmarks.project_memory` (meta device, simulated allocator; "
          f"attention as the {meta['target']} fused kernel). Weights {meta['dtype']}; edited tensor fp32. GiB = 2^30 bytes.", "",
          "| preset | frames | plan | weights GiB | step working GiB | encode GiB | decode GiB | peak phase | **projected peak GiB** | GB (1e9) |",
@@ -362,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="fastdm-bench JSON files or logs (GPU, CUDA max allocated) to compare with; missing ones are ignored")
     ap.add_argument("--projection", default=None, help="a projection JSON written earlier: compare it, project nothing")
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--machine", default=None, help="name in the output files (default: this CPU)")
+    ap.add_argument("--machine", default=None, help="name part of the output files (default: TARGET-DTYPE, e.g. cuda-bf16)")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     plans = [p for p in args.plans.split(",") if p]
@@ -380,7 +381,12 @@ def main(argv: list[str] | None = None) -> int:
         rows = [] if args.check_only else project(args.preset, frames, plans, dtype, args.target, layers)
         cases = tuple((c.split(":")[0], int(c.split(":")[1])) for c in args.check_cases.split(",") if c)
         checks = [] if args.no_check else check(cases)
-    meta = {"machine": args.machine or _machine(), "dtype": args.dtype, "target": args.target, "torch": torch.__version__,
+    from fastdm.machine import machine_description
+
+    # the figures are a projection of the target's memory (the meta device does not depend on this CPU): the files are
+    # named after the target; the CPU that ran the projection and its check is recorded beside them
+    meta = {"machine": _machine(), "machine_description": machine_description(), "name": args.machine or f"{args.target}-{args.dtype}",
+            "dtype": args.dtype, "target": args.target, "torch": torch.__version__,
             "method": "meta device + TorchDispatchMode simulated allocator (storage bytes, freed on weakref finalize)"}
     meta["goals"] = []
     for plan, n, limit in GOALS.get(rows[0]["preset"] if rows else args.preset, []):
@@ -400,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     named = args.preset if args.preset != "zeroscope-576w" and not args.check_only else ""  # ZeroScope keeps the old name
     named = "-".join(p for p in (named, args.tag) if p)
-    stem = f"memory-projection-{named + '-' if named else ''}{meta['machine']}"
+    stem = f"memory-projection-{named + '-' if named else ''}{meta['name']}"
     from fastdm.io.atomic import write_json_atomic
 
     write_json_atomic(out / f"{stem}.json", {"meta": meta, "rows": rows, "check": checks, "measured": measured})

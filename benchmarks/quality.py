@@ -39,6 +39,7 @@ from benchmarks.common import (
     machine_name,
     model_stem,
     repo_relative,
+    runs_machines,
     write_results,
 )
 from fastdm.shapes_metrics import object_mask
@@ -221,7 +222,8 @@ def sweep_summary(all_runs: list[dict], default_runs: list[dict], suite: list[di
         if now.fingerprint() == r.get("edit_fingerprint"):
             continue  # today's default: counted in the main table
         cur = now.to_dict()
-        diff = {k: v for k, v in r["edit_config"].items() if k != "steps" and cur.get(k) != v}
+        # fields EditConfig no longer has (the dead ``extra``) are not a setting of the run
+        diff = {k: v for k, v in r["edit_config"].items() if k != "steps" and k in cur and cur[k] != v}
         groups.setdefault((r["config"], overrides_label(diff)), []).append(r)
     base = {(r["config"], r["case"]): r for r in default_runs}
     rows = []
@@ -379,6 +381,9 @@ def main() -> None:
     ap.add_argument("--cascade", default=None, metavar="NAME|FILE",
                     help="the cascaded rows instead: each case at 64x64 through an edit -> upscale cascade, beside the "
                          "same edit upsampled bicubically (benchmarks/quality_cascade.py); writes results/quality-cascade-<machine>.*")
+    ap.add_argument("--machine", default=None, metavar="STEM",
+                    help="use the run cache and result files of this machine stem instead of this machine's (e.g. with "
+                         "--minutes 0: re-write a table from its cache); new runs are recorded with this machine's own name")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="sweep: override an EditConfig setting for every config (repeatable); such runs are "
                          "reported in the sweep table beside the same cases at the defaults, never in the main table")
@@ -394,7 +399,7 @@ def main() -> None:
 
     model = resolve_model(args.model)
     denoiser, model_hash = denoiser_hash(model)
-    machine = machine_name()
+    machine = args.machine or machine_name()
     stem = model_stem("quality", model)
     cache = RESULTS / f"{stem}-{machine}.runs.jsonl"
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -442,7 +447,7 @@ def main() -> None:
         res = pipe(clip, config=cfg, mask=case_mask(clip, name))
         rec = {"config": name, "case": case["id"], "kind": case["kind"], "steps": args.steps, "lr": args.lr,
                "edit_fingerprint": cfg.fingerprint(), "edit_config": cfg.to_dict(), "overrides": overrides, "model_hash": model_hash,
-               "machine_description": machine_description(), "seconds": time.time() - t0, "metrics": score(case, clip, res.frames)}
+               "machine": machine_name(), "machine_description": machine_description(), "seconds": time.time() - t0, "metrics": score(case, clip, res.frames)}
         if "auto_mask" in res.report:
             rec["auto_mask"] = res.report["auto_mask"]
             if res.mask is not None:
@@ -461,11 +466,7 @@ def main() -> None:
     wanted = {(n, c["id"]): edit_config(c, n, args.steps, args.lr).fingerprint() for c in suite for n in CONFIGS}
     runs = [r for r in done.values() if r["steps"] == args.steps and r["model_hash"] == model_hash
             and r.get("edit_fingerprint") == wanted.get((r["config"], r["case"]))]
-    recorded_on: dict[str, int] = {}
-    for r in runs:
-        d = r.get("machine_description", "a machine the run did not record (runs before 2026-11-26)")
-        recorded_on[d] = recorded_on.get(d, 0) + 1
-    meta = {"machine": machine, "machine_description": "; ".join(f"{n} runs on {d}" for d, n in recorded_on.items()),
+    meta = {"machine": machine, "machine_description": runs_machines(runs)[1],
             "model": repo_relative(model), "model_hash": model_hash, "denoiser": denoiser,
             "suite_size": len(suite), "steps": args.steps, "lr": args.lr,
             "timing_note": "s / edit from the runs' own clocks; shards may have run side by side (see --shard, --threads)"}

@@ -27,7 +27,9 @@ from benchmarks.common import (
     RESULTS,
     denoiser_hash,
     machine_description,
+    machine_name,
     repo_relative,
+    runs_machines,
     write_results,
 )
 
@@ -99,7 +101,7 @@ def run(args, pipe, suite: list[dict], cases: list[dict], machine: str, model: s
         t_up = time.time() - t0
         rec = {"case": case["id"], "kind": case["kind"], "steps": args.steps, "lr": args.lr, "edit_fingerprint": cfg.fingerprint(),
                "model_hash": model_hash, "upscale_hash": up_hash, "upscale_settings_key": settings_key,
-               "upscale_settings": up.settings, "machine_description": machine_description(),
+               "upscale_settings": up.settings, "machine": machine_name(), "machine_description": machine_description(),
                "seconds": {"edit": t_edit, "upscale": t_up},
                "metrics": {"cascade": score(case, src, hi), "bicubic": score(case, src, bicubic(edited, size_hi)),
                            "edit_32": score(case, small, edited)}}
@@ -124,8 +126,8 @@ def run(args, pipe, suite: list[dict], cases: list[dict], machine: str, model: s
         rs = [{"config": "full", "kind": r["kind"], "case": r["case"], "metrics": r["metrics"][row],
                "seconds": r["seconds"]["edit"] + (r["seconds"]["upscale"] if row == "cascade" else 0.0)} for r in runs]
         table[row] = summarize(rs).get("full") if rs else None
-    described = sorted({r["machine_description"] for r in runs})
-    meta = {"machine": machine, "machine_description": "; ".join(described), "model": repo_relative(model),
+    _, described = runs_machines(runs)
+    meta = {"machine": machine, "machine_description": described, "model": repo_relative(model),
             "model_hash": model_hash, "upscale_model": repo_relative(up.model), "upscale_hash": up_hash,
             "upscale_settings": up.settings, "cascade": args.cascade, "steps": args.steps, "lr": args.lr,
             "cases": sorted(r["case"] for r in runs), "base_size": list(base), "scale": scale}

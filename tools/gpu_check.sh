@@ -43,7 +43,7 @@ MIN_STEP=${GPU_CHECK_MIN_STEP:-15}   # a step with less time left than this is s
 MARGIN=30                            # the device call's limit above the budget: start-up of the shell, packing
 PY=${PYTHON:-python3}
 PAYLOAD_LIMIT=$((64 * 1024 * 1024))
-PROJECTION=benchmarks/results/memory-projection-cpu-2core-x86_64.json
+PROJECTION=benchmarks/results/memory-projection-cuda-bf16.json
 BENCH="-m fastdm.bench.harness --preset zeroscope-576w --device cuda --dtype bf16 --steps 3 --no-flops"
 ENVFILE='[ -f "$WORK/.env" ] && . "$WORK/.env";'   # what the install step found (PYTHONPATH of the fallback)
 
@@ -65,7 +65,7 @@ PRIORITY_LAST=bench-24
 SKIPPED=(
   "bench fast:trt|TensorRT is not on the machine and its wheels (tensorrt-cu13 + libs) are far above the 64 MiB a call carries: TensorRT unverified"
   "bench fast:ort on cuda|only the CPU onnxruntime is there (onnxruntime-gpu not carried); fastdm refuses ort on a CUDA model without it: ort-on-CUDA unverified"
-  "bench naive at 24 frames|projected at 110 GiB (benchmarks/results/memory-projection-cpu-2core-x86_64.md): the least valuable mode and the slowest; its 16-frame row is run last instead"
+  "bench naive at 24 frames|projected at 110 GiB (benchmarks/results/memory-projection-cuda-bf16.md): the least valuable mode and the slowest; its 16-frame row is run last instead"
 )
 # files of the working tree the check does not read (counted apart in the payload)
 UNUSED=(tools/checkpoints docs "benchmarks/results/*.png" fastdm/assets/models/shapes-upscale fastdm/assets/models/shapes-dit)

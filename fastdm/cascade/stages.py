@@ -78,7 +78,7 @@ def sample_conditioned(model: StageModel, cond: torch.Tensor, text: torch.Tensor
     t = 951) were trained on x_T that still carries the clip's low frequencies, and a pure-noise start
     misses them: on the shapes upscale model it left noise in the background (PSNR against the true
     render 7.1 dB vs 22.3 dB from the noised estimate; the pure-noise row of
-    ``benchmarks/results/upscale-settings-cpu-2core-x86_64.md``).
+    ``benchmarks/results/upscale-settings-cpu-intel-xeon-2-50ghz-2core-x86_64.md``).
     With a zero-terminal-SNR schedule the two starts agree. A stage's ``"start": "noise"`` setting
     passes no ``init`` (Show-1's own sampling). ``strength`` < 1 keeps the last
     ``round(n * strength)`` of the n timesteps (img2img)."""
