@@ -6,8 +6,8 @@
 
 Writes ``results/batch-<name>-<machine>.{json,md}``: per job its status, attempts, worker deaths,
 resumed step, steps, model evaluations, seconds and output or error; the run's wall time, edits per
-hour and workers; the machine as the run recorded it (the file name: this process's machine, so run it
-where the batch ran).
+hour and workers; the machine as the run recorded it in its summary (also in the file name), whichever
+machine writes the report.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.common import machine_name, write_results
+from benchmarks.common import write_results
 
 
 def table(summary: dict, results: list[dict]) -> str:
@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             continue  # a torn last line
         latest[int(r["line"])] = r
     results = list(latest.values())
-    machine = machine_name()
     # the machine the batch recorded for itself (its summary), not the one this report runs on
+    machine = summary.get("machine_name") or "machine-not-recorded"
     meta = {"machine": machine, "machine_description": summary.get("machine") or "not recorded by the run",
             "command": args.command, "note": args.note,
             "summary": summary["this_run"]}

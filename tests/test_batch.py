@@ -94,6 +94,9 @@ def test_batch_corrupt_job_worker_killed_and_rerun(ray_local, tmp_path, capsys):
     summary = got["summary"]
     assert (summary["jobs"], summary["done"], summary["failed"]) == (4, 3, 1)
     assert summary["this_run"]["retried"] == 1 and summary["this_run"]["workers"] == 2
+    from fastdm.machine import machine_name
+
+    assert summary["machine_name"] == machine_name()  # the batch table is named after it
     lines = (out / "results.jsonl").read_text().splitlines()
     records = [json.loads(x) for x in lines]
     assert len(records) == 4 and sorted(r["line"] for r in records) == [2, 3, 4, 5]  # (line 1 is the comment)

@@ -117,7 +117,7 @@ def test_batch_report_is_written_from_the_runs_own_files(tmp_path, monkeypatch):
     run = tmp_path / "runs"
     run.mkdir()
     (run / "summary.json").write_text(json.dumps({
-        "machine": "Some CPU, 2 cores", "jobs": 2, "done": 1, "failed": 1,
+        "machine": "Some CPU, 2 cores", "machine_name": "cpu-some-2core-x86_64", "jobs": 2, "done": 1, "failed": 1,
         "this_run": {"done": 1, "failed": 1, "retried": 1, "skipped": 0, "wall_s": 10.0, "workers": 2, "edits_per_hour": 360.0}}))
     (run / "results.jsonl").write_text(
         json.dumps({"line": 3, "status": "done", "attempts": 2, "deaths": 1, "resumed_from_step": 4, "steps_run": 8,
@@ -125,7 +125,7 @@ def test_batch_report_is_written_from_the_runs_own_files(tmp_path, monkeypatch):
         + json.dumps({"line": 2, "status": "failed", "attempts": 0, "error": "input video 'x' could not be read"}) + "\n"
         + '{"line": 4, "sta')  # a torn last line is skipped
     assert batch_report.main([str(run), "--name", "t"]) == 0
-    (md,) = (tmp_path / "results").glob("batch-t-*.md")
+    (md,) = (tmp_path / "results").glob("batch-t-cpu-some-2core-x86_64.md")  # named after the run's machine
     text = md.read_text()
     assert "Machine: Some CPU, 2 cores." in text  # the run's own machine, not this process's
     assert "| 3 | done | 2 | 1 | 4 | 8 | 34 | 8 | 5.5 | a.mp4 |" in text

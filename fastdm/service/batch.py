@@ -466,10 +466,11 @@ class BatchRunner:
         times = stats["job_s"]
         per_job = {"mean": round(sum(times) / len(times), 2), "min": round(min(times), 2), "max": round(max(times), 2)} if times else None
         status = [records.get(j.line, {}).get("status", "pending") for j in jobs]
-        from ..machine import machine_description
+        from ..machine import machine_description, machine_name
 
         return {
-            "manifest": str(self.manifest), "out": str(self.out), "machine": machine_description(self.device), "jobs": len(jobs),
+            "manifest": str(self.manifest), "out": str(self.out), "machine": machine_description(self.device),
+            "machine_name": machine_name(self.device), "jobs": len(jobs),
             "done": status.count("done"), "failed": status.count("failed"),
             "this_run": {"done": stats["done"], "failed": stats["failed"], "retried": stats["retried"], "skipped": stats["skipped"],
                          "wall_s": round(wall, 2), "job_s": per_job, "workers": getattr(self, "workers_used", 0),
