@@ -97,7 +97,7 @@ def counted(backbone):
 
 
 def frames_of(backbone, x: torch.Tensor) -> np.ndarray:
-    from fastdm.driver.pipeline import tensor_to_frames
+    from fastdm.io.tensors import tensor_to_frames
 
     with torch.no_grad():
         return tensor_to_frames(backbone.from_working(x.detach()))

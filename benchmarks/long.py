@@ -193,7 +193,7 @@ def project() -> int:
                 whole = at_window["weights_bytes"] + held + max(fit("step_working_bytes", frames), phases["encode"], phases["decode"])
                 rows.append({"preset": preset, "plan": plan, "seconds": seconds, "frames": frames, "window_frames": window,
                              "windowed": windowed, "peak_bytes": peak, "peak_phase": phase, "whole_clip_peak_bytes": whole})
-    lines = [f"# Windowed edits at 5 s and 10 s: projected GPU peak (cuda-bf16)", "",
+    lines = ["# Windowed edits at 5 s and 10 s: projected GPU peak (cuda-bf16)", "",
              "From the committed projections (`" + "`, `".join(f for _, f, *_ in PROJECTED) + "`, bf16, the meta-device method "
              "of `benchmarks/project_memory.py`): weights + the clip's held tensors + the largest of one window's step, the VAE "
              "encode and the VAE decode of the whole clip. Held tensors and VAE phases are fitted linearly through the two frame "

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import RESULTS, machine_description, machine_name, write_results
-from benchmarks.quality import box_mask, build_suite, render_case
+from benchmarks.suite import box_mask, build_suite, render_case
 
 
 def walk(pipe, case: dict, config, every: int) -> list[dict]:
@@ -64,7 +64,7 @@ VARIANTS = ("shifted 3 px", "recoloured", "other shape", "frozen (no motion)", "
 def sensitivity(pipe, timesteps=(200, 500, 800), seed: int = 0, layers: list[str] | None = None) -> dict:
     """S-SSM and T-SSM losses of variants of a red circle moving right against the clip itself
     (mean over ``layers``, default: the backbone's default tap layers)."""
-    from fastdm.driver.pipeline import frames_to_tensor
+    from fastdm.io.tensors import frames_to_tensor
     from fastdm.losses import ssm_losses
     from fastdm.shapes import render_clip
     from fastdm.taps import KeyTaps, resolve_layers

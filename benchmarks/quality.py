@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -43,36 +42,20 @@ from benchmarks.common import (
     write_results,
 )
 from fastdm.shapes_metrics import object_mask
-from fastdm.suite import area_kept, background_change, box_mask, build_suite, render_case, score  # noqa: F401  (re-exported)
-
-CONFIGS = {
-    "full": dict(mask=True),
-    "vdds_only": dict(mask=True, s_ssm_weight=0.0, t_ssm_weight=0.0),
-    "no_sssm": dict(mask=True, s_ssm_weight=0.0),
-    "no_tssm": dict(mask=True, t_ssm_weight=0.0),
-    "no_mask": dict(mask=False),
-    "auto_mask": dict(mask="auto"),
-}
-# the mask axis: the full method with no mask, the automatic mask and the box mask
-MASK_AXIS = {"none": "no_mask", "auto": "auto_mask", "box": "full"}
-# metrics a run must have to count (runs scored before a metric existed are run again when asked for)
-SCORE_KEYS = ("colour_ok", "shape_ok", "drift_px", "motion_fidelity", "flow_epe_px", "frame_consistency", "area_kept",
-              "background_change")
-
-
-def edit_config(case: dict, name: str, steps: int, lr: float, overrides: dict | None = None):
-    """The EditConfig of one suite case under one configuration (its mask flag aside).
-
-    ``overrides`` (from ``--set``) change EditConfig fields for a sweep; an ablation's own
-    settings (a weight it turns off) win over them. The suite runs the paper's schedule (``--preset
-    paper``: its ablations are the paper's Table 3); fastdm's default schedule is measured against it
-    in ``benchmarks/cost.py``.
-    """
-    from fastdm.driver.config import config_from_preset
-
-    opts = {"lr": lr, **(overrides or {}), **{k: v for k, v in CONFIGS[name].items() if k != "mask"}}
-    return config_from_preset("paper", case["source_prompt"], case["target_prompt"], steps=steps, seed=0, **opts)
-
+from benchmarks.suite import (  # noqa: F401  (re-exported)
+    CONFIGS,
+    MASK_AXIS,
+    SCORE_KEYS,
+    area_kept,
+    background_change,
+    box_mask,
+    build_suite,
+    case_mask,
+    edit_config,
+    render_case,
+    score,
+    summarize,
+)
 
 def parse_overrides(items: list[str]) -> dict:
     """``["guidance_scale=15", "t_ssm_weight=1e4"]`` -> typed EditConfig overrides."""
@@ -108,7 +91,7 @@ def mask_iou_table(pipe, suite: list[dict], settings: dict[str, dict]) -> dict:
     """IoU of the automatic mask with the true object (and of the box mask, for reference) on every
     suite clip, per setting of :func:`fastdm.automask.estimate_mask`; also its object coverage and area."""
     from fastdm.automask import estimate_mask
-    from fastdm.driver.pipeline import frames_to_tensor
+    from fastdm.io.tensors import frames_to_tensor
 
     def row(case_id: str, mask: np.ndarray, obj: np.ndarray, **extra) -> dict:
         m = mask > 0.5
@@ -138,41 +121,6 @@ def mask_iou_table(pipe, suite: list[dict], settings: dict[str, dict]) -> dict:
                       "settings": settings.get(name, "bounding box of the object + 2 px")}
                for name, rs in rows.items()}
     return {"summary": summary, "rows": rows}
-
-
-def case_mask(clip: np.ndarray, name: str):
-    """The mask a configuration edits with: the box mask, ``"auto"`` or None."""
-    kind = CONFIGS[name]["mask"]
-    return box_mask(clip) if kind is True else (kind or None)
-
-
-def summarize(runs: list[dict]) -> dict:
-    out = {}
-    for name in CONFIGS:
-        rs = [r for r in runs if r["config"] == name]
-        if not rs:
-            continue
-        col = [r for r in rs if r["kind"] in ("colour", "both")]
-        shp = [r for r in rs if r["kind"] in ("shape", "both")]
-        drifts = [r["metrics"]["drift_px"] for r in rs]
-        finite = [d for d in drifts if math.isfinite(d)]
-        out[name] = {
-            "edits": len(rs),
-            "colour_success": sum(r["metrics"]["colour_ok"] for r in col) / len(col) if col else None,
-            "shape_success": sum(r["metrics"]["shape_ok"] for r in shp) / len(shp) if shp else None,
-            "mean_drift_px": float(np.mean(finite)) if finite else None,
-            "object_lost": len(drifts) - len(finite),
-            "motion_fidelity": float(np.mean([r["metrics"]["motion_fidelity"] for r in rs])),
-            "flow_epe_px": float(np.mean([r["metrics"]["flow_epe_px"] for r in rs])),
-            "frame_consistency": float(np.mean([r["metrics"]["frame_consistency"] for r in rs])),
-            "seconds_per_edit": float(np.median([r["seconds"] for r in rs])),  # median: robust to a busy machine
-        }
-        scored = [r for r in rs if "area_kept" in r["metrics"]]
-        if scored:
-            out[name]["area_kept"] = sum(r["metrics"]["area_kept"] for r in scored) / len(scored)
-            out[name]["background_change"] = float(np.mean([r["metrics"]["background_change"] for r in scored]))
-            out[name]["scored_mask_metrics"] = len(scored)
-    return out
 
 
 def mask_axis(runs: list[dict]) -> dict:

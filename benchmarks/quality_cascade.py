@@ -21,7 +21,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 
 from benchmarks.common import (
     RESULTS,
@@ -33,30 +32,14 @@ from benchmarks.common import (
     write_results,
 )
 
+from benchmarks.suite import bicubic, box_mask, edit_config, render_case_at, score, summarize  # noqa: F401  (re-exported)
+
 ROWS = ("cascade", "bicubic")
-
-
-def render_case_at(case: dict, scale: int) -> np.ndarray:
-    from fastdm.shapes import render_clip
-
-    return render_clip(case["colour"], case["shape"], case["direction"], size=case["size"] * scale, frames=case["frames"],
-                       radius=case["radius"] * scale, speed=case["speed"] * scale)
-
-
-def bicubic(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(F, h, w, 3) uint8 -> (F, H, W, 3) uint8, bicubic (torch, clamped)."""
-    import torch
-    import torch.nn.functional as F
-
-    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
-    y = F.interpolate(x, size=(size[1], size[0]), mode="bicubic", align_corners=False)
-    return y.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def run(args, pipe, suite: list[dict], cases: list[dict], machine: str, model: str, model_hash: str) -> None:
     import torch
 
-    from benchmarks.quality import box_mask, edit_config, score, summarize
     from fastdm.cascade.folders import check_stage_folder, load_stage_model
     from fastdm.cascade.spec import load_cascade
     from fastdm.cascade.stages import run_upscale

@@ -49,8 +49,7 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from benchmarks.quality import build_suite, render_case
-    from benchmarks.quality_cascade import bicubic, render_case_at
+    from benchmarks.suite import bicubic, build_suite, render_case, render_case_at
     from fastdm.cascade.folders import check_stage_folder, load_stage_model
     from fastdm.cascade.spec import load_cascade
     from fastdm.cascade.stages import run_upscale

@@ -12,7 +12,7 @@ from .backbone.loader import DTYPES
 from .driver.config import LR_SCHEDULES, MASK_SCOPES, OPTIMIZERS, PRESETS, T_SCHEDULES, EditConfig, config_from_preset
 from .driver.engines import ENGINES
 from .driver.plan import PLANS
-from .errors import FastDMError
+from .errors import FastDMError, spell
 
 _DEFAULTS = EditConfig("source", "target")  # one source of truth for the defaults the help shows
 _PAPER = config_from_preset("paper", "source", "target")
@@ -43,7 +43,7 @@ def _size(text: str) -> tuple[int, int]:
     try:
         return parse_size(text)
     except FastDMError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        raise argparse.ArgumentTypeError(spell(str(e), {"size": "--size"})) from None
 
 
 def _steps(text: str) -> int | str:
@@ -54,6 +54,11 @@ def _steps(text: str) -> int | str:
     except ValueError:
         raise argparse.ArgumentTypeError(f"--steps must be a positive integer or auto, got {text!r}") from None
     return n
+
+
+def flags_of(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Parameter name -> the long option that sets it (``guidance_scale`` -> ``--guidance-scale``)."""
+    return {a.dest: max(a.option_strings, key=len) for a in parser._actions if a.option_strings and a.dest != "help"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,12 +145,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     args.quiet = bool(args.quiet)
     try:
         return run(args)
-    except FastDMError as e:
-        print(f"fastdm-edit: error: {e}", file=sys.stderr)
+    except FastDMError as e:  # the API's parameter names, spelled as this command's flags
+        print(f"fastdm-edit: error: {spell(str(e), flags_of(parser))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fastdm-edit: interrupted", file=sys.stderr)

@@ -6,6 +6,11 @@ folder). The CLI prints its message as one line and exits 2; anything else is an
 ``field`` names the request parameter at fault where there is one (``EditRequest`` / ``EditConfig``
 names: ``steps``, ``mask``, ``resume``, ...).
 
+Messages name parameters, never a front end's flags: a parameter is marked `` `name` `` or
+`` `name=value` `` (the spelling of a Python call and of a batch manifest field). A front end re-spells
+the marks with :func:`spell`: ``fastdm-edit`` turns `` `steps` `` into ``--steps`` and
+`` `backend=ort` `` into ``--backend ort``, from its own argument parser.
+
 | class | code | when |
 |---|---|---|
 | `BadInput` | `bad_input` | a value, file or combination of values is wrong |
@@ -16,6 +21,11 @@ names: ``steps``, ``mask``, ``resume``, ...).
 """
 
 from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+_MARK = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)(?:=([^`]*))?`")
 
 
 class FastDMError(Exception):
@@ -51,4 +61,23 @@ class ResumeMismatch(FastDMError):
     code = "resume_mismatch"
 
 
-__all__ = ["BadInput", "Diverged", "FastDMError", "MissingDependency", "ResumeMismatch", "Unsupported"]
+def spell(message: str, flags: Mapping[str, str]) -> str:
+    """``message`` with its parameter marks in a front end's spelling: ``flags`` maps a parameter name to
+    the option that sets it (``{"steps": "--steps"}``); `` `name=value` `` becomes ``--flag value``.
+    Names ``flags`` does not hold keep their mark."""
+
+    def one(m: re.Match) -> str:
+        flag = flags.get(m.group(1))
+        if flag is None:
+            return m.group(0)
+        return flag if m.group(2) is None else f"{flag} {m.group(2)}"
+
+    return _MARK.sub(one, message)
+
+
+def parameters(message: str) -> list[str]:
+    """The parameter names a message marks, in order."""
+    return [m.group(1) for m in _MARK.finditer(message)]
+
+
+__all__ = ["BadInput", "Diverged", "FastDMError", "MissingDependency", "ResumeMismatch", "Unsupported", "parameters", "spell"]

@@ -116,14 +116,14 @@ class EditRequest:
                 try:
                     values["steps"] = int(steps)
                 except ValueError:
-                    raise BadInput(f"--steps must be a positive integer or auto, got {steps!r}", field="steps") from None
+                    raise BadInput(f"`steps` must be a positive integer or auto, got {steps!r}", field="steps") from None
             else:
                 values["stop"] = "converged"
                 values.pop("steps")
                 if self.max_steps is not None:
                     values["steps"] = self.max_steps
         elif self.max_steps is not None:
-            raise BadInput("--max-steps is the cap of --steps auto; give --steps auto with it", field="max_steps")
+            raise BadInput("`max_steps` is the cap of `steps=auto`; give `steps=auto` with it", field="max_steps")
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(EditConfig)})
         if unknown:
             raise BadInput(f"unknown setting(s) {', '.join(unknown)}; settings are EditConfig fields", field="settings")
@@ -150,17 +150,17 @@ class EditRequest:
         from .io import check_output_path, check_report_path
 
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
-            raise BadInput("--checkpoint-every must be >= 0", field="checkpoint_every")
+            raise BadInput("`checkpoint_every` must be >= 0", field="checkpoint_every")
         check_output_path(out, inputs=inputs)
         if not self.no_compare:
-            check_output_path(compare, inputs=inputs, what="comparison video", flag="--out (or pass --no-compare)")
+            check_output_path(compare, inputs=inputs, what="comparison video", flag="`out` (or pass `no_compare`)")
         check_report_path(report_path, inputs=inputs)
         if mask_out is not None:
-            check_output_path(mask_out, inputs=inputs, what="mask video", flag="--out")
+            check_output_path(mask_out, inputs=inputs, what="mask video", flag="`out`")
         if self.resume and not Path(self.resume).is_dir():
-            raise BadInput(f"--resume {self.resume}: no such checkpoint folder", field="resume")
+            raise BadInput(f"`resume={self.resume}`: no such checkpoint folder", field="resume")
         if ckpt_dir and Path(ckpt_dir).exists() and not Path(ckpt_dir).is_dir():
-            raise BadInput(f"--checkpoint-dir '{ckpt_dir}' is a file; give a folder (it is created if missing)",
+            raise BadInput(f"`checkpoint_dir='{ckpt_dir}'` is a file; give a folder (it is created if missing)",
                            field="checkpoint_dir")
 
     def read_inputs(self, inp: Path, mask_file: str | None):
@@ -183,7 +183,7 @@ def parse_size(text: str) -> tuple[int, int]:
         if w <= 0 or h <= 0:
             raise ValueError
     except ValueError:
-        raise BadInput(f"--size must look like 576x320 (width x height), got {text!r}", field="size") from None
+        raise BadInput(f"`size` must look like 576x320 (width x height), got {text!r}", field="size") from None
     return w, h
 
 
@@ -209,7 +209,7 @@ def run(request: EditRequest, *, pipe=None, on_step=None, tensor_inputs: tuple[s
     budget = None
     if request.memory_budget is not None:
         if request.plan is not None:
-            raise BadInput("give --plan or --memory-budget, not both", field="memory_budget")
+            raise BadInput("give `plan` or `memory_budget`, not both", field="memory_budget")
         from .driver.budget import parse_size as parse_bytes
 
         budget = parse_bytes(request.memory_budget)
@@ -234,7 +234,7 @@ def run(request: EditRequest, *, pipe=None, on_step=None, tensor_inputs: tuple[s
     info = pipe.backbone.info
     size = request.size or info.native_size
     if size[0] % info.size_multiple or size[1] % info.size_multiple:
-        raise BadInput(f"--size {size[0]}x{size[1]}: width and height must be multiples of {info.size_multiple} for this model",
+        raise BadInput(f"`size={size[0]}x{size[1]}`: width and height must be multiples of {info.size_multiple} for this model",
                        field="size")
     crop = plan_crop(src_size, size)
     frames = resize_crop(raw, crop)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .backbone import Backbone
-from .driver.pipeline import tensor_to_frames
+from .io.tensors import tensor_to_frames
 from .errors import Unsupported
 from .losses.vdds import guided_noise
 
@@ -81,7 +81,7 @@ def ddim_video_to_video(backbone: Backbone, frames: np.ndarray, prompt: str, *, 
     """Video-to-video (SDEdit, as diffusers' ``VideoToVideoSDPipeline``): the video ``(F, H, W, 3)`` uint8 is
     noised to ``strength`` of the schedule (the last ``round(steps * strength)`` of ``steps`` DDIM steps)
     and denoised with ``prompt``. Deterministic for a seed."""
-    from .driver.pipeline import frames_to_tensor
+    from .io.tensors import frames_to_tensor
 
     x0 = backbone.to_working(frames_to_tensor(frames))
     n_train = backbone.info.num_train_timesteps
@@ -103,7 +103,7 @@ def flowedit(backbone, clip: np.ndarray, source_prompt: str, target_prompt: str,
     first ``steps - n_max``; then per step noises the source, moves the target point by the source's
     noise offset, and moves the edit by dt x (v(target, c_tar) - v(source, c_src)), each velocity with
     its own guidance, averaged over ``n_avg`` noises; the last ``n_min`` steps are plain sampling."""
-    from .driver.pipeline import frames_to_tensor
+    from .io.tensors import frames_to_tensor
 
     if backbone.info.prediction_type != "flow":
         raise Unsupported("FlowEdit needs a flow-matching backbone (a Wan transformer)", field="model")

@@ -1,7 +1,8 @@
-"""One declared schema for requests as JSON (a ``fastdm-batch`` manifest line, a service's request
-body): the JSON Schema of every field a request may set, derived from the dataclasses that hold them
-(:class:`~fastdm.driver.config.EditConfig` settings by their own names, and the request options), and
-checked with ``jsonschema``. Errors come back one line each, naming the field and what it must be.
+"""One declared schema for what comes in as JSON: a ``fastdm-batch`` manifest line or a service's
+request body (every field a request may set, derived from the dataclasses that hold them:
+:class:`~fastdm.driver.config.EditConfig` settings by their own names, and the request options), and
+a cascade file (:func:`cascade_schema`, one stage schema per kind). Checked with ``jsonschema``;
+errors come back one line each, naming the field and what it must be.
 """
 
 from __future__ import annotations
@@ -86,6 +87,73 @@ def job_errors(spec) -> list[str]:
             msg = f"'{field}' must be {_expected(schema['properties'][field])}, got {spec[field]!r}"
         else:
             msg = err.message
+        if msg not in out:
+            out.append(msg)
+    return out
+
+
+# ---- cascade files -------------------------------------------------------------------------------
+KINDS = ("edit", "interpolate", "upscale", "refine")
+_COMMON = {"steps": 50, "guidance_scale": 7.5, "seed": 0, "negative_prompt": ""}
+# kind -> {setting: default}; "model" is apart (required except for edit)
+SETTINGS = {
+    "edit": {"frames": None, "size": None},
+    "interpolate": {"factor": 4, "window": 1, "start": "estimate", **_COMMON},
+    "upscale": {"scale": 2, "size": None, "noise_level": 100, "window": 8, "stride": 7, "strength": 1.0, "start": "estimate",
+                **_COMMON},
+    "refine": {"size": None, "strength": 0.8, **_COMMON},
+}
+# Every stage setting's schema; ``description`` is what an error says the value must be.
+_INT1 = {"type": "integer", "minimum": 1, "description": "an integer >= 1"}
+STAGE_SETTINGS = {
+    "model": {"type": "string", "minLength": 1, "description": "a folder path (a local diffusers-format folder)"},
+    "frames": {"anyOf": [_INT1, {"type": "null"}], "description": "an integer >= 1 or null"},
+    "size": {"anyOf": [{"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 2, "maxItems": 2},
+                       {"type": "null"}], "description": "[width, height] in pixels, e.g. [64, 40]"},
+    "steps": _INT1, "window": _INT1, "stride": _INT1, "scale": _INT1,
+    "factor": {"type": "integer", "minimum": 2, "description": "an integer >= 2"},
+    "seed": {"type": "integer", "description": "an integer"},
+    "noise_level": {"type": "integer", "minimum": 0, "description": "an integer >= 0"},
+    "guidance_scale": {"type": "number", "minimum": 0, "description": "a number >= 0"},
+    "strength": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "description": "in (0, 1]"},
+    "start": {"enum": ["estimate", "noise"], "description": "\"estimate\" (the chain starts from the upsampled or interpolated "
+              "clip, noised) or \"noise\" (pure noise)"},
+    "negative_prompt": {"type": "string", "description": "a string"},
+}
+
+
+def stage_schema(kind: str, settings: tuple[str, ...]) -> dict:
+    """The JSON Schema of one cascade stage of ``kind`` taking ``settings`` (besides ``kind`` and ``model``)."""
+    props = {"kind": {"const": kind}, "model": STAGE_SETTINGS["model"], **{k: STAGE_SETTINGS[k] for k in settings}}
+    return {"type": "object", "properties": props, "required": ["kind"] + (["model"] if kind != "edit" else []),
+            "additionalProperties": False}
+
+
+def cascade_schema() -> dict:
+    """The JSON Schema of a cascade file: ``{"stages": [...], "description": "..."}``, each stage by its kind."""
+    stage = {"type": "object", "required": ["kind"], "properties": {"kind": {"enum": list(KINDS)}},
+             "allOf": [{"if": {"properties": {"kind": {"const": k}}}, "then": stage_schema(k, tuple(SETTINGS[k]))} for k in KINDS]}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+            "properties": {"stages": {"type": "array", "minItems": 1, "items": stage}, "description": {"type": "string"}},
+            "required": ["stages"], "additionalProperties": False}
+
+
+def stage_errors(raw: dict, kind: str, settings: tuple[str, ...]) -> list[str]:
+    """Every problem of one stage of a known kind, one line each (empty when it fits its schema)."""
+    import jsonschema
+
+    schema = stage_schema(kind, settings)
+    out = []
+    for err in sorted(jsonschema.Draft202012Validator(schema).iter_errors(raw), key=lambda e: (list(e.path), e.validator)):
+        if err.validator == "required":
+            msg = "'model' (a local diffusers-format folder) is required"
+        elif err.validator == "additionalProperties":
+            unknown = sorted(k for k in raw if k not in schema["properties"])
+            msg = f"unknown setting(s) {', '.join(unknown)}; {'an' if kind[0] in 'aeiou' else 'a'} {kind} stage takes model, {', '.join(settings)}"
+        else:
+            key = err.path[0] if err.path else None
+            desc = STAGE_SETTINGS.get(key, {}).get("description", err.message)
+            msg = f"'{key}' must be {desc}, got {raw[key]!r}" if key in raw else err.message
         if msg not in out:
             out.append(msg)
     return out

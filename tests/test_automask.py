@@ -10,7 +10,7 @@ import torch
 from fastdm.automask import AutoMask, changed_words, estimate_mask, otsu_threshold
 from fastdm.backbone.base import word_token_positions
 from fastdm.cli import main
-from fastdm.driver.pipeline import frames_to_tensor
+from fastdm.io.tensors import frames_to_tensor
 
 PROMPTS = ["--source-prompt", "a red circle moving right", "--target-prompt", "a blue circle moving right"]
 

@@ -172,7 +172,7 @@ def test_strict_stops_on_a_job_that_fails_its_checks(tmp_path, capsys):
     out = tmp_path / "runs"
     assert main([str(m), "--out", str(out), "--strict", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert f"{m}:2: --steps must be a positive integer, got 0" in err  # the CLI's message, EditConfig checked first
+    assert f"{m}:2: `steps` must be a positive integer, got 0" in err  # the manifest field named, EditConfig checked first
     assert not (out / "results.jsonl").exists()
 
 

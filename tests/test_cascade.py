@@ -134,7 +134,7 @@ def test_show1_folders_need_trust_remote_code_and_the_showone_package(stages, tm
     index = json.loads((sr / "model_index.json").read_text())
     index["unet"] = ["showone", "UNet3DConditionModel"]
     (sr / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(FastDMError, match="pass --trust-remote-code"):
+    with pytest.raises(FastDMError, match="pass `trust_remote_code`"):
         check_stage_folder(str(sr), "upscale", "s")
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "showone" else _real_find(name))
     with pytest.raises(FastDMError, match="showone package is not importable"):
@@ -292,3 +292,57 @@ def test_stage_start_setting_is_checked():
     with pytest.raises(FastDMError, match="'start' must be \"estimate\""):
         parse_cascade({"stages": [{"kind": "edit"}, {"kind": "upscale", "model": "m", "start": "zeros"}]}, source="t",
                       base_dir=Path("."))
+
+
+BAD_STAGES = [
+    {"kind": "upscale", "model": "m", "scael": 2},
+    {"kind": "refine", "model": "m", "strength": 1.5},
+    {"kind": "refine", "model": "m", "strength": 0},
+    {"kind": "upscale", "model": "m", "steps": "50"},
+    {"kind": "upscale", "model": "m", "steps": True},
+    {"kind": "upscale", "model": "m", "steps": 0},
+    {"kind": "interpolate", "model": "m", "factor": 1},
+    {"kind": "upscale", "model": "m", "size": [64]},
+    {"kind": "upscale", "model": "m", "size": [64, -1]},
+    {"kind": "upscale", "model": "m", "start": "zeros"},
+    {"kind": "upscale", "model": "m", "negative_prompt": 3},
+    {"kind": "upscale", "model": "m", "noise_level": -1},
+    {"kind": "upscale"},
+    {"kind": "upscale", "model": ""},
+    {"kind": "edit", "frames": 0},
+    {"kind": "zoom", "model": "m"},
+]
+
+
+@pytest.mark.parametrize("stage", BAD_STAGES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items() if k != "model"))
+def test_declared_cascade_schema_and_parser_reject_the_same_stages(stage):
+    """The whole-file JSON Schema (fastdm.schema.cascade_schema) and parse_cascade agree: a bad stage fails
+    both, with one line from the parser naming the stage and the setting."""
+    import jsonschema
+
+    from fastdm.cascade.spec import parse_cascade
+    from fastdm.errors import BadInput
+    from fastdm.schema import cascade_schema
+
+    data = {"stages": [{"kind": "edit"}, stage]}
+    assert list(jsonschema.Draft202012Validator(cascade_schema()).iter_errors(data)), "the schema accepted it"
+    with pytest.raises(BadInput) as e:
+        parse_cascade(data, source="t.json", base_dir=Path("."))
+    msg = str(e.value)
+    assert msg.startswith("cascade t.json: stage 2") and "\n" not in msg and e.value.code == "bad_input"
+    bad = [k for k in stage if k not in ("kind", "model")] or ["model" if stage.get("kind") != "zoom" else "kind"]
+    assert any(k in msg for k in bad + ["unknown kind"]), msg
+
+
+def test_bundled_cascade_fits_the_declared_schema():
+    import json
+
+    import jsonschema
+
+    from fastdm.cascade.spec import builtin_path, load_cascade
+    from fastdm.schema import cascade_schema
+
+    jsonschema.validate(json.loads(builtin_path("shapes").read_text()), cascade_schema())
+    c = load_cascade("shapes")
+    assert [s.kind for s in c.stages][0] == "edit"
+    assert all(isinstance(v, int) for s in c.stages for k, v in s.settings.items() if k in ("steps", "seed", "window"))

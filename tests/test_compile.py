@@ -71,7 +71,7 @@ def test_edit_with_compile_backend_matches_eager(pipe, clip, monkeypatch):
 
 def test_compile_grad_needs_a_truncated_grad_branch(pipe, clip):
     cfg = EditConfig("a red circle moving right", "a blue circle moving right", steps=1, s_ssm_weight=0, t_ssm_weight=0)
-    with pytest.raises(FastDMError, match="--compile-grad"):
+    with pytest.raises(FastDMError, match="`compile_grad`"):
         pipe(clip, config=cfg, compile_grad=True)
 
 

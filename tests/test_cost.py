@@ -9,7 +9,7 @@ import torch
 
 from fastdm import DreamMotionPipeline
 from fastdm.driver.config import PRESETS, EditConfig
-from fastdm.driver.pipeline import frames_to_tensor
+from fastdm.io.tensors import frames_to_tensor
 from fastdm.driver.schedule import ConvergenceRule, draw_timestep, lr_factor, strata_order
 from fastdm.losses import VDDSConfig
 from fastdm.testing import PointMassBackbone

@@ -61,7 +61,7 @@ def test_mask_confines_the_whole_update_by_default(editor, clip):
 
 
 def test_unknown_mask_scope_is_refused(editor, clip):
-    with pytest.raises(FastDMError, match="mask scope"):
+    with pytest.raises(FastDMError, match="`mask_scope=everything` is unknown"):
         editor.edit(clip, cfg(mask_scope="everything"))
 
 

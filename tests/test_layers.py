@@ -74,3 +74,30 @@ def test_the_walk_sees_imports_inside_functions():
     """A check that could not fail if the walk missed function-local imports (the request layer imports
     the cascade inside run())."""
     assert ("fastdm.request", "fastdm.cascade") in imports()
+
+
+def _benchmark_imports() -> dict[str, set[str]]:
+    """benchmarks module -> the benchmarks modules it imports (function-local imports too)."""
+    graph: dict[str, set[str]] = {}
+    for path in ROOT.joinpath("benchmarks").glob("*.py"):
+        mod = f"benchmarks.{path.stem}"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "benchmarks":
+                graph.setdefault(mod, set()).update(f"benchmarks.{a.name}" for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("benchmarks."):
+                graph.setdefault(mod, set()).add(node.module)
+            elif isinstance(node, ast.Import):
+                graph.setdefault(mod, set()).update(a.name for a in node.names if a.name.startswith("benchmarks."))
+    return graph
+
+
+def test_benchmarks_share_one_suite_and_import_no_cycle():
+    """quality, its cascade rows, loss balance and upscale settings share benchmarks/suite.py; none reaches
+    into another's module (quality runs the cascade rows: the one import between two benchmarks)."""
+    graph = _benchmark_imports()
+    shared = {"benchmarks.common", "benchmarks.suite"}
+    between = sorted((a, b) for a, bs in graph.items() for b in bs if b not in shared and a != b)
+    assert between == [("benchmarks.quality", "benchmarks.quality_cascade")], between
+    for user in ("benchmarks.quality", "benchmarks.quality_cascade", "benchmarks.loss_balance", "benchmarks.upscale_settings"):
+        assert "benchmarks.suite" in graph.get(user, set()), user
+    assert not graph.get("benchmarks.suite", set()) - {"benchmarks.common"}

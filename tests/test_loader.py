@@ -67,7 +67,7 @@ def test_pickle_weights_need_allow_pickle(tmp_path, tiny_model):
     shutil.rmtree(m / "unet")
     unet.save_pretrained(m / "unet", safe_serialization=False)
     assert not list((m / "unet").glob("*.safetensors"))
-    with pytest.raises(FastDMError, match="--allow-pickle"):
+    with pytest.raises(FastDMError, match="`allow_pickle`"):
         load_backbone(str(m))
     assert load_backbone(str(m), allow_pickle=True).info.space == "pixel"
 
@@ -81,7 +81,7 @@ def test_custom_code_needs_trust_remote_code(tmp_path, tiny_model):
     index = json.loads((m / "model_index.json").read_text())
     index["unet"] = ["my_unet", "MyUNet"]
     (m / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(FastDMError, match="--trust-remote-code"):
+    with pytest.raises(FastDMError, match="`trust_remote_code`"):
         load_backbone(str(m))
     bb = load_backbone(str(m), trust_remote_code=True)
     assert type(bb.unet).__name__ == "MyUNet"

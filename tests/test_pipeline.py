@@ -122,7 +122,7 @@ def test_prompt_cache_is_bounded(tiny_model):
     (dict(plan="naive", backend="compile"), "baseline that runs eager PyTorch only"),
     (dict(plan="plain", backend="ort"), "baseline that runs eager PyTorch only"),
     (dict(plan="naive", compile_grad=True), "does not have"),
-    (dict(backend="ort", s_ssm_weight=0, t_ssm_weight=0), "with both weights 0 use --backend eager"),
+    (dict(backend="ort", s_ssm_weight=0, t_ssm_weight=0), "with both weights 0 use `backend=eager`"),
     (dict(backend="cudagraphs"), "needs the model on a CUDA GPU"),
     (dict(backend="trt"), "TensorRT needs a CUDA GPU"),
     (dict(plan="quick"), "unknown plan 'quick'"),

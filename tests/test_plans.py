@@ -149,7 +149,7 @@ def test_parse_size(text, want):
 def test_parse_size_refuses(bad):
     from fastdm.driver.budget import parse_size
 
-    with pytest.raises(FastDMError, match="--memory-budget"):
+    with pytest.raises(FastDMError, match="`memory_budget"):
         parse_size(bad)
 
 

@@ -113,7 +113,7 @@ def test_loss_balance_observes_the_pipelines_own_update(editor, clip):
 def test_cascaded_rows_render_the_same_case_at_twice_the_size_and_score_in_its_pixels():
     import numpy as np
 
-    from benchmarks.quality_cascade import bicubic, render_case_at
+    from benchmarks.suite import bicubic, render_case_at
     from fastdm.shapes_metrics import centroid, object_mask, video_summary
 
     case = build_suite()[0]

@@ -199,7 +199,7 @@ def test_mask_pools_frames_into_latent_frames(wan):
 
 def test_bad_inputs_and_folders(wan_model, wan_clip, tmp_path, monkeypatch):
     pipe = DreamMotionPipeline.from_pretrained(wan_model)
-    with pytest.raises(FastDMError, match=r"4k\+1 frames .* pass --frames 5"):
+    with pytest.raises(FastDMError, match=r"4k\+1 frames .* pass `frames=5`"):
         pipe(wan_clip[:4].repeat(2, 0)[:8], "a", "b", steps=1)
     # a folder without transformer/ and without unet/
     bad = tmp_path / "no_transformer"

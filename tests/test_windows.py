@@ -74,7 +74,7 @@ def test_the_model_never_sees_more_than_a_window(pipe):
     am = res.report["auto_mask"]
     assert am["denoiser_calls"] == len(am["timesteps"]) * 3 and ev["setup_forward"] == 2 * am["denoiser_calls"]
     assert res.frames.shape == clip.shape and (res.mask is None or res.mask.shape == clip.shape[:3])
-    from fastdm.driver.pipeline import frames_to_tensor
+    from fastdm.io.tensors import frames_to_tensor
 
     src = pipe.backbone.to_working(frames_to_tensor(clip))
     for s in (0, 4, 8):  # every part of the clip was edited

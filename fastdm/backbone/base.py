@@ -289,7 +289,7 @@ class Backbone(abc.ABC):
 
     def word_token_positions(self, prompt: str) -> list[list[int]]:
         """Token positions of each word of ``prompt`` in the text embedding (automatic mask)."""
-        raise FastDMError(f"{type(self).__name__} cannot map prompt words to tokens; give --mask or --boxes")
+        raise FastDMError(f"{type(self).__name__} cannot map prompt words to tokens; give `mask` or `boxes`")
 
     # -- memory and identity --------------------------------------------------------------------
     @abc.abstractmethod
@@ -325,4 +325,4 @@ class Backbone(abc.ABC):
         """Attention implementation: ``"sdpa"`` (PyTorch scaled-dot-product attention, the default)
         or ``"xformers"``; refuses with the reason when one is unavailable."""
         if kind != "sdpa":
-            raise FastDMError(f"--attention {kind}: {type(self).__name__} supports only sdpa")
+            raise FastDMError(f"`attention={kind}`: {type(self).__name__} supports only sdpa")

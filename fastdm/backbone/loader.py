@@ -64,19 +64,19 @@ def _check_folder(path: str | None) -> Path:
     p = Path(path).expanduser()
     if not p.exists() and (name is None or name in BUNDLED):
         raise FastDMError(f"the bundled model '{name or 'shapes'}' is missing from this install ({path}); reinstall fastdm "
-                          "or pass --model with a local diffusers-format folder")
+                          "or pass `model` with a local diffusers-format folder")
     if not p.exists():
         looks_like_hub_id = "/" in path and not path.startswith((".", "/", "~")) and path.count("/") == 1
         hint = (
-            f"--model '{path}' is not a local folder and fastdm never downloads; if it is a hub id, download it first "
-            f"(huggingface-cli download {path} --local-dir DIR) and pass --model DIR"
+            f"`model='{path}'` is not a local folder and fastdm never downloads; if it is a hub id, download it first "
+            f"(huggingface-cli download {path} --local-dir DIR) and pass `model=DIR`"
             if looks_like_hub_id
-            else f"model folder '{path}' does not exist; pass --model with a local diffusers-format folder "
+            else f"model folder '{path}' does not exist; pass `model` with a local diffusers-format folder "
             "(the weights must be downloaded to a local folder first)"
         )
         raise FastDMError(hint)
     if not p.is_dir():
-        raise FastDMError(f"--model '{path}' is a file; pass the diffusers-format folder that holds model_index.json")
+        raise FastDMError(f"`model='{path}'` is a file; pass the diffusers-format folder that holds model_index.json")
     if not (p / "model_index.json").is_file():
         raise FastDMError(f"'{path}' has no model_index.json; pass the root of a diffusers-format model folder")
     required = _required(p)
@@ -110,7 +110,7 @@ def component_class(root: Path, name: str, spec, trust_remote_code: bool):
     if not code.is_file():
         raise FastDMError(f"model_index.json: component '{name}' names library '{library}', which is neither diffusers nor transformers nor a file {name}/{library}.py")
     if not trust_remote_code:
-        raise FastDMError(f"component '{name}' uses custom model code ({name}/{library}.py); read it, then pass --trust-remote-code to run it")
+        raise FastDMError(f"component '{name}' uses custom model code ({name}/{library}.py); read it, then pass `trust_remote_code` to run it")
     spec_ = importlib.util.spec_from_file_location(f"fastdm_custom_{name}_{library}", code)
     module = importlib.util.module_from_spec(spec_)
     spec_.loader.exec_module(module)
@@ -126,7 +126,7 @@ def check_weights(folder: Path, allow_pickle: bool) -> None:
     if not has_st and has_pickle and not allow_pickle:
         raise FastDMError(
             f"'{folder}' holds only pickle weights (.bin/.pt), which can run code when loaded; "
-            "convert them to safetensors or pass --allow-pickle if you trust them"
+            "convert them to safetensors or pass `allow_pickle` if you trust them"
         )
     if not has_st and not has_pickle:
         raise FastDMError(f"'{folder}' holds no weights (.safetensors); the model folder is incomplete")
@@ -155,7 +155,7 @@ def load_backbone(
         dtype = parse_dtype(dtype)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise FastDMError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+        raise FastDMError("`device=cuda` was asked for but no CUDA GPU is available; use `device=cpu`")
     root = _check_folder(None if path is None else str(path))
     try:
         index = json.loads((root / "model_index.json").read_text())

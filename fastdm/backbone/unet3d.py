@@ -181,7 +181,7 @@ class UNet3DBackbone(Backbone):
         elif kind == "xformers":
             reason = xformers_unavailable_reason(self.device)
             if reason:
-                raise FastDMError(f"--attention xformers: {reason}; use --attention sdpa")
+                raise FastDMError(f"`attention=xformers`: {reason}; use `attention=sdpa`")
             self.unet.enable_xformers_memory_efficient_attention()
         else:
             raise FastDMError(f"unknown attention {kind!r}; choose sdpa or xformers")

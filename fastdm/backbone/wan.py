@@ -205,7 +205,7 @@ class WanBackbone(Backbone):
         if k > 1 and (num_frames - 1) % k:
             fit = (num_frames - 1) // k * k + 1
             return (f"this Wan model's VAE takes {k}k+1 frames (1, {k + 1}, {2 * k + 1}, ..., 33, ..., 81) and the video has "
-                    f"{num_frames}; pass --frames {fit}")
+                    f"{num_frames}; pass `frames={fit}`")
         if self.patch[0] > 1 and self.latent_frames(num_frames) % self.patch[0]:
             return f"the transformer patches {self.patch[0]} latent frames together; {num_frames} frames do not divide"
         return None

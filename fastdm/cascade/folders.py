@@ -56,7 +56,7 @@ def showone_class(library: str, cls_name: str, label: str, trust_remote_code: bo
     """The class a ``["showone...", NAME]`` entry names: only with --trust-remote-code and the package importable."""
     if not trust_remote_code:
         raise FastDMError(f"{label}: the folder names Show-1 classes (showone.{cls_name}), custom code that runs when "
-                          "loaded; pass --trust-remote-code to use it")
+                          "loaded; pass `trust_remote_code` to use it")
     if importlib.util.find_spec("showone") is None:
         raise FastDMError(f"{label}: the folder names Show-1 classes (showone.{cls_name}) but the showone package is "
                           f"not importable; install {SHOWONE_HINT}")

@@ -38,7 +38,7 @@ from .stages import keyframe_positions, output_fps, run_interpolate, run_refine,
 
 CKPT_FORMAT = "fastdm-cascade-checkpoint/1"
 SHAPES_UPSCALE_HINT = ("the shapes upscale model is not bundled yet ({path} is missing); it is trained by "
-                       "python tools/train_shapes_upscale.py, or give --cascade a cascade file")
+                       "python tools/train_shapes_upscale.py, or give `cascade` a cascade file")
 
 
 def _release(device: torch.device) -> None:
@@ -59,10 +59,10 @@ def check_cascade(cascade: Cascade, args) -> dict:
 
     infos = {}
     for st in cascade.stages:
-        label = f"--cascade {cascade.source}: {st.label}"
+        label = f"`cascade={cascade.source}`: {st.label}"
         if st.kind == "edit":
             if st.model and args.model:
-                raise FastDMError(f"{label} names its model and --model names another; give one of them")
+                raise FastDMError(f"{label} names its model and `model` names another; give one of them")
             path = st.model or args.model or default_model_path()
             st.model = str(path)
             if not Path(path).expanduser().is_dir() or not (Path(path).expanduser() / "transformer").is_dir():
@@ -75,10 +75,10 @@ def check_cascade(cascade: Cascade, args) -> dict:
                 check_model_folder(path)
                 infos[st.index] = None
             if st.settings.get("size") and args.size:
-                raise FastDMError(f"{label} sets 'size' and --size another; give one of them")
+                raise FastDMError(f"{label} sets 'size' and `size` another; give one of them")
             continue
         if cascade.builtin == "shapes" and not Path(st.model).is_dir():
-            raise FastDMError(f"--cascade shapes: {SHAPES_UPSCALE_HINT.format(path=os.path.relpath(st.model))}")
+            raise FastDMError(f"`cascade=shapes`: {SHAPES_UPSCALE_HINT.format(path=os.path.relpath(st.model))}")
         infos[st.index] = check_stage_folder(st.model, st.kind, label, trust_remote_code=args.trust_remote_code,
                                              allow_pickle=args.allow_pickle)
     return infos
@@ -97,16 +97,16 @@ class _StageStore:
                 try:
                     meta = json.loads(meta_path.read_text())
                 except (json.JSONDecodeError, UnicodeDecodeError):
-                    raise FastDMError(f"--resume {folder}: cascade.json is unreadable; delete the folder and start again") from None
+                    raise FastDMError(f"`resume={folder}`: cascade.json is unreadable; delete the folder and start again") from None
                 if meta.get("format") != CKPT_FORMAT:
-                    raise FastDMError(f"--resume {folder}: cascade.json is not a {CKPT_FORMAT} file")
+                    raise FastDMError(f"`resume={folder}`: cascade.json is not a {CKPT_FORMAT} file")
                 if meta.get("fingerprint") != fingerprint:
-                    raise FastDMError(f"--resume {folder}: the checkpoint was made with another cascade, input or options; "
+                    raise FastDMError(f"`resume={folder}`: the checkpoint was made with another cascade, input or options; "
                                       "resume with the same command or start a new edit")
                 self.entries = {int(e["index"]): e for e in meta.get("stages", [])}
             elif not (self.folder / "edit").is_dir():
-                raise FastDMError(f"--resume {folder}: no cascade checkpoint there (cascade.json and edit/ missing); "
-                                  "run with --checkpoint-every N first")
+                raise FastDMError(f"`resume={folder}`: no cascade checkpoint there (cascade.json and edit/ missing); "
+                                  "run with `checkpoint_every=N` first")
 
     def load(self, index: int) -> tuple[np.ndarray, dict] | None:
         e = self.entries.get(index)
@@ -149,7 +149,7 @@ def run_cascade(args, *, pipe=None, on_step=None, tensor_inputs=("losses",), che
     inp, out, compare, report_path, ckpt_dir = args.paths()
     config = args.config()
     if args.memory_budget is not None:
-        raise FastDMError("--memory-budget is not available with --cascade; pick the edit stage's --plan")
+        raise FastDMError("`memory_budget` is not available with `cascade`; pick the edit stage's `plan`")
     mask_file = args.mask if args.mask not in (None, "auto", "none") else None
     args.check_outputs(out, compare, report_path, ckpt_dir, [inp, mask_file, args.boxes, args.cascade])
     infos = check_cascade(cascade, args)
@@ -162,7 +162,7 @@ def run_cascade(args, *, pipe=None, on_step=None, tensor_inputs=("losses",), che
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise FastDMError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+        raise FastDMError("`device=cuda` was asked for but no CUDA GPU is available; use `device=cpu`")
     from ..backbone import parse_dtype
 
     dtype = parse_dtype(args.dtype)
@@ -208,7 +208,7 @@ def run_cascade(args, *, pipe=None, on_step=None, tensor_inputs=("losses",), che
             frames = run_refine(bb, frames, args.target_prompt, st.settings)
             del bb
         else:
-            label = f"--cascade {cascade.source}: {st.label}"
+            label = f"`cascade={cascade.source}`: {st.label}"
             model = load_stage_model(infos[st.index], label, device=device, dtype=dtype,
                                      trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
             refs = [weakref.ref(m) for m in model.modules()]
@@ -274,7 +274,7 @@ def _run_edit(st, info, args, pipe, config, keys_raw, key_pos, key_indices, src_
             from .folders import load_stage_model
             from .stages import showone_edit_backbone
 
-            model = load_stage_model(info, f"--cascade: {st.label}", device=device, dtype=dtype,
+            model = load_stage_model(info, f"`cascade`: {st.label}", device=device, dtype=dtype,
                                      trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
             bb = showone_edit_backbone(model, str(info.path), st.settings.get("size"))
             del model

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..driver.pipeline import frames_to_tensor, tensor_to_frames
+from ..io.tensors import frames_to_tensor, tensor_to_frames
 from ..errors import FastDMError
 from .folders import IMAGE_CHANNELS, StageModel
 
@@ -35,7 +35,7 @@ def keyframe_positions(n_input: int, n_keys: int | None) -> list[int]:
     first and last included, ``round(k (N - 1) / (K - 1))``."""
     k = n_input if n_keys is None else n_keys
     if k > n_input:
-        raise FastDMError(f"the edit stage takes {k} keyframes but the input gives {n_input} frames (after --frames/--stride); "
+        raise FastDMError(f"the edit stage takes {k} keyframes but the input gives {n_input} frames (after `frames`/`stride`); "
                           f"give a longer clip or lower the edit stage's 'frames'")
     if k == 1:
         return [0]

@@ -34,9 +34,9 @@ def parse_size(text: str) -> int:
         else:
             value = float(t)
     except ValueError:
-        raise FastDMError(f"--memory-budget {text!r} is not a size; write it like 8G or 512M") from None
+        raise FastDMError(f"`memory_budget={text!r}` is not a size; write it like 8G or 512M") from None
     if value <= 0:
-        raise FastDMError(f"--memory-budget must be positive, got {text!r}")
+        raise FastDMError(f"`memory_budget` must be positive, got {text!r}")
     return int(value)
 
 
@@ -89,5 +89,5 @@ def fit_plan(make_step, backbone, x: torch.Tensor, x_src: torch.Tensor, budget: 
             return plan, probes
     need = min(probes.values())
     need_s = "more than the GPU has" if need == float("inf") else f"{need / 2**30:.2f} GiB"
-    raise FastDMError(f"--memory-budget {budget / 2**30:.2f} GiB is too small: even the lean plan needs {need_s}; "
-                      "use fewer --frames, a smaller --size or a larger budget")
+    raise FastDMError(f"`memory_budget={budget / 2**30:.2f}` GiB is too small: even the lean plan needs {need_s}; "
+                      "use fewer `frames`, a smaller `size` or a larger budget")

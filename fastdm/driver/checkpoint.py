@@ -44,21 +44,21 @@ def load_checkpoint(folder: str | Path, *, fingerprint: str, input_fingerprint: 
     folder = Path(folder)
     path = folder / STATE
     if not path.is_file():
-        raise ResumeMismatch(f"--resume {folder}: no checkpoint there ({STATE} missing); run with --checkpoint-every N first")
+        raise ResumeMismatch(f"`resume={folder}`: no checkpoint there ({STATE} missing); run with `checkpoint_every=N` first")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or foreign file
-        raise ResumeMismatch(f"--resume {folder}: {STATE} is unreadable ({type(e).__name__}); delete the folder and start again") from None
+        raise ResumeMismatch(f"`resume={folder}`: {STATE} is unreadable ({type(e).__name__}); delete the folder and start again") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ResumeMismatch(f"--resume {folder}: not a fastdm checkpoint of format {FORMAT}")
+        raise ResumeMismatch(f"`resume={folder}`: not a fastdm checkpoint of format {FORMAT}")
     if state["fingerprint"] != fingerprint:
         raise ResumeMismatch(
-            f"--resume {folder}: the checkpoint was made with a different configuration "
+            f"`resume={folder}`: the checkpoint was made with a different configuration "
             "(prompts, seed, lr, weights or model differ); resume with the same options or start a new edit"
         )
     if state["input_fingerprint"] != input_fingerprint:
         raise ResumeMismatch(
-            f"--resume {folder}: the checkpoint was made from a different input video, mask or size; "
+            f"`resume={folder}`: the checkpoint was made from a different input video, mask or size; "
             "resume with the same input or start a new edit"
         )
     return state

@@ -7,7 +7,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from ..errors import BadInput, FastDMError
+from ..errors import BadInput
 
 OPTIMIZERS = ("sgd", "adam")
 MASK_SCOPES = ("all", "vdds")
@@ -58,34 +58,33 @@ class EditConfig:
     window_overlap: float = 0.5
 
     def validate(self) -> None:
+        """Every setting's type and range; a :class:`~fastdm.errors.BadInput` naming the field otherwise."""
         for name in ("source_prompt", "target_prompt"):
             v = getattr(self, name)
             if not isinstance(v, str) or not v.strip():
-                flag = "--" + name.replace("_", "-")
-                raise FastDMError(f"{flag} is empty; describe the video ({'as it is' if 'source' in name else 'as it should become'}) in words")
+                raise BadInput(f"`{name}` is empty; describe the video ({'as it is' if 'source' in name else 'as it should become'}) "
+                               "in words", field=name)
         if not isinstance(self.steps, int) or self.steps < 1:
-            raise FastDMError(f"--steps must be a positive integer, got {self.steps}")
+            raise BadInput(f"`steps` must be a positive integer, got {self.steps}", field="steps")
         if not self.lr > 0:
-            raise FastDMError(f"--lr must be positive, got {self.lr}")
-        if self.optimizer not in OPTIMIZERS:
-            raise FastDMError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if self.mask_scope not in MASK_SCOPES:
-            raise FastDMError(f"unknown mask scope {self.mask_scope!r}; choose one of {', '.join(MASK_SCOPES)}")
-        if self.s_ssm_weight < 0 or self.t_ssm_weight < 0:
-            raise FastDMError("S-SSM/T-SSM weights must be >= 0")
-        for name, allowed in (("t_schedule", T_SCHEDULES), ("lr_schedule", LR_SCHEDULES), ("stop", STOP_RULES)):
+            raise BadInput(f"`lr` must be positive, got {self.lr}", field="lr")
+        for name, allowed in (("optimizer", OPTIMIZERS), ("mask_scope", MASK_SCOPES), ("t_schedule", T_SCHEDULES),
+                              ("lr_schedule", LR_SCHEDULES), ("stop", STOP_RULES)):
             if getattr(self, name) not in allowed:
-                raise FastDMError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+                raise BadInput(f"`{name}={getattr(self, name)}` is unknown; choose one of {', '.join(allowed)}", field=name)
+        for name in ("s_ssm_weight", "t_ssm_weight", "guidance_scale"):
+            if not getattr(self, name) >= 0:
+                raise BadInput(f"`{name}` must be >= 0, got {getattr(self, name)}", field=name)
         if not 0 <= self.momentum < 1:
-            raise FastDMError(f"momentum must be in [0, 1), got {self.momentum}")
-        if not isinstance(self.stop_window, int) or self.stop_window < 1 or not 0 < self.stop_tol < 1:
-            raise FastDMError("stop_window must be a positive integer and stop_tol in (0, 1)")
+            raise BadInput(f"`momentum` must be in [0, 1), got {self.momentum}", field="momentum")
+        if not isinstance(self.stop_window, int) or self.stop_window < 1:
+            raise BadInput(f"`stop_window` must be a positive integer, got {self.stop_window}", field="stop_window")
+        if not 0 < self.stop_tol < 1:
+            raise BadInput(f"`stop_tol` must be in (0, 1), got {self.stop_tol}", field="stop_tol")
         if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
-            raise BadInput(f"window must be a positive number of frames, got {self.window}", field="window")
+            raise BadInput(f"`window` must be a positive number of frames, got {self.window}", field="window")
         if not 0 <= self.window_overlap < 1:
-            raise BadInput(f"window_overlap must be in [0, 1), got {self.window_overlap}", field="window_overlap")
-        if self.guidance_scale < 0:
-            raise FastDMError(f"guidance scale must be >= 0, got {self.guidance_scale}")
+            raise BadInput(f"`window_overlap` must be in [0, 1), got {self.window_overlap}", field="window_overlap")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -46,7 +46,7 @@ class CompiledUNet:
         from ..taps import DenoiserWithKeys
 
         if cudagraphs and backbone.device.type != "cuda":
-            raise FastDMError("--backend cudagraphs needs the model on a CUDA GPU (--device cuda); use --backend compile")
+            raise FastDMError("`backend=cudagraphs` needs the model on a CUDA GPU (`device=cuda`); use `backend=compile`")
         self.module = DenoiserWithKeys(backbone, layers, grad_until).eval()
         if cudagraphs:
             self.fn = torch.compile(self.module, mode="reduce-overhead", dynamic=False)
@@ -112,8 +112,8 @@ _ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, 
               "tensor(int64)": torch.int64, "tensor(int32)": torch.int32}
 
 
-_ORT_BF16 = ("--backend ort does not run bf16 models (numpy has no bf16 and onnxruntime's kernels cover it only in part); "
-             "use --dtype fp16 or fp32, or --backend compile or trt")
+_ORT_BF16 = ("`backend=ort` does not run bf16 models (numpy has no bf16 and onnxruntime's kernels cover it only in part); "
+             "use `dtype=fp16` or fp32, or `backend=compile` or trt")
 
 
 def ort_unavailable_reason(device_type: str, dtype: torch.dtype | None = None) -> str | None:
@@ -124,14 +124,14 @@ def ort_unavailable_reason(device_type: str, dtype: torch.dtype | None = None) -
     except ImportError:
         return "onnxruntime is not installed (pip install 'fastdm[onnx]')"
     if dtype == torch.bfloat16:
-        return "it " + _ORT_BF16.removeprefix("--backend ort ")
+        return "it " + _ORT_BF16.removeprefix("`backend=ort` ")
     if device_type == "cuda":
         available = ort.get_available_providers()
         if "CUDAExecutionProvider" not in available:
             return (f"a CUDA model needs onnxruntime-gpu (this onnxruntime offers only {', '.join(available)}): "
-                    "pip uninstall -y onnxruntime && pip install onnxruntime-gpu; or use --backend compile or trt")
+                    "pip uninstall -y onnxruntime && pip install onnxruntime-gpu; or use `backend=compile` or trt")
     elif device_type != "cpu":
-        return f"onnxruntime runs on cpu or cuda, not {device_type}; use --backend eager"
+        return f"onnxruntime runs on cpu or cuda, not {device_type}; use `backend=eager`"
     return None
 
 
@@ -162,7 +162,7 @@ class OrtUNet:
             raise MissingDependency("the onnxruntime backend needs: pip install 'fastdm[onnx]'") from None
         self.device = torch.device(device)
         if self.device.type not in ("cpu", "cuda"):
-            raise FastDMError(f"--backend ort runs on cpu or cuda, not {self.device.type}; use --backend eager")
+            raise FastDMError(f"`backend=ort` runs on cpu or cuda, not {self.device.type}; use `backend=eager`")
         cuda = self.device.type == "cuda"
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
@@ -170,7 +170,7 @@ class OrtUNet:
         if cuda:
             reason = ort_unavailable_reason("cuda")
             if reason:
-                raise FastDMError(f"--backend ort: {reason}")
+                raise FastDMError(f"`backend=ort`: {reason}")
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()
             self.device = torch.device("cuda", index)
             self.stream = torch.cuda.Stream(self.device)
@@ -184,8 +184,8 @@ class OrtUNet:
                 raise FastDMError(_ORT_BF16) from None
             raise
         if cuda and "CUDAExecutionProvider" not in self.session.get_providers():
-            raise FastDMError("--backend ort: onnxruntime-gpu could not start its CUDAExecutionProvider (it needs the CUDA and "
-                              "cuDNN libraries of its build); use --backend compile or trt")
+            raise FastDMError("`backend=ort`: onnxruntime-gpu could not start its CUDAExecutionProvider (it needs the CUDA and "
+                              "cuDNN libraries of its build); use `backend=compile` or trt")
         self.run_options = ort.RunOptions()
         if cuda:  # torch's stream waits for ours instead of the host waiting for the GPU
             self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
@@ -195,17 +195,17 @@ class OrtUNet:
             raise FastDMError(_ORT_BF16)
         odd = [f"{a.name}: {a.type}" for a in args if a.type not in _ORT_TYPES]
         if odd:
-            raise FastDMError(f"--backend ort: unsupported tensor types in {path} ({', '.join(odd)})")
+            raise FastDMError(f"`backend=ort`: unsupported tensor types in {path} ({', '.join(odd)})")
         dynamic = [o.name for o in self.outputs if not all(isinstance(d, int) for d in o.shape)]
         if dynamic:
-            raise FastDMError(f"--backend ort: {path} has outputs without fixed shapes ({', '.join(dynamic)}); delete it to re-export")
+            raise FastDMError(f"`backend=ort`: {path} has outputs without fixed shapes ({', '.join(dynamic)}); delete it to re-export")
 
     def __call__(self, sample: torch.Tensor, t: int, text: torch.Tensor):
         import numpy as np
 
         dev = sample.device
         if dev.type != self.device.type:
-            raise FastDMError(f"--backend ort: the session runs on {self.device.type}, the inputs are on {dev.type}")
+            raise FastDMError(f"`backend=ort`: the session runs on {self.device.type}, the inputs are on {dev.type}")
         feeds = {"sample": sample, "timestep": torch.full((sample.shape[0],), t, device=dev, dtype=torch.long), "text": text}
         binding = self.session.io_binding()
         index = dev.index or 0
@@ -321,7 +321,7 @@ class TrtUNet:
     def __init__(self, onnx_path: str | os.PathLike, cache_dir: str | os.PathLike, precision: str = "fp16"):
         reason = trt_unavailable_reason()
         if reason:
-            raise FastDMError(f"--backend trt: {reason}; use --backend eager")
+            raise FastDMError(f"`backend=trt`: {reason}; use `backend=eager`")
         import tensorrt as trt
 
         self.trt = trt
@@ -347,11 +347,11 @@ class TrtUNet:
                 fh.write(memoryview(plan))
             engine = self._deserialize(plan)
             if engine is None:
-                raise FastDMError("TensorRT could not load the engine it just built (see its log); use --backend eager")
+                raise FastDMError("TensorRT could not load the engine it just built (see its log); use `backend=eager`")
         self.engine = engine
         self.context = engine.create_execution_context()
         if self.context is None:
-            raise FastDMError("TensorRT could not create an execution context (GPU memory?); use --backend eager")
+            raise FastDMError("TensorRT could not create an execution context (GPU memory?); use `backend=eager`")
         self.names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.cache_path = cache
         self.streams: dict[torch.device, torch.cuda.Stream] = {}
@@ -377,11 +377,11 @@ class TrtUNet:
         if not self.strongly_typed and precision in ("fp16", "bf16"):  # weakly typed: allow the reduced precision
             flag = getattr(trt.BuilderFlag, precision.upper(), None)
             if flag is None:
-                raise FastDMError(f"TensorRT {trt.__version__} cannot build {precision} engines; use --backend eager")
+                raise FastDMError(f"TensorRT {trt.__version__} cannot build {precision} engines; use `backend=eager`")
             config.set_flag(flag)
         plan = builder.build_serialized_network(network, config)
         if plan is None:
-            raise FastDMError("TensorRT failed to build the engine (see its log); use --backend eager")
+            raise FastDMError("TensorRT failed to build the engine (see its log); use `backend=eager`")
         return plan
 
     def _stream(self, device: torch.device):
@@ -422,7 +422,7 @@ def _torch_dtype(trt_dtype):
     table = {getattr(trt, n): d for n, d in (("float32", torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16),
                                              ("int64", torch.int64), ("int32", torch.int32)) if hasattr(trt, n)}
     if trt_dtype not in table:
-        raise FastDMError(f"--backend trt: the engine has a tensor of type {trt_dtype}, which fastdm does not map")
+        raise FastDMError(f"`backend=trt`: the engine has a tensor of type {trt_dtype}, which fastdm does not map")
     return table[trt_dtype]
 
 
@@ -441,7 +441,7 @@ def engine_unsupported_reasons(kind: str, backbone) -> list[str]:
         return [f"unknown backend {kind!r}; choose one of {', '.join(ENGINES)}"]
     reasons = []
     if kind == "cudagraphs" and backbone.device.type != "cuda":
-        reasons.append("cudagraphs needs the model on a CUDA GPU (--device cuda); use --backend compile")
+        reasons.append("cudagraphs needs the model on a CUDA GPU (`device=cuda`); use `backend=compile`")
     if kind == "ort":
         reason = ort_unavailable_reason(backbone.device.type, backbone.dtype)
         if reason:
@@ -465,7 +465,7 @@ def build_engine(backbone, kind: str, *, batch: int, frames: int, size: tuple[in
     identity, shape, dtype and tapped layers."""
     reasons = engine_unsupported_reasons(kind, backbone)
     if kind == "eager" or reasons:
-        raise FastDMError(f"--backend {kind}: {'; '.join(reasons) or 'eager needs no engine'}")
+        raise FastDMError(f"`backend={kind}`: {'; '.join(reasons) or 'eager needs no engine'}")
     shape = list(backbone.working_shape(frames, size))
     shape[0] = batch
     if kind in ("compile", "cudagraphs"):
@@ -475,7 +475,7 @@ def build_engine(backbone, kind: str, *, batch: int, frames: int, size: tuple[in
         engine.warm_up(torch.zeros(shape, device=backbone.device, dtype=backbone.dtype), text[:batch])
         return engine
     if grad_until is not None:
-        raise FastDMError(f"--backend {kind} runs without autograd; only torch.compile serves the grad branch")
+        raise FastDMError(f"`backend={kind}` runs without autograd; only torch.compile serves the grad branch")
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     ident = "|".join([backbone.identity(), str(batch), str(frames), f"{size[0]}x{size[1]}", *layers])
     key = hashlib.sha256(ident.encode()).hexdigest()[:20]

@@ -40,6 +40,7 @@ import torch
 
 from ..backbone import Backbone, load_backbone
 from ..errors import BadInput, Diverged, FastDMError, ResumeMismatch
+from ..io.tensors import frames_to_tensor, tensor_to_frames  # noqa: F401  (re-exported: the older import path)
 from ..losses import VDDSConfig
 from ..taps import resolve_layers
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -111,16 +112,6 @@ class EditResult:
         return self.report.get("steps_run")
 
 
-def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
-    """(F, H, W, 3) uint8 -> (F, 3, H, W) float in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def tensor_to_frames(x: torch.Tensor) -> np.ndarray:
-    """(F, 3, H, W) in [-1, 1] -> (F, H, W, 3) uint8."""
-    return ((x.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
-
-
 def check_frames(frames: np.ndarray, backbone: Backbone) -> None:
     if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise FastDMError("frames must be a uint8 array shaped (F, H, W, 3)")
@@ -129,7 +120,7 @@ def check_frames(frames: np.ndarray, backbone: Backbone) -> None:
         raise FastDMError("the video has no frames")
     m = backbone.info.size_multiple
     if h % m or w % m:
-        raise FastDMError(f"frame size {w}x{h} is not a multiple of {m}, which this model needs; resize with --size")
+        raise FastDMError(f"frame size {w}x{h} is not a multiple of {m}, which this model needs; resize with `size`")
     problem = backbone.frame_count_problem(f)
     if problem:
         raise FastDMError(problem)
@@ -355,7 +346,7 @@ class EditRun:
         vcfg = VDDSConfig(config.guidance_scale, config.t_min, config.t_max, config.weighting)
         vcfg.validate(bb.info.num_train_timesteps)
         if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
-            raise FastDMError("--checkpoint-every must be an integer >= 0")
+            raise FastDMError("`checkpoint_every` must be an integer >= 0")
         if (checkpoint_every or resume) and not checkpoint_dir:
             raise FastDMError("checkpointing needs a checkpoint folder")
         need_keys = config.s_ssm_weight > 0 or config.t_ssm_weight > 0
@@ -367,7 +358,7 @@ class EditRun:
 
             reasons = engine_unsupported_reasons(backend, bb)
             if reasons:
-                raise FastDMError(f"--backend {backend}: {'; '.join(reasons)}")
+                raise FastDMError(f"`backend={backend}`: {'; '.join(reasons)}")
         self.config, self.vcfg, self.backend, self.compile_grad = config, vcfg, backend, compile_grad
         self.layers = resolve_layers(bb, config.tap_layers) if need_keys else []
         self.num_frames, self.size = video.shape[0], (video.shape[2], video.shape[1])
@@ -417,7 +408,7 @@ class EditRun:
         if resume:
             state = load_checkpoint(checkpoint_dir, fingerprint=self.fingerprint, input_fingerprint=self.input_fingerprint)
             if state["step"] > config.steps:
-                raise ResumeMismatch(f"--resume: the checkpoint is at step {state['step']}, past --steps {config.steps}; raise --steps")
+                raise ResumeMismatch(f"`resume`: the checkpoint is at step {state['step']}, past `steps={config.steps}`; raise `steps`")
             with torch.no_grad():
                 self.x.copy_(state["x"].to(self.x.device))
             self.opt.load_state_dict(state["optimizer"])
@@ -567,7 +558,7 @@ class EditRun:
             kept = ""
             if self.checkpoint_every:
                 kept = f"; the last good checkpoint is kept in {self.checkpoint_dir}"
-            raise Diverged(f"the edit diverged by step {self.step_index} ({', '.join(bad)} not finite); lower --lr or the "
+            raise Diverged(f"the edit diverged by step {self.step_index} ({', '.join(bad)} not finite); lower `lr` or the "
                               f"S-SSM/T-SSM weights{kept}")
 
     def save_checkpoint(self) -> None:

@@ -49,17 +49,17 @@ class ExecutionPlan:
         reasons = []
         if backend != "eager":
             if self.baseline:
-                reasons.append(f"plan {self.name} is a baseline that runs eager PyTorch only; use --plan fast, fast-seq or lean "
-                               f"with --backend {backend}")
+                reasons.append(f"plan {self.name} is a baseline that runs eager PyTorch only; use `plan=fast`, fast-seq or lean "
+                               f"with `backend={backend}`")
             if not need_keys:
-                reasons.append(f"--backend {backend} runs the no-grad calls beside the S-SSM/T-SSM grad branch; with both "
-                               "weights 0 use --backend eager")
+                reasons.append(f"`backend={backend}` runs the no-grad calls beside the S-SSM/T-SSM grad branch; with both "
+                               "weights 0 use `backend=eager`")
         if compile_grad:
             if self.baseline or not self.truncate_backprop:
-                reasons.append(f"--compile-grad compiles the truncated grad branch, which plan {self.name} does not have; "
-                               "use --plan fast, fast-seq or lean")
+                reasons.append(f"`compile_grad` compiles the truncated grad branch, which plan {self.name} does not have; "
+                               "use `plan=fast`, fast-seq or lean")
             if not need_keys:
-                reasons.append("--compile-grad compiles the S-SSM/T-SSM grad branch; it needs an S-SSM or T-SSM weight above 0")
+                reasons.append("`compile_grad` compiles the S-SSM/T-SSM grad branch; it needs an S-SSM or T-SSM weight above 0")
         return reasons
 
     def to_dict(self) -> dict:

@@ -148,9 +148,9 @@ def read_frames(path: str | os.PathLike, *, frames: int | None = None, stride: i
     if not p.exists():
         raise FastDMError(f"{what} '{path}' does not exist; check the path")
     if stride < 1:
-        raise FastDMError(f"--stride must be >= 1, got {stride}")
+        raise FastDMError(f"`stride` must be >= 1, got {stride}")
     if frames is not None and frames < 1:
-        raise FastDMError(f"--frames must be >= 1, got {frames}")
+        raise FastDMError(f"`frames` must be >= 1, got {frames}")
     it, fps = _iter_frames(p, what)
     out, idx, total = [], [], 0
     for i, fr in enumerate(it):
@@ -231,7 +231,7 @@ def _check_target(p: Path, inputs, what: str, flag: str) -> None:
 
 
 def check_output_path(path: str | os.PathLike, *, inputs: list[str | os.PathLike] = (), what: str = "output",
-                      flag: str = "--out") -> Path:
+                      flag: str = "`out`") -> Path:
     """Fail early (before any work) if ``path`` cannot be written or would overwrite an input."""
     p = Path(path)
     if p.suffix.lower() not in OUTPUT_EXTS:
@@ -244,8 +244,8 @@ def check_report_path(path: str | os.PathLike, *, inputs: list[str | os.PathLike
     """The JSON report: ends in .json, is not an input, and its folder exists and is writable."""
     p = Path(path)
     if p.suffix.lower() != ".json":
-        raise FastDMError(f"--report '{path}' must end in .json")
-    _check_target(p, inputs, "report", "--report")
+        raise FastDMError(f"`report='{path}'` must end in .json")
+    _check_target(p, inputs, "report", "`report`")
     return p
 
 

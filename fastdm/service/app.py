@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import FastDMError, MissingDependency
+from ..errors import BadInput, FastDMError, MissingDependency, spell
 from ..request import EditRequest
 from .jobs import edit_request
 
@@ -33,6 +33,10 @@ INSTALL_HINT = "pip install 'fastdm[app]'"
 CLIPS = Path(__file__).resolve().parent.parent / "assets" / "clips"
 NO_CLIP = "(none: use the upload)"
 BOXES_HINT = '{"0": [14, 7, 31, 23], "7": [0, 7, 17, 23]}'
+# request parameters -> the labels of the form's fields (what an error names)
+FORM_FIELDS = {"input": "Upload a clip", "source_prompt": "Source prompt", "target_prompt": "Target prompt", "boxes": "Boxes",
+               "mask": "Mask upload", "preset": "Preset", "steps": "Steps", "lr": "Learning rate",
+               "guidance_scale": "Guidance scale", "seed": "Seed", "plan": "Plan", "frames": "Frames"}
 VIEW_HEIGHT = 192  # the side-by-side player's video is enlarged (nearest) to at least this height
 
 
@@ -106,15 +110,15 @@ class EditService:
             if mask_mode not in ("auto", "none"):
                 raise FastDMError(f"mask mode {mask_mode!r}: choose auto or none")
             mask = mask_mode
-        for flag, v in (("--steps", steps), ("--lr", lr), ("--guidance-scale", guidance), ("--seed", seed)):
+        for name, v in (("steps", steps), ("lr", lr), ("guidance_scale", guidance), ("seed", seed)):
             if v is None:
-                raise FastDMError(f"{flag} is empty; give a number")
+                raise BadInput(f"`{name}` is empty; give a number", field=name)
         if steps != int(steps):
-            raise FastDMError(f"--steps must be a positive integer, got {steps}")
+            raise BadInput(f"`steps` must be a positive integer, got {steps}", field="steps")
         if self.max_steps and steps > self.max_steps:
-            raise FastDMError(f"--steps {int(steps)} is above this server's limit of {self.max_steps}; lower it")
+            raise BadInput(f"`steps={int(steps)}` is above this server's limit of {self.max_steps}; lower it", field="steps")
         if seed != int(seed):
-            raise FastDMError(f"--seed must be an integer, got {seed}")
+            raise BadInput(f"`seed` must be an integer, got {seed}", field="seed")
         stem = Path(inp).stem or "video"
         request = edit_request(inp, source or "", target or "", out=run_dir / f"{stem}_edit.mp4", model=self.model,
                                device=self.device, dtype=self.dtype, mask=mask, boxes=boxes,
@@ -124,12 +128,13 @@ class EditService:
 
     @staticmethod
     def _friendly(msg: str, names: dict[str, str]) -> str:
+        msg = spell(msg, FORM_FIELDS)  # parameters as the form's labels
         for path, name in sorted(names.items(), key=lambda kv: -len(kv[0])):
             msg = msg.replace(path, name)
         return msg
 
     def _preview(self, x) -> np.ndarray:
-        from ..driver.pipeline import tensor_to_frames
+        from ..io.tensors import tensor_to_frames
 
         with self.pipe.lock:
             frames = tensor_to_frames(self.pipe.backbone.from_working(x))

@@ -29,7 +29,7 @@ def edit_request(input: str | Path, source_prompt: str, target_prompt: str, *, o
     if backend not in ENGINES:
         raise BadInput(f"unknown backend {backend!r}; choose one of {', '.join(ENGINES)}", field="backend")
     if mask is not None and boxes is not None:
-        raise BadInput("give a mask or boxes, not both (--mask and --boxes exclude each other)", field="mask")
+        raise BadInput("give a mask or boxes, not both (`mask` and `boxes` exclude each other)", field="mask")
     names = {f.name for f in dataclasses.fields(EditRequest)}
     unknown = sorted(set(options) - names)
     if unknown:
