@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import BadInput
+
 _FARNEBACK = dict(pyr_scale=0.5, levels=2, winsize=7, iterations=5, poly_n=5, poly_sigma=1.1, flags=0)
 
 
@@ -37,7 +39,7 @@ def motion_fidelity(source: np.ndarray, edit: np.ndarray, min_motion: float = 0.
     the same pixels. A video without motion in either input scores 1 / 0.
     """
     if source.shape != edit.shape:
-        raise ValueError(f"videos differ in shape: {source.shape} vs {edit.shape}")
+        raise BadInput(f"videos differ in shape: {source.shape} vs {edit.shape}; compare an edit with its own source")
     fs, fe = optical_flow(source), optical_flow(edit)
     ms, me = np.linalg.norm(fs, axis=-1), np.linalg.norm(fe, axis=-1)
     moving = (ms > min_motion) | (me > min_motion)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import BadInput
+
 COLOURS = {
     "red": (255, 0, 0),
     "green": (0, 255, 0),
@@ -41,7 +43,7 @@ def _inside(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
         top, bottom = -r, r * 0.8
         half = (dy - top) / (bottom - top) * r
         return (dy >= top) & (dy <= bottom) & (np.abs(dx) <= half)
-    raise ValueError(f"unknown shape {shape!r}")
+    raise BadInput(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
 
 
 def render_clip(colour: str, shape: str, direction: str, *, size: int = 32, frames: int = 8, radius: float = 7.0,

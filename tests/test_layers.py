@@ -101,3 +101,20 @@ def test_benchmarks_share_one_suite_and_import_no_cycle():
     for user in ("benchmarks.quality", "benchmarks.quality_cascade", "benchmarks.loss_balance", "benchmarks.upscale_settings"):
         assert "benchmarks.suite" in graph.get(user, set()), user
     assert not graph.get("benchmarks.suite", set()) - {"benchmarks.common"}
+
+
+def test_tests_run_from_any_working_directory(tmp_path):
+    """With the package installed, a test that imports benchmarks/ passes when pytest starts elsewhere
+    (tests/ is a package: pytest puts the repository root on the path, not the working directory)."""
+    import os
+    import subprocess
+    import sys
+
+    target = ROOT / "tests" / "test_quality_suite.py"
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:benchmark",  # (pytest-benchmark's
+                        # storage folder, where that plugin happens to be installed)
+                        f"{target}::test_suite_is_fixed_and_each_case_asks_for_a_change"],
+                       cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""}, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "1 passed" in p.stdout
+    assert not any(tmp_path.iterdir())  # and writes nothing where it started

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FastDMError
+from ..errors import BadInput, FastDMError
 from .base import Backbone
 
 
@@ -33,7 +33,7 @@ def from_components(*, denoiser=None, unet=None, transformer=None, text_encoder,
     ``transformer=`` for Wan); exactly one of the three."""
     given = [m for m in (denoiser, unet, transformer) if m is not None]
     if len(given) != 1:
-        raise TypeError("from_components takes exactly one of denoiser=, unet=, transformer=")
+        raise BadInput("from_components takes exactly one of `denoiser`, `unet`, `transformer`")
     denoiser = given[0]
     for cls in _registry():
         if cls.accepts(denoiser):

@@ -67,7 +67,7 @@ class UNet3DBackbone(Backbone):
             prediction_type=str(getattr(scheduler.config, "prediction_type", "epsilon") or "epsilon"),
         )
         if vae is None and unet.config.in_channels != 3:
-            raise ValueError(f"a pixel-space UNet needs 3 input channels, this one has {unet.config.in_channels}")
+            raise Unsupported(f"a pixel-space UNet needs 3 input channels, this one has {unet.config.in_channels}")
 
     @staticmethod
     def accepts(unet) -> bool:

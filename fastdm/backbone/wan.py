@@ -125,7 +125,7 @@ class WanBackbone(Backbone):
         if vae is None:
             factor, self.temporal_factor = 1, 1
             if cfg.in_channels != 3:
-                raise ValueError(f"a pixel-space Wan transformer needs 3 input channels, this one has {cfg.in_channels}")
+                raise Unsupported(f"a pixel-space Wan transformer needs 3 input channels, this one has {cfg.in_channels}")
         else:
             factor = int(vae.config.scale_factor_spatial)
             self.temporal_factor = int(vae.config.scale_factor_temporal)

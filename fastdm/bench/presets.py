@@ -22,6 +22,7 @@ import torch
 
 from ..backbone.base import Backbone
 from ..backbone.components import from_components, write_clip_tokenizer
+from ..errors import BadInput
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 PRESETS = {
@@ -87,7 +88,7 @@ def _wan(device, dtype, size):
 def build_backbone(preset: str, device: str = "cpu", dtype: torch.dtype = torch.float32, size=None) -> Backbone:
     """A backbone of the preset's architecture on ``device`` (``"meta"`` for FLOP counting)."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        raise BadInput(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     size = tuple(size or PRESETS[preset]["size"])
     if preset in ("zeroscope-576w", "modelscope-256"):
         return _zeroscope(device, dtype, size)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import FastDMError, MissingDependency
+from ..errors import FastDMError, MissingDependency, Unsupported
 
 
 class CompiledUNet:
@@ -408,7 +408,7 @@ class TrtUNet:
         current, stream = torch.cuda.current_stream(dev), self._stream(dev)
         stream.wait_stream(current)  # the inputs were written on torch's stream
         if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError("TensorRT execution failed")
+            raise Unsupported("TensorRT failed to run the engine (see its log); use `backend=eager`")
         # torch reads the outputs, and reuses the inputs' memory, only after TensorRT is done with
         # them: every later kernel on torch's stream is ordered after this wait
         current.wait_stream(stream)
