@@ -33,7 +33,7 @@ def from_components(*, denoiser=None, unet=None, transformer=None, text_encoder,
     ``transformer=`` for Wan); exactly one of the three."""
     given = [m for m in (denoiser, unet, transformer) if m is not None]
     if len(given) != 1:
-        raise BadInput("from_components takes exactly one of `denoiser`, `unet`, `transformer`")
+        raise BadInput("from_components takes exactly one of its denoiser=, unet= and transformer= arguments")
     denoiser = given[0]
     for cls in _registry():
         if cls.accepts(denoiser):
