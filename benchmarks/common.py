@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastdm.machine import machine_description, machine_name, runs_machines  # noqa: F401  (re-exported)
+from fastdm.machine import machine_description, machine_name, mixed_stem, runs_machines  # noqa: F401  (re-exported)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = RESULTS.parent.parent

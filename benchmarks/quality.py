@@ -36,6 +36,7 @@ from benchmarks.common import (
     denoiser_hash,
     machine_description,
     machine_name,
+    mixed_stem,
     model_stem,
     repo_relative,
     runs_machines,
@@ -228,13 +229,16 @@ def markdown(summary: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def models_table(machine: str) -> tuple[dict, str] | None:
+def models_table(machine: str, dit_machine: str | None = None) -> tuple[dict, str, str] | None:
     """The bundled UNet model and shapes-dit side by side: each config on the cases both models have
-    runs for (at each model's current steps, lr and defaults), from the two run caches."""
-    stems = {"shapes (UNet3D)": "quality", "shapes-dit (Wan transformer)": "quality-shapes-dit"}
+    runs for (at each model's current steps, lr and defaults), from the two run caches (``machine``'s and
+    ``dit_machine``'s, default the same). Returns the table, its markdown and the machine stem it is named
+    after: the two caches' own when they agree, else ``cpu-mixed-...``."""
+    dit_machine = dit_machine or machine
+    stems = {"shapes (UNet3D)": ("quality", machine), "shapes-dit (Wan transformer)": ("quality-shapes-dit", dit_machine)}
     per_model = {}
-    for label, stem in stems.items():
-        summary_file, cache = RESULTS / f"{stem}-{machine}.json", RESULTS / f"{stem}-{machine}.runs.jsonl"
+    for label, (stem, on) in stems.items():
+        summary_file, cache = RESULTS / f"{stem}-{on}.json", RESULTS / f"{stem}-{on}.runs.jsonl"
         if not (summary_file.exists() and cache.exists()):
             return None
         meta = json.loads(summary_file.read_text())["meta"]
@@ -258,19 +262,24 @@ def models_table(machine: str) -> tuple[dict, str] | None:
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    lines = [f"# The shapes world on two backbone families ({machine})", "",
+    name = machine if machine == dit_machine else mixed_stem(machine)
+    meta = {"machine": name, "machine_description": "; ".join(f"{label}: {m['machine_description']}" for label, (m, _) in per_model.items()),
+            "sources": [f"{stem}-{on}" for stem, on in stems.values()]}
+    out = {"meta": meta, "configs": out}
+    lines = [f"# The shapes world on two backbone families ({name})", "",
+             f"Machines: {meta['machine_description']}.", "",
              "The same suite, edits and metrics on the bundled UNet3D model and on shapes-dit (a Wan 2.1 "
              "transformer, flow matching, pixel space), each config on the cases both models have runs for. "
-             "Machines and per-model details: quality-" + machine + ".md and quality-shapes-dit-" + machine + ".md.", "",
+             "Per-model details: " + " and ".join(f"{x}.md" for x in meta["sources"]) + ".", "",
              "| config | model | edits | colour success | shape success | mean drift (px) | object lost | motion fidelity | "
              "flow EPE (px) | frame consistency | s / edit (median) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, by_model in out.items():
+    for config, by_model in out["configs"].items():
         for label, s in by_model.items():
-            lines.append(f"| {name} | {label} | {s['edits']} | {f(s['colour_success'], '.0%')} | {f(s['shape_success'], '.0%')} | "
+            lines.append(f"| {config} | {label} | {s['edits']} | {f(s['colour_success'], '.0%')} | {f(s['shape_success'], '.0%')} | "
                          f"{f(s['mean_drift_px'], '.2f')} | {s['object_lost']} | {s['motion_fidelity']:.3f} | "
                          f"{s['flow_epe_px']:.2f} | {s['frame_consistency']:.3f} | {s['seconds_per_edit']:.0f} |")
-    return out, "\n".join(lines) + "\n"
+    return out, "\n".join(lines) + "\n", name
 
 
 # the automatic mask's settings compared by --mask-iou (the first is fastdm's default)
@@ -330,8 +339,10 @@ def main() -> None:
                     help="the cascaded rows instead: each case at 64x64 through an edit -> upscale cascade, beside the "
                          "same edit upsampled bicubically (benchmarks/quality_cascade.py); writes results/quality-cascade-<machine>.*")
     ap.add_argument("--machine", default=None, metavar="STEM",
-                    help="use the run cache and result files of this machine stem instead of this machine's (e.g. with "
-                         "--minutes 0: re-write a table from its cache); new runs are recorded with this machine's own name")
+                    help="re-write the tables of this machine stem's run cache (no edits run: another machine's cache "
+                         "never gets this machine's runs)")
+    ap.add_argument("--dit-machine", default=None, metavar="STEM",
+                    help="the machine stem of the shapes-dit cache for the two-model table (default: --machine's)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="sweep: override an EditConfig setting for every config (repeatable); such runs are "
                          "reported in the sweep table beside the same cases at the defaults, never in the main table")
@@ -348,6 +359,10 @@ def main() -> None:
     model = resolve_model(args.model)
     denoiser, model_hash = denoiser_hash(model)
     machine = args.machine or machine_name()
+    if machine != machine_name():  # another machine's cache: re-write its tables, never add this machine's runs to it
+        if args.mask_iou or args.cascade:
+            raise SystemExit(f"error: --machine {machine} only re-writes that machine's tables; drop --mask-iou/--cascade")
+        args.minutes = 0
     stem = model_stem("quality", model)
     cache = RESULTS / f"{stem}-{machine}.runs.jsonl"
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -425,9 +440,9 @@ def main() -> None:
     j, m = write_results(f"{stem}-{machine}", {"meta": meta, "summary": summary, "mask_axis": axis, "sweep": sweep, "suite": suite}, md)
     print(md)
     print("wrote", j, m)
-    both = models_table(machine)
+    both = models_table(machine, args.dit_machine)
     if both:
-        print("wrote", *write_results(f"quality-models-{machine}", {"configs": both[0]}, both[1]))
+        print("wrote", *write_results(f"quality-models-{both[2]}", both[0], both[1]))
 
 
 if __name__ == "__main__":

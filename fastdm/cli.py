@@ -12,7 +12,7 @@ from .backbone.loader import DTYPES
 from .driver.config import LR_SCHEDULES, MASK_SCOPES, OPTIMIZERS, PRESETS, T_SCHEDULES, EditConfig, config_from_preset
 from .driver.engines import ENGINES
 from .driver.plan import PLANS
-from .errors import FastDMError, spell
+from .errors import FastDMError, flags_of, spell
 
 _DEFAULTS = EditConfig("source", "target")  # one source of truth for the defaults the help shows
 _PAPER = config_from_preset("paper", "source", "target")
@@ -54,11 +54,6 @@ def _steps(text: str) -> int | str:
     except ValueError:
         raise argparse.ArgumentTypeError(f"--steps must be a positive integer or auto, got {text!r}") from None
     return n
-
-
-def flags_of(parser: argparse.ArgumentParser) -> dict[str, str]:
-    """Parameter name -> the long option that sets it (``guidance_scale`` -> ``--guidance-scale``)."""
-    return {a.dest: max(a.option_strings, key=len) for a in parser._actions if a.option_strings and a.dest != "help"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -75,9 +75,15 @@ def spell(message: str, flags: Mapping[str, str]) -> str:
     return _MARK.sub(one, message)
 
 
+def flags_of(parser) -> dict[str, str]:
+    """An ``argparse`` parser's parameter names -> the long option that sets each (``guidance_scale`` ->
+    ``--guidance-scale``): what a command line passes to :func:`spell`."""
+    return {a.dest: max(a.option_strings, key=len) for a in parser._actions if a.option_strings and a.dest != "help"}
+
+
 def parameters(message: str) -> list[str]:
     """The parameter names a message marks, in order."""
     return [m.group(1) for m in _MARK.finditer(message)]
 
 
-__all__ = ["BadInput", "Diverged", "FastDMError", "MissingDependency", "ResumeMismatch", "Unsupported", "parameters", "spell"]
+__all__ = ["BadInput", "Diverged", "FastDMError", "MissingDependency", "ResumeMismatch", "Unsupported", "flags_of", "parameters", "spell"]

@@ -41,6 +41,13 @@ def cpu_stem(model: str | None = None, cores: int | None = None, arch: str | Non
     return f"cpu-{model}-{cores or os.cpu_count()}core-{arch or platform.machine()}"
 
 
+def mixed_stem(stem: str) -> str:
+    """The stem of a table whose runs come from more than one machine: ``cpu-<model>-2core-x86_64`` ->
+    ``cpu-mixed-2core-x86_64`` (cores and architecture kept); any other stem -> ``mixed``."""
+    m = re.fullmatch(r"cpu-.+?-(\d+core-.+)", stem)
+    return f"cpu-{MIXED}-{m.group(1)}" if m else MIXED
+
+
 def machine_name(device: str = "cpu") -> str:
     """A short, file-name-safe name of the machine a result comes from (see the module doc)."""
     if device.startswith("cuda"):

@@ -103,7 +103,8 @@ SETTINGS = {
                 **_COMMON},
     "refine": {"size": None, "strength": 0.8, **_COMMON},
 }
-# Every stage setting's schema; ``description`` is what an error says the value must be.
+# Every stage setting's schema; ``description`` is what an error says the value must be. As JSON Schema
+# has it, a number with no fraction (8.0) is an integer: it is accepted and used as 8.
 _INT1 = {"type": "integer", "minimum": 1, "description": "an integer >= 1"}
 STAGE_SETTINGS = {
     "model": {"type": "string", "minLength": 1, "description": "a folder path (a local diffusers-format folder)"},
@@ -124,7 +125,10 @@ STAGE_SETTINGS = {
 
 def stage_schema(kind: str, settings: tuple[str, ...]) -> dict:
     """The JSON Schema of one cascade stage of ``kind`` taking ``settings`` (besides ``kind`` and ``model``)."""
-    props = {"kind": {"const": kind}, "model": STAGE_SETTINGS["model"], **{k: STAGE_SETTINGS[k] for k in settings}}
+    model = STAGE_SETTINGS["model"]
+    if kind == "edit":  # the edit stage's model may be left out or null: --model or the bundled model
+        model = {"anyOf": [model, {"type": "null"}], "description": model["description"] + " or null"}
+    props = {"kind": {"const": kind}, "model": model, **{k: STAGE_SETTINGS[k] for k in settings}}
     return {"type": "object", "properties": props, "required": ["kind"] + (["model"] if kind != "edit" else []),
             "additionalProperties": False}
 
@@ -152,7 +156,7 @@ def stage_errors(raw: dict, kind: str, settings: tuple[str, ...]) -> list[str]:
             msg = f"unknown setting(s) {', '.join(unknown)}; {'an' if kind[0] in 'aeiou' else 'a'} {kind} stage takes model, {', '.join(settings)}"
         else:
             key = err.path[0] if err.path else None
-            desc = STAGE_SETTINGS.get(key, {}).get("description", err.message)
+            desc = schema["properties"].get(key, {}).get("description", err.message)
             msg = f"'{key}' must be {desc}, got {raw[key]!r}" if key in raw else err.message
         if msg not in out:
             out.append(msg)

@@ -346,3 +346,39 @@ def test_bundled_cascade_fits_the_declared_schema():
     c = load_cascade("shapes")
     assert [s.kind for s in c.stages][0] == "edit"
     assert all(isinstance(v, int) for s in c.stages for k, v in s.settings.items() if k in ("steps", "seed", "window"))
+
+
+GOOD_STAGES = [
+    {"kind": "edit", "model": None},
+    {"kind": "upscale", "model": "m", "steps": 8.0, "size": [64.0, 40.0]},  # JSON Schema: 8.0 is an integer
+    {"kind": "refine", "model": "m", "strength": 1, "size": None},
+    {"kind": "interpolate", "model": "m", "factor": 2, "start": "noise", "negative_prompt": ""},
+]
+
+
+@pytest.mark.parametrize("stage", GOOD_STAGES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_declared_cascade_schema_and_parser_accept_the_same_stages(stage):
+    import jsonschema
+
+    from fastdm.cascade.spec import parse_cascade
+    from fastdm.schema import cascade_schema
+
+    data = {"stages": [{"kind": "edit"}, stage] if stage["kind"] != "edit" else [stage], "description": "d"}
+    jsonschema.validate(data, cascade_schema())
+    c = parse_cascade(data, source="t.json", base_dir=Path("."))
+    got = c.stages[-1].settings
+    assert all(type(got[k]) is int for k in ("steps", "factor") if k in got)
+    assert got.get("size") in (None, [64, 40]) and all(type(v) is int for v in got.get("size") or [])
+
+
+def test_cascade_description_must_be_a_string():
+    import jsonschema
+
+    from fastdm.cascade.spec import parse_cascade
+    from fastdm.errors import BadInput
+    from fastdm.schema import cascade_schema
+
+    data = {"stages": [{"kind": "edit"}], "description": 3}
+    assert list(jsonschema.Draft202012Validator(cascade_schema()).iter_errors(data))
+    with pytest.raises(BadInput, match="'description' must be a string"):
+        parse_cascade(data, source="t.json", base_dir=Path("."))

@@ -12,28 +12,33 @@ import pytest
 from fastdm.errors import BadInput, parameters, spell
 
 ROOT = Path(__file__).resolve().parents[1]
-ERRORS = {"FastDMError", "BadInput", "Unsupported", "MissingDependency", "Diverged", "ResumeMismatch"}
 # front ends whose own command lines their messages may name
 FRONT_ENDS = {"fastdm/cli.py", "fastdm/service/batch.py", "fastdm/service/app.py", "fastdm/bench/harness.py"}
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z-]+")
 
 
-def _texts(node: ast.AST) -> list[str]:
-    return [n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+def _text(node: ast.AST) -> str | None:
+    """A string literal's text; an f-string's with each interpolated value as ``X`` (so that a mark such as
+    `` `resume={folder}` `` reads as `` `resume=X` ``)."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        return "".join(v.value if isinstance(v, ast.Constant) else "X" for v in node.values)
+    return None
 
 
 def _messages(path: Path) -> list[tuple[int, str]]:
-    out = []
+    """Every string of a module but its docstrings: error messages, refusal reasons a function returns,
+    hints built in variables, message constants."""
     tree = ast.parse(path.read_text())
+    skip = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call):
-            f = node.func
-            name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
-            if name in ERRORS or (name == "append" and getattr(getattr(f, "value", None), "id", "") == "reasons"):
-                out += [(node.lineno, t) for a in node.args for t in _texts(a)]
-        elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id.isupper() for t in node.targets):
-            out += [(node.lineno, t) for t in _texts(node.value) if "use " in t or "must" in t]  # message constants
-    return out
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body \
+                and isinstance(node.body[0], ast.Expr):
+            skip.add(id(node.body[0].value))
+        if isinstance(node, ast.JoinedStr):
+            skip.update(id(v) for v in node.values)  # the parts: read as the whole f-string
+    return [(node.lineno, t) for node in ast.walk(tree) if id(node) not in skip and (t := _text(node)) is not None]
 
 
 def test_api_messages_name_no_flags():
@@ -73,7 +78,7 @@ def test_every_parameter_a_message_marks_is_a_parameter():
         if path.relative_to(ROOT).as_posix() in FRONT_ENDS:
             continue
         for _, text in _messages(path):
-            unknown |= {p for p in parameters(text) if p not in flags}
+            unknown |= {p for p in parameters(text) if p not in flags and p != "X"}  # X: a name interpolated, `{name}`
     assert not unknown, f"marked names that are no parameter: {sorted(unknown)}"
 
 
@@ -93,7 +98,32 @@ def test_api_error_names_the_parameter_and_cli_names_the_flag(tmp_path, capsys):
 
 
 def test_the_app_names_its_form_fields():
-    from fastdm.service.app import FORM_FIELDS
+    from fastdm.service.app import FORM_FIELDS, EditService
 
     assert spell("`steps=500` is above this server's limit of 200; lower it", FORM_FIELDS) == (
         "Steps 500 is above this server's limit of 200; lower it")
+    # what the page shows: form labels for the marks, the output folder for its path
+    assert EditService._friendly("`seed` must be an integer, got 0.5 (in /tmp/x/run1)", {"/tmp/x/run1": "the output folder"}) == (
+        "Seed must be an integer, got 0.5 (in the output folder)")
+
+
+@pytest.mark.parametrize("command", ["fastdm.service.batch", "fastdm.service.app"])
+def test_other_commands_spell_api_errors_as_their_flags(command, tmp_path, capsys):
+    """fastdm-batch and fastdm-app check --model through the API: their one line names their own flag."""
+    import importlib
+
+    main = importlib.import_module(command).main
+    missing = tmp_path / "nowhere"
+    if command.endswith("batch"):
+        manifest = tmp_path / "m.jsonl"
+        manifest.write_text('{"input": "x.gif", "source_prompt": "a", "target_prompt": "b"}\n')
+        argv = [str(manifest), "--out", str(tmp_path / "out"), "--model", str(missing)]
+    else:
+        argv = ["--model", str(missing), "--out-dir", str(tmp_path / "out")]
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # (a command may exit through argparse)
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "--model" in err and "`" not in err, err

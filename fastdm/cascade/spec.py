@@ -85,6 +85,8 @@ def parse_cascade(data, *, source: str, base_dir: Path, builtin: str | None = No
     """Check a cascade's JSON object and resolve its model paths (relative to ``base_dir``)."""
     if not isinstance(data, dict) or set(data) - {"stages", "description"} or not isinstance(data.get("stages"), list):
         raise BadInput(f"cascade {source}: must be a JSON object {{\"stages\": [...]}} (optionally with \"description\")")
+    if not isinstance(data.get("description", ""), str):
+        raise BadInput(f"cascade {source}: 'description' must be a string")
     if not data["stages"]:
         raise BadInput(f"cascade {source}: 'stages' is empty; list an edit stage and the stages after it")
     stages = []

@@ -89,5 +89,5 @@ def fit_plan(make_step, backbone, x: torch.Tensor, x_src: torch.Tensor, budget: 
             return plan, probes
     need = min(probes.values())
     need_s = "more than the GPU has" if need == float("inf") else f"{need / 2**30:.2f} GiB"
-    raise FastDMError(f"`memory_budget={budget / 2**30:.2f}` GiB is too small: even the lean plan needs {need_s}; "
+    raise FastDMError(f"`memory_budget` ({budget / 2**30:.2f} GiB) is too small: even the lean plan needs {need_s}; "
                       "use fewer `frames`, a smaller `size` or a larger budget")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BadInput, FastDMError, MissingDependency, spell
+from ..errors import BadInput, FastDMError, MissingDependency, flags_of, spell
 from ..request import EditRequest
 from .jobs import edit_request
 
@@ -334,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import sys
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         _require_gradio()
         from ..backbone import default_model_path
@@ -361,8 +362,8 @@ def main(argv: list[str] | None = None) -> int:
             raise FastDMError(f"cannot listen on {args.host}:{args.port} ({e}); pass another --port") from None
         print(f"{PROG}: serving on http://{args.host}:{args.port} (outputs in {out_root}); Ctrl+C stops", flush=True)
         demo.block_thread()
-    except FastDMError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+    except FastDMError as e:  # the API's parameter names, spelled as this command's flags
+        print(f"{PROG}: error: {spell(str(e), flags_of(parser))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 0

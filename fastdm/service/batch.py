@@ -36,11 +36,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import FastDMError, MissingDependency
+from ..errors import FastDMError, MissingDependency, flags_of, spell
 from ..schema import JOB, OPTIONS, job_errors, settings_schema
 from .jobs import edit_request
 
 PROG = "fastdm-batch"
+# a job's errors name its manifest fields: the request's `out` is the manifest's `output`
+MANIFEST_NAMES = {"out": "`output`"}
 INSTALL_HINT = "pip install 'fastdm[batch]'"
 RESULTS = "results.jsonl"
 SUMMARY = "summary.json"
@@ -260,7 +262,7 @@ class Worker:
                        timings={"job_s": round(time.perf_counter() - t0, 3), "read_s": t.get("load_s"),
                                 "step_mean_s": t.get("step_mean_s"), "edit_s": t.get("total_s")})
         except FastDMError as e:
-            rec.update(status="failed", error=str(e), code=e.code, timings={"job_s": round(time.perf_counter() - t0, 3)})
+            rec.update(status="failed", error=spell(str(e), MANIFEST_NAMES), code=e.code, timings={"job_s": round(time.perf_counter() - t0, 3)})
         except Exception as e:  # noqa: BLE001 - an internal error: recorded, never retried (it would fail again)
             rec.update(status="failed", error=f"internal error: {type(e).__name__}: {e}".replace("\n", " "),
                        timings={"job_s": round(time.perf_counter() - t0, 3)})
@@ -331,7 +333,7 @@ class BatchRunner:
                     check_job(job, self.out, model=self.model)
                     runnable.append(job)
                 except FastDMError as e:
-                    rejected.append((job, str(e)))
+                    rejected.append((job, spell(str(e), MANIFEST_NAMES)))
             if rejected and self.strict:
                 raise ManifestError([f"{self.manifest}:{j.line}: {msg}" for j, msg in rejected])
             for job, msg in rejected:
@@ -540,7 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         _require_ray()
         runner = BatchRunner(args.manifest, args.out, workers=args.workers, address=args.address, model=args.model,
@@ -553,8 +556,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{PROG}: error: {err}", file=sys.stderr)
         print(f"{PROG}: error: {len(e.errors)} error(s) above; fix them and run again (nothing was run)", file=sys.stderr)
         return 2
-    except FastDMError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+    except FastDMError as e:  # the API's parameter names, spelled as this command's flags
+        print(f"{PROG}: error: {spell(str(e), flags_of(parser))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; finished jobs are in {Path(args.out) / RESULTS}, run again to go on", file=sys.stderr)
