@@ -142,6 +142,28 @@ def cascade_schema() -> dict:
             "required": ["stages"], "additionalProperties": False}
 
 
+def _types(schema: dict) -> set[str]:
+    return {schema["type"]} if "type" in schema else set().union(*(_types(s) for s in schema.get("anyOf", [])))
+
+
+def as_declared(settings: dict) -> dict:
+    """Stage settings that fit their schema, in the Python types it declares: a JSON 8.0 where an integer is
+    declared is 8, a number is a float, a size's items are ints (from ``STAGE_SETTINGS``, not a second list)."""
+    out = dict(settings)
+    for key, v in settings.items():
+        schema = STAGE_SETTINGS.get(key)
+        if v is None or schema is None:
+            continue
+        types = _types(schema)
+        if "integer" in types:
+            out[key] = int(v)
+        elif "number" in types:
+            out[key] = float(v)
+        elif "array" in types:
+            out[key] = [int(x) for x in v]
+    return out
+
+
 def stage_errors(raw: dict, kind: str, settings: tuple[str, ...]) -> list[str]:
     """Every problem of one stage of a known kind, one line each (empty when it fits its schema)."""
     import jsonschema

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BadInput
-from ..schema import KINDS, SETTINGS, stage_errors  # noqa: F401  (KINDS, SETTINGS: the declarations, re-exported)
+from ..schema import KINDS, SETTINGS, as_declared, stage_errors  # noqa: F401  (KINDS, SETTINGS: the declarations, re-exported)
 
 BUILTIN = {"shapes": "shapes.json"}  # --cascade NAME -> fastdm/assets/cascades/NAME.json
 
@@ -64,15 +64,7 @@ def _check_settings(label: str, kind: str, raw: dict) -> dict:
     errors = stage_errors({"kind": kind, **raw}, kind, tuple(SETTINGS[kind]))
     if errors:
         raise BadInput(f"{label}: {errors[0]}", field="cascade")
-    s = {**SETTINGS[kind], **{k: v for k, v in raw.items() if k != "model"}}
-    for key in ("guidance_scale", "strength"):
-        if key in s:
-            s[key] = float(s[key])
-    for key in ("steps", "window", "stride", "factor", "scale", "frames", "seed", "noise_level"):
-        if s.get(key) is not None:
-            s[key] = int(s[key])  # JSON 8.0 is an integer to the schema
-    if s.get("size") is not None:
-        s["size"] = [int(s["size"][0]), int(s["size"][1])]
+    s = as_declared({**SETTINGS[kind], **{k: v for k, v in raw.items() if k != "model"}})  # JSON 8.0 -> 8
     if kind == "upscale" and s["stride"] > s["window"] - 1 and s["window"] > 1:
         raise BadInput(f"{label}: 'stride' {s['stride']} must be < 'window' {s['window']} so that windows overlap "
                        f"(each window's first frame is carried over from the previous one)", field="cascade")
