@@ -202,17 +202,10 @@ def run(request: EditRequest, *, pipe=None, on_step=None, tensor_inputs: tuple[s
     from .backbone import default_model_path
     from .backbone.loader import check_model_folder
     from .driver import DreamMotionPipeline
-    from .io import boxes_to_mask, crop_mask, plan_crop, resize_crop
 
     inp, out, compare, report_path, ckpt_dir = request.paths()
     config = request.config()  # (and the plan's refusals) before anything is read or loaded
-    budget = None
-    if request.memory_budget is not None:
-        if request.plan is not None:
-            raise BadInput("give `plan` or `memory_budget`, not both", field="memory_budget")
-        from .driver.budget import parse_size as parse_bytes
-
-        budget = parse_bytes(request.memory_budget)
+    budget = _budget(request)
     mask_mode = request.mask_mode()
     mask_file = request.mask if mask_mode == "file" else None
     mask_out = out.with_name(f"{out.stem}_mask{out.suffix}") if mask_mode == "auto" else None
@@ -231,26 +224,9 @@ def run(request: EditRequest, *, pipe=None, on_step=None, tensor_inputs: tuple[s
         pipe = DreamMotionPipeline.from_pretrained(request.model, request.device, request.dtype, allow_pickle=request.allow_pickle,
                                                    trust_remote_code=request.trust_remote_code, attention=request.attention,
                                                    release_text_encoder=True)
-    info = pipe.backbone.info
-    size = request.size or info.native_size
-    if size[0] % info.size_multiple or size[1] % info.size_multiple:
-        raise BadInput(f"`size={size[0]}x{size[1]}`: width and height must be multiples of {info.size_multiple} for this model",
-                       field="size")
-    crop = plan_crop(src_size, size)
-    frames = resize_crop(raw, crop)
-    mask = "auto" if mask_mode == "auto" else None
-    if mask_raw is not None:
-        mask = crop_mask(mask_raw, crop)
-    elif boxes is not None:
-        mask = boxes_to_mask(boxes, indices=indices, src_size=src_size, crop=crop)
+    frames, mask = _working_frames(request, pipe, raw, indices, src_size, mask_raw, boxes, mask_mode)
     load_s = time.perf_counter() - t0
-
-    with progress(config.steps, request.quiet or on_step is not None) as bar_step:
-        result = pipe(frames, config=config, mask=mask, callback_on_step_end=on_step or bar_step,
-                      callback_on_step_end_tensor_inputs=tensor_inputs, checkpoint_dir=ckpt_dir,
-                      checkpoint_every=request.checkpoint_every, resume=bool(request.resume),
-                      plan=None if budget is not None else (request.plan or "fast"), backend=request.backend,
-                      memory_budget=budget, compile_grad=request.compile_grad)
+    result = _edit(request, pipe, config, frames, mask, budget, ckpt_dir, on_step, tensor_inputs)
     report = result.report
     report["input"] = {"path": str(inp), "fps": fps, "source_size": list(src_size), "frame_indices": indices,
                        "mask": request.mask, "boxes": request.boxes}
@@ -273,6 +249,90 @@ def run(request: EditRequest, *, pipe=None, on_step=None, tensor_inputs: tuple[s
               f"backward model evaluations, {t['step_mean_s']} s/step, plan {report['plan']['name']}, engine {report['backend']}, "
               f"peak memory {report['peak_memory_bytes'] / 2**20:.0f} MiB)")
     return result
+
+
+def _budget(request: EditRequest):
+    if request.memory_budget is None:
+        return None
+    if request.plan is not None:
+        raise BadInput("give `plan` or `memory_budget`, not both", field="memory_budget")
+    from .driver.budget import parse_size as parse_bytes
+
+    return parse_bytes(request.memory_budget)
+
+
+def _working_frames(request: EditRequest, pipe, raw, indices, src_size, mask_raw, boxes, mask_mode):
+    """The frames resized and centre-cropped to the working size (``size``, else the model's), and the
+    mask to edit with: the given one or the boxes' cropped alike, ``"auto"``, or None."""
+    from .io import boxes_to_mask, crop_mask, plan_crop, resize_crop
+
+    info = pipe.backbone.info
+    size = request.size or info.native_size
+    if size[0] % info.size_multiple or size[1] % info.size_multiple:
+        raise BadInput(f"`size={size[0]}x{size[1]}`: width and height must be multiples of {info.size_multiple} for this model",
+                       field="size")
+    crop = plan_crop(src_size, size)
+    frames = resize_crop(raw, crop)
+    mask = "auto" if mask_mode == "auto" else None
+    if mask_raw is not None:
+        mask = crop_mask(mask_raw, crop)
+    elif boxes is not None:
+        mask = boxes_to_mask(boxes, indices=indices, src_size=src_size, crop=crop)
+    return frames, mask
+
+
+def _edit(request: EditRequest, pipe, config, frames, mask, budget, ckpt_dir, on_step, tensor_inputs):
+    with progress(config.steps, request.quiet or on_step is not None) as bar_step:
+        return pipe(frames, config=config, mask=mask, callback_on_step_end=on_step or bar_step,
+                    callback_on_step_end_tensor_inputs=tensor_inputs, checkpoint_dir=ckpt_dir,
+                    checkpoint_every=request.checkpoint_every, resume=bool(request.resume),
+                    plan=None if budget is not None else (request.plan or "fast"), backend=request.backend,
+                    memory_budget=budget, compile_grad=request.compile_grad)
+
+
+def edit_frames(request: EditRequest, raw, *, pipe, mask=None, boxes: str | None = None, on_step=None,
+                tensor_inputs: tuple[str, ...] = ("losses",)):
+    """One edit of frames held in memory (a ComfyUI IMAGE batch, a service's decoded clip): the checks
+    :func:`run` makes of the settings, the crop to the working size, the mask, the edit. Nothing is
+    read or written; ``request.input`` names the frames in messages.
+
+    ``raw``: ``(F, H, W, 3)`` uint8 frames at their own size. ``mask``: ``(F, H, W)`` or ``(H, W)`` (one for
+    every frame) with values in [0, 1], 1 = editable, at the frames' size; ``boxes``: the boxes JSON
+    text (:func:`fastdm.io.masks.read_boxes`' format, in the frames' pixels); neither: ``request.mask``
+    decides (``"auto"``, the default, or ``"none"``). Returns ``(result, working-size frames)``."""
+    import numpy as np
+
+    from .io.masks import check_boxes
+
+    config = request.config()
+    budget = _budget(request)
+    raw = np.asarray(raw)
+    if raw.ndim != 4 or raw.shape[-1] != 3 or raw.dtype != np.uint8 or raw.shape[0] < 1:
+        raise BadInput(f"{request.input}: frames must be a (frames, height, width, 3) uint8 array, got {raw.dtype} {tuple(raw.shape)}",
+                       field="input")
+    f, h, w = raw.shape[:3]
+    if mask is not None and boxes:
+        raise BadInput("give a mask or boxes, not both", field="boxes")
+    mask_raw = boxes_data = None
+    if mask is not None:
+        m = np.asarray(mask, dtype=np.float32)
+        if m.ndim == 2:
+            m = m[None]
+        if m.ndim != 3 or m.shape[1:] != (h, w) or m.shape[0] not in (1, f):
+            raise BadInput(f"the mask is {'x'.join(map(str, m.shape))} (frames x height x width) but the frames are {f}x{h}x{w}; "
+                           "give one mask per frame, or one for every frame, at the frames' size", field="mask")
+        mask_raw = np.broadcast_to((m > 0.5).astype(np.uint8) * 255, (f, h, w))
+        mode = "file"
+    elif boxes:
+        boxes_data = check_boxes(boxes, name="the boxes", src_size=(w, h), total_frames=f)
+        mode = "none"
+    else:
+        mode = request.mask_mode()
+        if mode == "file":
+            raise BadInput("`mask` here is an array, \"auto\" or \"none\"; pass the array as mask=", field="mask")
+    frames, working_mask = _working_frames(request, pipe, raw, list(range(f)), (w, h), mask_raw, boxes_data, mode)
+    result = _edit(request, pipe, config, frames, working_mask, budget, None, on_step, tensor_inputs)
+    return result, frames
 
 
 def _mask_frames(mask, like):
@@ -304,4 +364,4 @@ def write_outputs(result, frames, fps, out: Path, compare: Path | None, report_p
     return [*written, str(report_path)]
 
 
-__all__ = ["EditRequest", "FastDMError", "parse_size", "progress", "quiet_libraries", "run", "write_outputs"]
+__all__ = ["EditRequest", "FastDMError", "edit_frames", "parse_size", "progress", "quiet_libraries", "run", "write_outputs"]

@@ -13,6 +13,7 @@ example manifest, torn results lines, and the message without Ray.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -208,3 +209,62 @@ def test_without_ray_the_command_says_how_to_install(tmp_path, capsys, monkeypat
     assert main([str(m), "--out", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err
     assert err == "fastdm-batch: error: Ray is not installed; install it with: pip install 'fastdm[batch]'\n"
+
+
+def _has_hf_kernels() -> bool:
+    import importlib.metadata as md
+
+    try:
+        md.version("kernels")
+    except md.PackageNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_hf_kernels(), reason="needs Hugging Face's `kernels` installed (the pinned test set has it)")
+def test_a_worker_that_cannot_start_reports_its_innermost_error(tmp_path):
+    """Ray workers put the working directory first on sys.path: a folder `kernels/` there that is not
+    Hugging Face's makes diffusers fail deep inside the worker's __init__ (the bug a top-level
+    kernels/__init__.py caused). The job's record and the printed table carry the ImportError itself."""
+    work = tmp_path / "work"
+    (work / "kernels").mkdir(parents=True)
+    (work / "kernels" / "__init__.py").write_text("# not Hugging Face's kernels\n")
+    manifest = work / "jobs.jsonl"
+    manifest.write_text(json.dumps({"input": str(CLIPS / GOOD[0][0]), "source_prompt": GOOD[0][1], "target_prompt": GOOD[0][2],
+                                    "steps": 1, "frames": FRAMES}) + "\n")
+    out = tmp_path / "runs"
+    script = Path(sys.executable).parent / "fastdm-batch"  # (its own folder on sys.path, not the working directory)
+    p = subprocess.run([str(script),
+                        str(manifest), "--out", str(out), "--workers", "1", "--max-retries", "1"],
+                       cwd=work, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 3, (p.stdout[-2000:], p.stderr[-3000:])
+    (rec,) = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines() if ln.strip()]
+    assert rec["status"] == "failed" and rec["deaths"] == 0 and rec["attempts"] == 1, rec
+    assert "ImportError: cannot import name" in rec["error"] and str(work / "kernels") in rec["error"], rec["error"]
+    assert rec["error"].startswith("its worker could not start: ") and "/tmp/ray" in rec["error"]
+    assert "\x1b" not in (out / "results.jsonl").read_text() and "ray::Worker" not in rec["error"]
+    assert "ImportError: cannot import name" in p.stdout + p.stderr  # the printed table says it too
+
+
+def test_actor_errors_become_one_plain_line():
+    pytest.importorskip("ray")
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    try:
+        try:
+            raise ImportError("cannot import name 'X' from 'kernels' (/r/kernels/__init__.py)")
+        except ImportError as inner:
+            raise RuntimeError("Failed to import diffusers.loaders.peft because of the following error") from inner
+    except RuntimeError as e:
+        err = e
+    assert batch.innermost_error(err) == ("ImportError: cannot import name 'X' from 'kernels' (/r/kernels/__init__.py) "
+                                          "(raised under RuntimeError: Failed to import diffusers.loaders.peft because "
+                                          "of the following error)")
+    import traceback
+
+    tb = "".join(traceback.format_exception(err))
+    died = ActorDiedError(RayTaskError("\x1b[36mray::Worker.__init__()\x1b[39m", tb, err))
+    line = batch.actor_error_line(died)
+    assert line == "ImportError: cannot import name 'X' from 'kernels' (/r/kernels/__init__.py)", line
+    plain = ActorDiedError()  # a death with no known cause
+    assert "\x1b" not in batch.actor_error_line(plain) and "\n" not in batch.actor_error_line(plain)

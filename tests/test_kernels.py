@@ -29,7 +29,7 @@ from fastdm.losses import spatial_ssm_loss, temporal_ssm_loss
 
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
-from fastdm.kernels import not_supported_reasons  # noqa: E402
+from fastdm.kernels.dispatch import not_supported_reasons  # noqa: E402
 
 from .test_losses import ref_spatial, ref_temporal, rel  # noqa: E402
 
@@ -118,7 +118,7 @@ def test_refusals_say_why():
 
 
 def test_auto_uses_torch_on_cpu_and_triton_on_cuda(monkeypatch):
-    import fastdm.kernels as K
+    import fastdm.kernels.dispatch as K
 
     called = []
     monkeypatch.setattr(K, "spatial_ssm_loss", lambda k, kr: called.append(1) or torch.zeros(()))

@@ -66,17 +66,17 @@ def load_mask(path: str | os.PathLike, *, indices: list[int], src_size: tuple[in
     return crop_mask(read_mask(path, indices=indices, src_size=src_size, total_frames=total_frames), crop)
 
 
-def _parse_boxes(data, path: str, total_frames: int | None) -> dict[int, list[float]]:
+def _parse_boxes(data, what: str, total_frames: int | None) -> dict[int, list[float]]:
     """Accept ``[[x0,y0,x1,y1], ...]`` (frame i = item i) or ``{"frame": box}`` (keyframes),
     optionally wrapped as ``{"boxes": ...}``."""
     if isinstance(data, dict) and "boxes" in data:
         data = data["boxes"]
     if isinstance(data, list):
         if data and not isinstance(data[0], list):
-            raise FastDMError(f"boxes file '{path}' must hold a list of boxes [[x0, y0, x1, y1], ...], got a list of {type(data[0]).__name__}")
+            raise FastDMError(f"{what} must hold a list of boxes [[x0, y0, x1, y1], ...], got a list of {type(data[0]).__name__}")
         if total_frames is not None and len(data) not in (1, total_frames):
             raise FastDMError(
-                f"boxes file '{path}' has {len(data)} boxes but the video has {total_frames} frames; give one box per frame, "
+                f"{what} has {len(data)} boxes but the video has {total_frames} frames; give one box per frame, "
                 'a single box for every frame, or keyframes {"0": [x0, y0, x1, y1], "12": [...]}'
             )
         items = dict(enumerate(data))
@@ -84,20 +84,20 @@ def _parse_boxes(data, path: str, total_frames: int | None) -> dict[int, list[fl
         try:
             items = {int(k): v for k, v in data.items()}
         except ValueError:
-            raise FastDMError(f"boxes file '{path}': keys must be frame numbers, e.g. {{\"0\": [x0, y0, x1, y1]}}") from None
+            raise FastDMError(f"{what}: keys must be frame numbers, e.g. {{\"0\": [x0, y0, x1, y1]}}") from None
     else:
-        raise FastDMError(f"boxes file '{path}' must hold a list of [x0, y0, x1, y1] or {{frame: box}}")
+        raise FastDMError(f"{what} must hold a list of [x0, y0, x1, y1] or {{frame: box}}")
     if not items:
-        raise FastDMError(f"boxes file '{path}' holds no boxes; give at least one [x0, y0, x1, y1]")
+        raise FastDMError(f"{what} holds no boxes; give at least one [x0, y0, x1, y1]")
     out = {}
     for k, b in items.items():
         if k < 0:
-            raise FastDMError(f"boxes file '{path}': negative frame number {k}; frames count from 0")
+            raise FastDMError(f"{what}: negative frame number {k}; frames count from 0")
         if total_frames is not None and k >= total_frames:
-            raise FastDMError(f"boxes file '{path}': keyframe {k} is past the video's last frame ({total_frames - 1}); "
+            raise FastDMError(f"{what}: keyframe {k} is past the video's last frame ({total_frames - 1}); "
                               "number frames from 0 in the whole input")
         if not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in b)):
-            raise FastDMError(f"boxes file '{path}': frame {k} box must be [x0, y0, x1, y1] numbers, got {b!r}")
+            raise FastDMError(f"{what}: frame {k} box must be [x0, y0, x1, y1] numbers, got {b!r}")
         out[k] = [float(v) for v in b]
     return out
 
@@ -119,15 +119,30 @@ def read_boxes(path: str | os.PathLike, *, src_size: tuple[int, int], total_fram
         raise FastDMError(f"boxes file '{path}' is not valid JSON ({e}); expected [[x0, y0, x1, y1], ...]") from None
     except RecursionError:
         raise FastDMError(f"boxes file '{path}' is nested too deeply; expected [[x0, y0, x1, y1], ...]") from None
-    boxes = _parse_boxes(data, str(path), total_frames)
+    what = f"boxes file '{path}'"
+    return _check_inside(_parse_boxes(data, what, total_frames), what, src_size)
+
+
+def _check_inside(boxes: dict[int, list[float]], what: str, src_size: tuple[int, int]) -> dict[int, list[float]]:
     w, h = src_size
     for k, (x0, y0, x1, y1) in boxes.items():
         if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
             raise FastDMError(
-                f"boxes file '{path}': frame {k} box {[x0, y0, x1, y1]} is outside the {w}x{h} frame or empty; "
+                f"{what}: frame {k} box {[x0, y0, x1, y1]} is outside the {w}x{h} frame or empty; "
                 f"use input pixels with 0 <= x0 < x1 <= {w} and 0 <= y0 < y1 <= {h}"
             )
     return boxes
+
+
+def check_boxes(text: str, *, name: str, src_size: tuple[int, int], total_frames: int | None = None) -> dict[int, list[float]]:
+    """:func:`read_boxes` of boxes given as JSON text (a form field, a node input), called ``name`` in messages."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FastDMError(f"{name} is not valid JSON ({e}); expected [[x0, y0, x1, y1], ...] or {{\"0\": [x0, y0, x1, y1]}}") from None
+    except RecursionError:
+        raise FastDMError(f"{name} is nested too deeply; expected [[x0, y0, x1, y1], ...]") from None
+    return _check_inside(_parse_boxes(data, name, total_frames), name, src_size)
 
 
 def boxes_to_mask(path: str | os.PathLike | dict, *, indices: list[int], src_size: tuple[int, int], crop: Crop,

@@ -63,11 +63,11 @@ def _resolve(backend: str, name: str, keys: torch.Tensor, keys_ref: torch.Tensor
     if backend == "auto":
         if keys.device.type != "cuda":
             return "torch"
-        from fastdm.kernels import not_supported_reasons
+        from fastdm.kernels.dispatch import not_supported_reasons
 
         return "torch" if not_supported_reasons(keys, keys_ref) else "triton"
     if backend == "triton":
-        from fastdm.kernels import not_supported_reasons
+        from fastdm.kernels.dispatch import not_supported_reasons
 
         reasons = not_supported_reasons(keys, keys_ref)
         if reasons:
@@ -166,7 +166,7 @@ def spatial_ssm_loss(keys: torch.Tensor, keys_ref: torch.Tensor, backend: str = 
     k, kr = _flatten(keys, keys_ref, "spatial_ssm_loss")
     backend = _resolve(backend, "spatial_ssm_loss", k, kr)
     if backend == "triton":
-        from fastdm.kernels import spatial_ssm_loss as triton_loss
+        from fastdm.kernels.dispatch import spatial_ssm_loss as triton_loss
 
         return triton_loss(k, kr)
     if backend == "naive":
@@ -179,7 +179,7 @@ def temporal_ssm_loss(keys: torch.Tensor, keys_ref: torch.Tensor, backend: str =
     k, kr = _flatten(keys, keys_ref, "temporal_ssm_loss")
     backend = _resolve(backend, "temporal_ssm_loss", k, kr)
     if backend == "triton":
-        from fastdm.kernels import temporal_ssm_loss as triton_loss
+        from fastdm.kernels.dispatch import temporal_ssm_loss as triton_loss
 
         return triton_loss(k, kr)
     m, mr = k.float().mean(dim=-2), kr.float().mean(dim=-2)  # (B, F, C)
@@ -203,7 +203,7 @@ def ssm_losses(keys: torch.Tensor, keys_ref: torch.Tensor, backend: str = "auto"
     """(S-SSM, T-SSM) of the same keys. With Triton both share one statistics pass over the keys."""
     k, kr = _flatten(keys, keys_ref, "ssm_losses")
     if _resolve(backend, "ssm_losses", k, kr) == "triton":
-        from fastdm.kernels import ssm_losses as fused
+        from fastdm.kernels.dispatch import ssm_losses as fused
 
         return fused(k, kr)
     return spatial_ssm_loss(k, kr, backend), temporal_ssm_loss(k, kr, backend)

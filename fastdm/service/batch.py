@@ -13,7 +13,9 @@ one-line message, the others run); then each Ray actor loads the pipeline once a
 after job. Each result is appended to ``DIR/results.jsonl`` as it arrives (one ``write`` on an
 ``O_APPEND`` file, then fsync), so a re-run skips what is finished. A job whose worker dies is
 retried on a fresh actor (from its checkpoint with ``--checkpoint-every``) up to
-``--max-retries`` times.
+``--max-retries`` times. A worker that cannot start (its model does not load, a library does not
+import) fails each job it is given at once with the innermost error, not retried (it would fail
+again); Ray's own logs are under /tmp/ray/session_latest/logs.
 
 Exit codes: 0 every job done; 2 bad usage, a manifest error, or (``--strict``) a job that fails
 its checks; 3 the batch ran and some jobs failed (``results.jsonl`` says why); 1 internal error.
@@ -27,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
@@ -209,6 +212,46 @@ def is_finished(rec: dict | None, out_dir: Path, retry_failed: bool) -> bool:
     return rec.get("status") == "failed" and not retry_failed
 
 
+# -- errors from workers ----------------------------------------------------------------------------
+RAY_LOGS = "/tmp/ray/session_latest/logs (under RAY_TMPDIR if set)"
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning)): (.+)$")
+
+
+def innermost_error(e: BaseException) -> str:
+    """``Type: message`` of the exception at the bottom of ``e``'s cause/context chain, on one line; the
+    outermost one's first line follows in brackets where it is another exception."""
+    outer, seen = e, set()
+    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    line = f"{type(e).__name__}: {e}"
+    if e is not outer:
+        first = (str(outer).strip().splitlines() or [""])[0]
+        line += f" (raised under {type(outer).__name__}: {first})"
+    return _one_line(line)
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    text = " ".join(_ANSI.sub("", text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def actor_error_line(e: BaseException) -> str:
+    """One plain line saying why a Ray actor died: for an error raised while it started, the innermost
+    exception of the traceback Ray carries as text (a chained traceback prints its root cause first);
+    otherwise Ray's own cause line (killed, out of memory, node lost), never the actor wrapper."""
+    text = _ANSI.sub("", str(e))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if getattr(e, "actor_init_failed", False):
+        for ln in lines:
+            if _EXC_LINE.match(ln):
+                return _one_line(ln)
+    keep = [ln for ln in lines if not ln.startswith(("The actor died unexpectedly", "class_name:", "actor_id:", "pid:", "name:",
+                                                     "namespace:", "ip:"))]
+    return _one_line(" ".join(keep or lines) or type(e).__name__)
+
+
 # -- the worker -------------------------------------------------------------------------------------
 class Worker:
     """A Ray actor (``ray.remote(Worker)``): loads the pipeline once, then runs job after job."""
@@ -221,11 +264,17 @@ class Worker:
 
         torch.set_num_threads(max(1, threads))
         quiet_libraries()
-        t0 = time.perf_counter()
-        self.pipe = DreamMotionPipeline.from_pretrained(model, device, dtype)
-        self.load_s = time.perf_counter() - t0
         self.model, self.device, self.dtype = model, device, dtype
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.pipe, self.start_error = None, None
+        t0 = time.perf_counter()
+        try:  # a worker that cannot load says why in each job's record (Ray would only say "creation task failed")
+            self.pipe = DreamMotionPipeline.from_pretrained(model, device, dtype)
+        except FastDMError as e:
+            self.start_error, self.start_code = str(e), e.code
+        except Exception as e:  # noqa: BLE001 - reported with the innermost cause (an ImportError deep in diffusers, say)
+            self.start_error, self.start_code = innermost_error(e), None
+        self.load_s = time.perf_counter() - t0
 
     def ready(self) -> str:
         return self.name
@@ -236,6 +285,10 @@ class Worker:
         from ..request import run
 
         t0 = time.perf_counter()
+        if self.start_error is not None:  # the same every time: failed, not retried
+            return {"worker": self.name, "status": "failed", "code": self.start_code,
+                    "error": f"its worker could not start: {self.start_error} (Ray's own logs: {RAY_LOGS})",
+                    "timings": {"job_s": round(time.perf_counter() - t0, 3)}}
         out_dir = Path(out_dir)
         ckpt = out_dir / CHECKPOINTS / f"line{job['line']}-{job['key']}"
         resume = bool(checkpoint_every) and (ckpt / "state.pt").is_file()
@@ -423,15 +476,16 @@ class BatchRunner:
                         with self._lock:
                             self.workers[i] = spawn()
                         free.append(i)
-                        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                        why = actor_error_line(e)
                         if job.deaths > self.max_retries:
-                            msg = f"its worker died {job.deaths} times (last: {why}); see the Ray logs, or raise --max-retries"
+                            msg = (f"its worker died {job.deaths} times (last: {why}); Ray's own logs: {RAY_LOGS}; "
+                                   "or raise --max-retries")
                             records[job.line] = self._record(job, {"status": "failed", "error": msg, "timings": {}})
                             stats["failed"] += 1
                             self._note(bar, f"line {job.line}: failed: {msg}")
                         else:
                             stats["retried"] += job.deaths == 1
-                            self._note(bar, f"line {job.line}: worker died ({type(e).__name__}); retrying "
+                            self._note(bar, f"line {job.line}: worker died ({why}); retrying "
                                             f"({job.deaths}/{self.max_retries})" + (" from its checkpoint" if self.checkpoint_every else ""))
                             pending.appendleft(job)
                         continue
