@@ -224,7 +224,7 @@ def run(request: EditRequest, *, pipe=None, on_step=None, tensor_inputs: tuple[s
         pipe = DreamMotionPipeline.from_pretrained(request.model, request.device, request.dtype, allow_pickle=request.allow_pickle,
                                                    trust_remote_code=request.trust_remote_code, attention=request.attention,
                                                    release_text_encoder=True)
-    frames, mask = _working_frames(request, pipe, raw, indices, src_size, mask_raw, boxes, mask_mode)
+    frames, mask, _ = _working_frames(request, pipe, raw, indices, src_size, mask_raw, boxes, mask_mode)
     load_s = time.perf_counter() - t0
     result = _edit(request, pipe, config, frames, mask, budget, ckpt_dir, on_step, tensor_inputs)
     report = result.report
@@ -262,8 +262,8 @@ def _budget(request: EditRequest):
 
 
 def _working_frames(request: EditRequest, pipe, raw, indices, src_size, mask_raw, boxes, mask_mode):
-    """The frames resized and centre-cropped to the working size (``size``, else the model's), and the
-    mask to edit with: the given one or the boxes' cropped alike, ``"auto"``, or None."""
+    """The frames resized and centre-cropped to the working size (``size``, else the model's), the mask to
+    edit with (the given one or the boxes' cropped alike, ``"auto"``, or None) and the crop."""
     from .io import boxes_to_mask, crop_mask, plan_crop, resize_crop
 
     info = pipe.backbone.info
@@ -278,7 +278,7 @@ def _working_frames(request: EditRequest, pipe, raw, indices, src_size, mask_raw
         mask = crop_mask(mask_raw, crop)
     elif boxes is not None:
         mask = boxes_to_mask(boxes, indices=indices, src_size=src_size, crop=crop)
-    return frames, mask
+    return frames, mask, crop
 
 
 def _edit(request: EditRequest, pipe, config, frames, mask, budget, ckpt_dir, on_step, tensor_inputs):
@@ -306,10 +306,7 @@ def edit_frames(request: EditRequest, raw, *, pipe, mask=None, boxes: str | None
 
     config = request.config()
     budget = _budget(request)
-    raw = np.asarray(raw)
-    if raw.ndim != 4 or raw.shape[-1] != 3 or raw.dtype != np.uint8 or raw.shape[0] < 1:
-        raise BadInput(f"{request.input}: frames must be a (frames, height, width, 3) uint8 array, got {raw.dtype} {tuple(raw.shape)}",
-                       field="input")
+    raw = _checked_frames(request, raw)
     f, h, w = raw.shape[:3]
     if mask is not None and boxes:
         raise BadInput("give a mask or boxes, not both", field="boxes")
@@ -330,9 +327,34 @@ def edit_frames(request: EditRequest, raw, *, pipe, mask=None, boxes: str | None
         mode = request.mask_mode()
         if mode == "file":
             raise BadInput("`mask` here is an array, \"auto\" or \"none\"; pass the array as mask=", field="mask")
-    frames, working_mask = _working_frames(request, pipe, raw, list(range(f)), (w, h), mask_raw, boxes_data, mode)
+    frames, working_mask, _ = _working_frames(request, pipe, raw, list(range(f)), (w, h), mask_raw, boxes_data, mode)
     result = _edit(request, pipe, config, frames, working_mask, budget, None, on_step, tensor_inputs)
     return result, frames
+
+
+def _checked_frames(request: EditRequest, raw):
+    import numpy as np
+
+    raw = np.asarray(raw)
+    if raw.ndim != 4 or raw.shape[-1] != 3 or raw.dtype != np.uint8 or raw.shape[0] < 1:
+        raise BadInput(f"{request.input}: frames must be a (frames, height, width, 3) uint8 array, got {raw.dtype} {tuple(raw.shape)}",
+                       field="input")
+    return raw
+
+
+def auto_mask_frames(request: EditRequest, raw, *, pipe):
+    """The automatic mask alone (:mod:`fastdm.automask`) of frames held in memory, as the edit of ``request``
+    would make it: ``(mask, report)``, the mask ``(F, H, W)`` float32 0/1 at the frames' own size (what the
+    crop to the working size cut off is 0), or None with the report's ``fallback`` saying why."""
+    from .io.masks import uncrop_mask
+
+    config = request.config()
+    raw = _checked_frames(request, raw)
+    f, h, w = raw.shape[:3]
+    frames, _, crop = _working_frames(request, pipe, raw, list(range(f)), (w, h), None, None, "none")
+    run = pipe.prepare(frames, config=config, mask="auto")
+    am = run.auto_mask
+    return (None if am.mask is None else uncrop_mask(am.mask, crop)), am.report()
 
 
 def _mask_frames(mask, like):
@@ -364,4 +386,4 @@ def write_outputs(result, frames, fps, out: Path, compare: Path | None, report_p
     return [*written, str(report_path)]
 
 
-__all__ = ["EditRequest", "FastDMError", "edit_frames", "parse_size", "progress", "quiet_libraries", "run", "write_outputs"]
+__all__ = ["EditRequest", "FastDMError", "auto_mask_frames", "edit_frames", "parse_size", "progress", "quiet_libraries", "run", "write_outputs"]

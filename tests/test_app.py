@@ -34,11 +34,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(out_dir: Path, *extra: str, timeout: float = 240):
-    """``python -m fastdm.service.app`` on a free port; returns (process, url) once it answers."""
+def start_app(out_dir: Path, *extra: str, timeout: float = 240, command: list[str] | None = None):
+    """``python -m fastdm.service.app`` (or ``command``) on a free port; returns (process, url) once it answers."""
     port = _free_port()
     with open(out_dir / "server.log", "w") as log:  # (the server keeps its own descriptor)
-        proc = subprocess.Popen([sys.executable, "-m", "fastdm.service.app", "--port", str(port), "--out-dir",
+        proc = subprocess.Popen([*(command or [sys.executable, "-m", "fastdm.service.app"]), "--port", str(port), "--out-dir",
                                  str(out_dir / "runs"), *extra], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + timeout

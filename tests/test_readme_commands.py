@@ -10,11 +10,8 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -87,27 +84,13 @@ def test_readme_batch_example_from_the_repository_root(tmp_path):
 
 def test_readme_app_starts_from_the_repository_root(tmp_path):
     pytest.importorskip("gradio", reason="the README installs Gradio with the [app] extra; the test extra has it")
+    from .test_app import start_app
+
     assert "`fastdm-app` and open http://127.0.0.1:7860" in README
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with open(tmp_path / "server.log", "w") as log:
-        proc = subprocess.Popen([script("fastdm-app"), "--port", str(port), "--out-dir", str(tmp_path / "runs")],
-                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    proc, url = start_app(tmp_path, command=[script("fastdm-app")])  # (its working directory: the repository root)
+    assert proc.poll() is None and url.startswith("http://127.0.0.1:")
+    proc.terminate()
     try:
-        deadline = time.time() + 240
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.time() < deadline, "fastdm-app did not answer within 240 s"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -60,6 +60,22 @@ def crop_mask(mask: np.ndarray, crop: Crop) -> np.ndarray:
     return (resize_crop(mask, crop, nearest=True) > 127).astype(np.float32)
 
 
+def uncrop_mask(mask: np.ndarray, crop: Crop) -> np.ndarray:
+    """A working-size ``(F, h, w)`` mask back at the input's size (the inverse of :func:`crop_mask`; what the
+    crop cut off is 0): ``(F, H, W)`` float32 0/1."""
+    from PIL import Image
+
+    w, h = crop.src_size
+    tw, th = crop.size
+    rw, rh = max(tw, round(w * crop.scale)), max(th, round(h * crop.scale))
+    out = []
+    for m in np.asarray(mask):
+        canvas = np.zeros((rh, rw), np.uint8)
+        canvas[crop.y:crop.y + th, crop.x:crop.x + tw] = (m > 0.5) * 255
+        out.append(np.asarray(Image.fromarray(canvas).resize((w, h), Image.NEAREST)) > 127)
+    return np.stack(out).astype(np.float32)
+
+
 def load_mask(path: str | os.PathLike, *, indices: list[int], src_size: tuple[int, int], total_frames: int | None,
               crop: Crop) -> np.ndarray:
     """:func:`read_mask` (see it for the rules) then :func:`crop_mask`: ``(F, h, w)`` float32 0/1."""

@@ -141,9 +141,11 @@ def _iter_frames(path: Path, what: str):
 
 
 def read_frames(path: str | os.PathLike, *, frames: int | None = None, stride: int = 1, what: str = "input video",
-                with_total: bool = False):
+                with_total: bool = False, size: tuple[int, int] | None = None):
     """Read frames 0, stride, 2*stride, ... (at most ``frames`` of them). Returns (array, fps, indices),
-    and with ``with_total`` also the number of frames in the whole input (counted in the same pass)."""
+    and with ``with_total`` also the number of frames in the whole input (counted in the same pass).
+    With ``size`` = (W, H) each kept frame is resized and centre-cropped as it is decoded, so only
+    frames of that size are held."""
     p = Path(path)
     if not p.exists():
         raise FastDMError(f"{what} '{path}' does not exist; check the path")
@@ -152,14 +154,17 @@ def read_frames(path: str | os.PathLike, *, frames: int | None = None, stride: i
     if frames is not None and frames < 1:
         raise FastDMError(f"`frames` must be >= 1, got {frames}")
     it, fps = _iter_frames(p, what)
-    out, idx, total = [], [], 0
+    out, idx, total, first, crop = [], [], 0, None, None
     for i, fr in enumerate(it):
         total = i + 1
         full = frames is not None and len(out) == frames
         if i % stride == 0 and not full:
-            if out and fr.shape != out[0].shape:
-                raise FastDMError(f"{what} '{path}': frame {i} is {fr.shape[1]}x{fr.shape[0]}, frame 0 {out[0].shape[1]}x{out[0].shape[0]}; all frames must have one size")
-            out.append(fr)
+            if first is None:
+                first = fr.shape
+                crop = plan_crop((fr.shape[1], fr.shape[0]), size) if size is not None else None
+            elif fr.shape != first:
+                raise FastDMError(f"{what} '{path}': frame {i} is {fr.shape[1]}x{fr.shape[0]}, frame 0 {first[1]}x{first[0]}; all frames must have one size")
+            out.append(fr if crop is None else resize_crop(fr[None], crop)[0])
             idx.append(i)
         elif full and not with_total:
             break
@@ -264,6 +269,22 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None
                         ffmpeg_params=["-crf", "12"], pixelformat="yuv420p" if even else "yuv444p")
         else:
             iio.imwrite(tmp, frames, extension=".gif", duration=1000.0 / fps, loop=0)
+
+
+def enlarge(frames: np.ndarray, height: int) -> np.ndarray:
+    """(F, H, W, 3) frames enlarged by a whole factor (nearest) to at least ``height`` rows."""
+    k = max(1, -(-height // frames.shape[1]))
+    return frames.repeat(k, axis=1).repeat(k, axis=2) if k > 1 else frames
+
+
+def preview_strip(frames: np.ndarray, height: int = 96) -> np.ndarray:
+    """(F, H, W, 3) -> one image: the frames side by side (enlarged, 2 px apart)."""
+    frames = enlarge(frames, height)
+    gap = np.full((frames.shape[1], 2, 3), 40, np.uint8)
+    parts = []
+    for f in frames:
+        parts += [f, gap]
+    return np.concatenate(parts[:-1], axis=1)
 
 
 def side_by_side(*videos: np.ndarray) -> np.ndarray:

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInput, FastDMError, MissingDependency, flags_of, spell
+from ..io.video import enlarge as _enlarge
+from ..io.video import preview_strip
 from ..request import EditRequest
 from .jobs import edit_request
 
@@ -53,21 +55,6 @@ def _require_gradio():
     except ImportError:
         raise MissingDependency(f"Gradio is not installed; install it with: {INSTALL_HINT}") from None
     return gradio
-
-
-def _enlarge(frames: np.ndarray, height: int) -> np.ndarray:
-    k = max(1, -(-height // frames.shape[1]))
-    return frames.repeat(k, axis=1).repeat(k, axis=2) if k > 1 else frames
-
-
-def preview_strip(frames: np.ndarray, height: int = 96) -> np.ndarray:
-    """(F, H, W, 3) -> one image: the frames side by side (enlarged, 2 px apart)."""
-    frames = _enlarge(frames, height)
-    gap = np.full((frames.shape[1], 2, 3), 40, np.uint8)
-    parts = []
-    for f in frames:
-        parts += [f, gap]
-    return np.concatenate(parts[:-1], axis=1)
 
 
 class EditService:
