@@ -84,6 +84,10 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if any(r.alias_info is not None for r in func._schema.returns):
+            # a view or an in-place result shares an input's storage: nothing new. (Counting it would count
+            # a storage made before the mode, e.g. a weight behind linear's transposed view, as an allocation.)
+            return out
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and (self.devices is None or t.device.type in self.devices):
                 self._track(t)

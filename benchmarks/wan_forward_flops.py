@@ -1,13 +1,66 @@
-"""Forward FLOPs of the Wan 2.1 T2V 1.3B transformer (preset architecture, meta device), to compare
-with ../shared/reference/flops.md: python -m benchmarks.wan_forward_flops"""
-import torch  # noqa: E402
+"""Forward FLOPs of a Wan transformer preset (exact architecture, meta device, no weights), beside the counted
+figures in ../shared/reference (flops.md, video-backbones.md):
+
+    python -m benchmarks.wan_forward_flops                                   # Wan 2.1 T2V 1.3B, 33 and 81 frames
+    python -m benchmarks.wan_forward_flops --preset wan2.2-t2v-a14b --frames 33,81 --out benchmarks/results
+
+``torch.utils.flop_counter`` on one forward at batch 1 and the preset's native size (a multiply-add is 2 FLOPs;
+matmuls and attention). With ``--out`` it writes ``forward-flops-<preset>.{json,md}``; a FLOP count does not
+depend on the machine that counts it (the file records it anyway)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
 from torch.utils.flop_counter import FlopCounterMode
-from fastdm.bench.presets import build_backbone
-bb = build_backbone("wan2.1-t2v-1.3b", "meta", torch.bfloat16)
-for frames in (33, 81):
-    shape = bb.working_shape(frames, (832, 480))
-    x = torch.zeros(shape, device="meta", dtype=torch.bfloat16)
-    text = torch.zeros(1, 512, 4096, device="meta", dtype=torch.bfloat16)
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        bb.denoiser_forward(x, torch.full((1,), 500, device="meta"), text)
-    print(f"frames {frames}: latent {tuple(shape)}, forward {fc.get_total_flops() / 1e12:.1f} TFLOP")
+
+from fastdm.bench.presets import PRESETS, build_backbone
+
+
+def count(preset: str, frames_list: list[int]) -> list[dict]:
+    bb = build_backbone(preset, "meta", torch.bfloat16)
+    size = PRESETS[preset]["size"]
+    rows = []
+    for frames in frames_list:
+        shape = bb.working_shape(frames, size)
+        x = torch.zeros(shape, device="meta", dtype=torch.bfloat16)
+        text = torch.zeros(1, *bb.text_embedding_shape(), device="meta", dtype=torch.bfloat16)
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            bb.denoiser_forward(x, torch.full((1,), 500, device="meta"), text)
+        rows.append({"preset": preset, "frames": frames, "size": f"{size[0]}x{size[1]}", "working_shape": list(shape),
+                     "forward_flops": int(fc.get_total_flops()), "experts": getattr(bb, "experts", 1)})
+        print(f"{preset} frames {frames}: working {tuple(shape)}, forward {rows[-1]['forward_flops'] / 1e12:.1f} TFLOP", flush=True)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="wan2.1-t2v-1.3b")
+    ap.add_argument("--frames", default="33,81")
+    ap.add_argument("--out", default=None, help="write forward-flops-<preset>.{json,md} into this folder")
+    args = ap.parse_args()
+    rows = count(args.preset, [int(f) for f in args.frames.split(",")])
+    if args.out:
+        from fastdm.io.atomic import write_json_atomic, write_text_atomic
+        from fastdm.machine import machine_description, machine_name
+
+        out = Path(args.out)
+        meta = {"name": f"forward-flops-{args.preset}", "machine": machine_name("cpu"), "machine_description": machine_description("cpu"), "device": "meta",
+                "dtype": "bf16", "command": f"python -m benchmarks.wan_forward_flops --preset {args.preset} --frames {args.frames}"}
+        write_json_atomic(out / f"forward-flops-{args.preset}.json", {"meta": meta, "rows": rows})
+        md = [f"# Forward FLOPs: {args.preset}", "", f"`{meta['command']} --out {args.out}` (meta device, exact architecture, batch 1; "
+              "`torch.utils.flop_counter`, a multiply-add = 2 FLOPs). Counted on: " + meta["machine_description"] + ".", "",
+              "| frames | size | working tensor | TFLOP / forward |", "|---|---|---|---|"]
+        md += [f"| {r['frames']} | {r['size']} | {tuple(r['working_shape'])} | {r['forward_flops'] / 1e12:.1f} |" for r in rows]
+        if rows and rows[0]["experts"] > 1:
+            md += ["", f"Each forward runs one of the {rows[0]['experts']} experts (one architecture): the figure is per forward, "
+                   "whichever expert serves the step's timestep."]
+        write_text_atomic(out / f"forward-flops-{args.preset}.md", "\n".join(md) + "\n")
+        print(f"wrote {out / f'forward-flops-{args.preset}.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

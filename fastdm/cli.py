@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"share of a window its neighbour overlaps (default {_DEFAULTS.window_overlap:g})")
     p.add_argument("--seed", type=int, default=None, help=f"default {_DEFAULTS.seed}")
     p.add_argument("--guidance-scale", type=float, default=None, help=f"default {_DEFAULTS.guidance_scale:g}")
+    p.add_argument("--guidance-scale-2", type=float, default=None,
+                   help="two-expert models (Wan 2.2 A14B): the low-noise expert's guidance (default: --guidance-scale)")
     p.add_argument("--s-ssm-weight", type=float, default=None,
                    help=f"S-SSM (structure) loss weight (default {_DEFAULTS.s_ssm_weight:g}); 0 turns it off")
     p.add_argument("--t-ssm-weight", type=float, default=None,

@@ -26,7 +26,7 @@ from .driver.progress import progress, quiet_libraries
 from .errors import BadInput, FastDMError, Unsupported
 
 # request fields that map to EditConfig fields (None: the preset's value)
-CONFIG_FIELDS = ("steps", "lr", "optimizer", "seed", "guidance_scale", "s_ssm_weight", "t_ssm_weight", "mask_scope",
+CONFIG_FIELDS = ("steps", "lr", "optimizer", "seed", "guidance_scale", "guidance_scale_2", "s_ssm_weight", "t_ssm_weight", "mask_scope",
                  "t_schedule", "lr_schedule", "momentum", "window", "window_overlap")
 
 
@@ -48,6 +48,7 @@ class EditRequest:
     optimizer: str | None = None
     seed: int | None = None
     guidance_scale: float | None = None
+    guidance_scale_2: float | None = None  # a two-expert model's low-noise expert (Wan 2.2 A14B)
     s_ssm_weight: float | None = None
     t_ssm_weight: float | None = None
     layers: str | None = None  # comma-separated glob patterns

@@ -93,6 +93,21 @@ def build_tiny_model(
     return folder
 
 
+def _tiny_umt5(tok_dir: Path, words, max_length: int, text_dim: int, seed: int):
+    """A local T5 tokenizer written to ``tok_dir`` and a 2-layer ``UMT5EncoderModel`` (seeded): Wan's text side, tiny."""
+    from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
+
+    from .backbone.wan import write_t5_tokenizer
+
+    write_t5_tokenizer(tok_dir, words, max_length=max_length)
+    tok = T5TokenizerFast.from_pretrained(str(tok_dir))
+    torch.manual_seed(seed)
+    return tok, UMT5EncoderModel(UMT5Config(vocab_size=len(tok), d_model=text_dim, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                                            relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                            decoder_start_token_id=tok.pad_token_id, feed_forward_proj="gated-gelu"))
+
+
 def build_tiny_wan_model(
     folder: str | Path,
     *,
@@ -110,19 +125,10 @@ def build_tiny_wan_model(
     Wan tests), a tiny ``AutoencoderKLWan`` (``latent=True``; else the transformer works on pixels),
     a 2-layer ``UMT5EncoderModel``, a local ``T5TokenizerFast`` and a flow ``UniPCMultistepScheduler``."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
-    from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
-
-    from .backbone.wan import write_t5_tokenizer
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    write_t5_tokenizer(folder / "tokenizer", words, max_length=max_length)
-    tok = T5TokenizerFast.from_pretrained(str(folder / "tokenizer"))
-    torch.manual_seed(seed)
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tok), d_model=text_dim, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
-                                               relative_attention_num_buckets=8, relative_attention_max_distance=16,
-                                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                               decoder_start_token_id=tok.pad_token_id, feed_forward_proj="gated-gelu"))
+    tok, text_encoder = _tiny_umt5(folder / "tokenizer", words, max_length, text_dim, seed)
     channels = 16 if latent else 3
     transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
                                         in_channels=channels, out_channels=channels, text_dim=text_dim, freq_dim=256,
@@ -148,6 +154,51 @@ def build_tiny_wan_model(
         vae.save_pretrained(folder / "vae", safe_serialization=True)
         index["vae"] = ["diffusers", "AutoencoderKLWan"]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    if native_size is not None:
+        (folder / "fastdm.json").write_text(json.dumps({"native_size": list(native_size)}))
+    return folder
+
+
+def build_tiny_wan22_model(folder: str | Path, variant: str = "a14b", *, text_dim: int = 16, seed: int = 0, words=DEFAULT_WORDS,
+                           max_length: int = 16, num_layers: int = 2, boundary_ratio: float | None = 0.875,
+                           native_size: tuple[int, int] | None = None) -> Path:
+    """A random-weight Wan 2.2 pipeline of the real classes, saved by diffusers' own ``WanPipeline.save_pretrained``:
+    ``variant="a14b"``: two experts (``transformer``, ``transformer_2``) and ``boundary_ratio`` (None leaves it out)
+    on a 16-channel VAE, flow shift 3; ``"ti2v"``: one transformer of 48 channels on a 48-channel
+    ``AutoencoderKLWan`` with the 2x2 patchify and residual blocks of Wan 2.2's (16x in space), flow shift 5,
+    ``expand_timesteps``. Sizes as diffusers' own Wan tests."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    if variant not in ("a14b", "ti2v"):
+        raise ValueError(f"variant {variant!r}: a14b or ti2v")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok, text_encoder = _tiny_umt5(folder / "tok", words, max_length, text_dim, seed)
+    z = 48 if variant == "ti2v" else 16
+
+    def expert():
+        return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=z,
+                                     out_channels=z, text_dim=text_dim, freq_dim=256, ffn_dim=32, num_layers=num_layers,
+                                     cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+
+    if variant == "ti2v":
+        vae = AutoencoderKLWan(base_dim=12, decoder_base_dim=12, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
+                               patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
+                               latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
+        pipe = WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=expert(), expand_timesteps=True,
+                           scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                             flow_shift=5.0, num_train_timesteps=1000))
+    else:
+        vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+        pipe = WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=expert(), transformer_2=expert(),
+                           boundary_ratio=boundary_ratio,
+                           scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                             flow_shift=3.0, num_train_timesteps=1000))
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    import shutil
+
+    shutil.rmtree(folder / "tok")
     if native_size is not None:
         (folder / "fastdm.json").write_text(json.dumps({"native_size": list(native_size)}))
     return folder

@@ -13,7 +13,8 @@ from fastdm.errors import BadInput, parameters, spell
 
 ROOT = Path(__file__).resolve().parents[1]
 # front ends whose own command lines their messages may name
-FRONT_ENDS = {"fastdm/cli.py", "fastdm/service/batch.py", "fastdm/service/app.py", "fastdm/bench/harness.py"}
+FRONT_ENDS = {"fastdm/cli.py", "fastdm/service/batch.py", "fastdm/service/app.py", "fastdm/bench/harness.py",
+              "fastdm/comfy/install.py"}
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z-]+")
 
 

@@ -321,6 +321,15 @@ class Backbone(abc.ABC):
     def to(self, device=None, dtype: torch.dtype | None = None) -> "Backbone":
         raise FastDMError(f"{type(self).__name__} cannot be moved; load it again with the device and dtype you need")
 
+    def engine_problem(self) -> str | None:
+        """Why no traced engine (compile, ONNX, TensorRT) can run this denoiser, or None (default: they can)."""
+        return None
+
+    def guidance_at(self, t: int, guidance_scale: float, guidance_scale_2: float | None = None) -> float:
+        """The classifier-free guidance scale at timestep ``t`` (default: ``guidance_scale`` everywhere;
+        a two-expert model gives its low-noise expert ``guidance_scale_2``)."""
+        return float(guidance_scale)
+
     def set_attention(self, kind: str) -> None:
         """Attention implementation: ``"sdpa"`` (PyTorch scaled-dot-product attention, the default)
         or ``"xformers"``; refuses with the reason when one is unavailable."""

@@ -26,11 +26,13 @@ def _registry() -> list[type]:
 
 
 def from_components(*, denoiser=None, unet=None, transformer=None, text_encoder, tokenizer, scheduler, vae=None, path: str,
-                    native_size=None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Backbone:
+                    native_size=None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                    **family) -> Backbone:
     """The backbone for these components (the first class in the registry that accepts the denoiser).
 
     The denoiser comes as ``denoiser=`` or under its diffusers folder name (``unet=`` for UNet3D,
-    ``transformer=`` for Wan); exactly one of the three."""
+    ``transformer=`` for Wan); exactly one of the three. ``family``: what only one family takes
+    (Wan 2.2 A14B: ``transformer_2``, ``boundary_ratio``)."""
     given = [m for m in (denoiser, unet, transformer) if m is not None]
     if len(given) != 1:
         raise BadInput("from_components takes exactly one of its denoiser=, unet= and transformer= arguments")
@@ -39,7 +41,7 @@ def from_components(*, denoiser=None, unet=None, transformer=None, text_encoder,
         if cls.accepts(denoiser):
             keyword = getattr(cls, "denoiser_keyword", "unet")
             return cls(**{keyword: denoiser}, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, vae=vae,
-                       path=path, native_size=native_size, device=device, dtype=dtype)
+                       path=path, native_size=native_size, device=device, dtype=dtype, **family)
     names = ", ".join(c.__name__ for c in _registry())
     raise FastDMError(f"unsupported denoiser class {type(denoiser).__name__}; fastdm supports: {names}")
 

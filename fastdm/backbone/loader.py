@@ -163,11 +163,16 @@ def load_backbone(
         raise FastDMError(f"{root / 'model_index.json'} is not valid JSON ({e}); fix or re-download the model") from None
     comps = {}
     required = _required(root)
-    for name in required + (("vae",) if (root / "vae").is_dir() and "vae" in index and index["vae"][0] is not None else ()):
+
+    def present(name: str) -> bool:  # an optional component the folder has (model_index names it, not [null, null])
+        return (root / name).is_dir() and isinstance(index.get(name), list) and index[name][0] is not None
+
+    optional = tuple(n for n in ("vae", "transformer_2") if present(n) and (n == "vae" or required is WAN_REQUIRED))
+    for name in required + optional:
         if name not in index:
             raise FastDMError(f"model_index.json has no entry for '{name}'")
         cls = component_class(root, name, index[name], trust_remote_code)
-        if name in ("unet", "transformer", "text_encoder", "vae"):
+        if name in ("unet", "transformer", "transformer_2", "text_encoder", "vae"):
             check_weights(root / name, allow_pickle)
         try:
             comps[name] = load_component(cls, root / name, allow_pickle)
@@ -187,9 +192,11 @@ def load_backbone(
             raise FastDMError(f"{meta} is not a JSON object ({e}); fix it or delete it") from None
     from .components import from_components
 
+    experts = {"transformer_2": comps["transformer_2"], "boundary_ratio": index.get("boundary_ratio")} \
+        if "transformer_2" in comps else {}
     backbone = from_components(denoiser=comps[required[0]], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"],
                                scheduler=comps["scheduler"], vae=comps.get("vae"), path=str(root), native_size=native,
-                               device=device, dtype=dtype)
+                               device=device, dtype=dtype, **experts)
     if isinstance(frames, int) and frames > 0:
         backbone._native_frames = frames  # video frames it was trained on: the default edit window
     return backbone

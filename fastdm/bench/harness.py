@@ -177,8 +177,10 @@ def _chart(rows: list[dict], path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .presets import PRESETS
+
     ap = argparse.ArgumentParser(prog="fastdm-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="shapes", help="comma-separated: zeroscope-576w, modelscope-256, shapes, tiny")
+    ap.add_argument("--preset", default="shapes", help=f"comma-separated: {', '.join(PRESETS)}")
     ap.add_argument("--frames", default="8")
     ap.add_argument("--modes", default="naive,fast",
                     help="plans naive|fast|fast-seq|lean, optionally with an engine for the no-grad calls "

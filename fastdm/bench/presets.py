@@ -9,6 +9,12 @@
 * ``wan2.1-t2v-1.3b`` Wan 2.1 T2V 1.3B: its ``WanTransformer3DModel`` (1.42 B parameters), UMT5-XXL
                       text encoder (5.68 B; kept on the CPU, released after the prompts) and
                       ``AutoencoderKLWan``, from the configs in ``configs/wan2.1-t2v-1.3b``; 832x480.
+* ``wan2.2-t2v-a14b`` Wan 2.2 T2V A14B: two ``WanTransformer3DModel`` experts (14.29 B parameters each;
+                      high noise above ``boundary_ratio`` 0.875, low noise below), the Wan 2.1 VAE and
+                      UMT5-XXL, flow shift 3.0; 832x480 (``configs/wan2.2-t2v-a14b``; one transformer
+                      config serves both experts, as the released ones share it).
+* ``wan2.2-ti2v-5b``  Wan 2.2 TI2V 5B: one 5.0 B transformer on the 48-channel Wan 2.2 VAE (2x2 patchify
+                      inside, 16x in space), flow shift 5.0; 1280x704 (``configs/wan2.2-ti2v-5b``).
 * ``wan-tiny``        a 2-layer Wan transformer with a tiny AutoencoderKLWan (tests' size); 256x256.
 """
 
@@ -31,6 +37,8 @@ PRESETS = {
     "shapes": {"size": (32, 32)},
     "tiny": {"size": (16, 16)},
     "wan2.1-t2v-1.3b": {"size": (832, 480)},
+    "wan2.2-t2v-a14b": {"size": (832, 480)},
+    "wan2.2-ti2v-5b": {"size": (1280, 704)},
     "wan-tiny": {"size": (256, 256)},
 }
 
@@ -58,21 +66,25 @@ def _zeroscope(device, dtype, size):
                            path="preset:zeroscope-576w", native_size=size, device=device, dtype=dtype)
 
 
-def _wan(device, dtype, size):
+def _wan(device, dtype, size, preset: str = "wan2.1-t2v-1.3b", boundary_ratio: float | None = None):
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
 
     from ..backbone.components import DEFAULT_WORDS
     from ..backbone.wan import MAX_TEXT_TOKENS, write_t5_tokenizer
 
-    folder = CONFIGS / "wan2.1-t2v-1.3b"
+    folder = CONFIGS / preset
     cfg = {n: json.loads((folder / f"{n}.json").read_text()) for n in ("transformer", "text_encoder", "vae", "scheduler")}
     tok_dir = Path(tempfile.mkdtemp(prefix="fastdm-t5tok-"))
     write_t5_tokenizer(tok_dir, DEFAULT_WORDS, max_length=MAX_TEXT_TOKENS)
     default = torch.get_default_dtype()
+    experts = {}
     with torch.device(device):  # built where they will run
         transformer = WanTransformer3DModel.from_config(cfg["transformer"])
         vae = AutoencoderKLWan.from_config(cfg["vae"])
+    if boundary_ratio is not None:  # the low-noise expert waits in host memory (the backbone moves it in at the boundary)
+        with torch.device(device if str(device) in ("meta", "cpu") else "cpu"):
+            experts = {"transformer_2": WanTransformer3DModel.from_config(cfg["transformer"]), "boundary_ratio": boundary_ratio}
     with torch.device(device if str(device) == "meta" else "cpu"):  # the text encoder stays on the CPU
         # UMT5-XXL is built in the dtype it will be kept in (5.7 B parameters: 23 GB in fp32)
         torch.set_default_dtype(torch.float32 if dtype == torch.float32 else torch.bfloat16)
@@ -82,7 +94,8 @@ def _wan(device, dtype, size):
             torch.set_default_dtype(default)
     sched = UniPCMultistepScheduler.from_config(cfg["scheduler"])
     return from_components(transformer=transformer, text_encoder=text, tokenizer=T5TokenizerFast.from_pretrained(str(tok_dir)),
-                           scheduler=sched, vae=vae, path="preset:wan2.1-t2v-1.3b", native_size=size, device=device, dtype=dtype)
+                           scheduler=sched, vae=vae, path=f"preset:{preset}", native_size=size, device=device, dtype=dtype,
+                           **experts)
 
 
 def build_backbone(preset: str, device: str = "cpu", dtype: torch.dtype = torch.float32, size=None) -> Backbone:
@@ -92,8 +105,10 @@ def build_backbone(preset: str, device: str = "cpu", dtype: torch.dtype = torch.
     size = tuple(size or PRESETS[preset]["size"])
     if preset in ("zeroscope-576w", "modelscope-256"):
         return _zeroscope(device, dtype, size)
-    if preset == "wan2.1-t2v-1.3b":
-        return _wan(device, dtype, size)
+    if preset in ("wan2.1-t2v-1.3b", "wan2.2-ti2v-5b"):
+        return _wan(device, dtype, size, preset)
+    if preset == "wan2.2-t2v-a14b":
+        return _wan(device, dtype, size, preset, boundary_ratio=0.875)
     if preset == "wan-tiny":
         from ..backbone import load_backbone
         from ..testing import build_tiny_wan_model

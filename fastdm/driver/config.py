@@ -56,6 +56,8 @@ class EditConfig:
     # frame count; Wan: latent frames); windows overlap by this share (driver/windows.py)
     window: int | None = None
     window_overlap: float = 0.5
+    # a two-expert model (Wan 2.2 A14B): the low-noise expert's guidance (None: guidance_scale), as the pipeline's
+    guidance_scale_2: float | None = None
 
     def validate(self) -> None:
         """Every setting's type and range; a :class:`~fastdm.errors.BadInput` naming the field otherwise."""
@@ -83,6 +85,8 @@ class EditConfig:
             raise BadInput(f"`stop_tol` must be in (0, 1), got {self.stop_tol}", field="stop_tol")
         if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
             raise BadInput(f"`window` must be a positive number of frames, got {self.window}", field="window")
+        if self.guidance_scale_2 is not None and not (isinstance(self.guidance_scale_2, (int, float)) and self.guidance_scale_2 >= 0):
+            raise BadInput(f"`guidance_scale_2` must be >= 0, got {self.guidance_scale_2}", field="guidance_scale_2")
         if not 0 <= self.window_overlap < 1:
             raise BadInput(f"`window_overlap` must be in [0, 1), got {self.window_overlap}", field="window_overlap")
 
@@ -109,7 +113,7 @@ class EditConfig:
 # settings added after the first release, at the values every run had before they existed (the paper's):
 # a setting at this value is left out of the fingerprint, so earlier fingerprints stay valid
 _ADDED_DEFAULTS = {"t_schedule": "uniform", "lr_schedule": "constant", "momentum": 0.0, "stop": "steps", "stop_window": 6,
-                   "stop_tol": 0.15, "window": None, "window_overlap": 0.5}
+                   "stop_tol": 0.15, "window": None, "window_overlap": 0.5, "guidance_scale_2": None}
 
 
 # Named settings. "paper": DreamMotion's own schedule (SGD, lr 0.4, t ~ U[50, 950], 200 steps), bit for

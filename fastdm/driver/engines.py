@@ -440,6 +440,9 @@ def engine_unsupported_reasons(kind: str, backbone) -> list[str]:
     if kind not in ENGINES:
         return [f"unknown backend {kind!r}; choose one of {', '.join(ENGINES)}"]
     reasons = []
+    problem = backbone.engine_problem() if kind != "eager" else None
+    if problem:
+        reasons.append(problem)
     if kind == "cudagraphs" and backbone.device.type != "cuda":
         reasons.append("cudagraphs needs the model on a CUDA GPU (`device=cuda`); use `backend=compile`")
     if kind == "ort":

@@ -72,8 +72,9 @@ class DreamMotionStep:
         with self.bb.block_checkpointing(self.plan.checkpoint_blocks):
             eps, keys_edit, keys_src = self.evaluate(x, a * x_src + b * noise, a, b, t, noise)
         eps_tgt_c, eps_tgt_u, eps_src_c, eps_src_u = eps
-        e_tgt = guided_noise(eps_tgt_u, eps_tgt_c, self.vdds.guidance_scale)
-        e_src = guided_noise(eps_src_u, eps_src_c, self.vdds.guidance_scale)
+        scale = self.bb.guidance_at(t, self.vdds.guidance_scale, self.config.guidance_scale_2)
+        e_tgt = guided_noise(eps_tgt_u, eps_tgt_c, scale)
+        e_src = guided_noise(eps_src_u, eps_src_c, scale)
         g = vdds_gradient(e_tgt, e_src, float(self.bb.alphas_cumprod[t]), self.vdds, self.mask)  # (DDPM: a^2; flow: same SNR)
         diff2 = (e_tgt - e_src).pow(2)
         if self.mask is not None:
