@@ -94,18 +94,48 @@ def build_tiny_model(
 
 
 def _tiny_umt5(tok_dir: Path, words, max_length: int, text_dim: int, seed: int):
-    """A local T5 tokenizer written to ``tok_dir`` and a 2-layer ``UMT5EncoderModel`` (seeded): Wan's text side, tiny."""
-    from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
+    """A local T5 tokenizer and a 2-layer ``UMT5EncoderModel`` (seeded): Wan's text side, tiny."""
+    from transformers import UMT5Config, UMT5EncoderModel
 
-    from .backbone.wan import write_t5_tokenizer
+    return _tiny_text(tok_dir, words, max_length, seed, lambda tok: UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tok), d_model=text_dim, d_kv=8, d_ff=32, num_layers=2, num_heads=2, relative_attention_num_buckets=8,
+        relative_attention_max_distance=16, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.pad_token_id, feed_forward_proj="gated-gelu")))
+
+
+def _tiny_t5(tok_dir: Path, words, max_length: int, text_dim: int, seed: int):
+    """A local T5 tokenizer and a 2-layer ``T5EncoderModel`` (seeded): LTX's and CogVideoX's text side, tiny."""
+    from transformers import T5Config, T5EncoderModel
+
+    return _tiny_text(tok_dir, words, max_length, seed, lambda tok: T5EncoderModel(T5Config(
+        vocab_size=len(tok), d_model=text_dim, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+        relative_attention_max_distance=16, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.pad_token_id, feed_forward_proj="gated-gelu")))
+
+
+def _tiny_text(tok_dir: Path, words, max_length: int, seed: int, make):
+    """A local T5 tokenizer written to ``tok_dir``, then ``make(tokenizer)`` seeded: ``(tokenizer, encoder)``."""
+    from transformers import T5TokenizerFast
+
+    from .backbone.flow import write_t5_tokenizer
 
     write_t5_tokenizer(tok_dir, words, max_length=max_length)
     tok = T5TokenizerFast.from_pretrained(str(tok_dir))
     torch.manual_seed(seed)
-    return tok, UMT5EncoderModel(UMT5Config(vocab_size=len(tok), d_model=text_dim, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
-                                            relative_attention_num_buckets=8, relative_attention_max_distance=16,
-                                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                            decoder_start_token_id=tok.pad_token_id, feed_forward_proj="gated-gelu"))
+    return tok, make(tok)
+
+
+def _save_pipeline(pipe, folder: Path, native_size=None, frames=None) -> Path:
+    """``pipe.save_pretrained(folder)`` (diffusers' own layout), the scratch tokenizer folder removed, and the
+    optional ``fastdm.json`` (native size, frames)."""
+    import shutil
+
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    shutil.rmtree(folder / "tok", ignore_errors=True)
+    meta = {k: v for k, v in (("native_size", list(native_size) if native_size else None), ("frames", frames)) if v}
+    if meta:
+        (folder / "fastdm.json").write_text(json.dumps(meta))
+    return folder
 
 
 def build_tiny_wan_model(
@@ -195,13 +225,60 @@ def build_tiny_wan22_model(folder: str | Path, variant: str = "a14b", *, text_di
                            boundary_ratio=boundary_ratio,
                            scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                                              flow_shift=3.0, num_train_timesteps=1000))
-    pipe.save_pretrained(str(folder), safe_serialization=True)
-    import shutil
+    return _save_pipeline(pipe, folder, native_size)
 
-    shutil.rmtree(folder / "tok")
-    if native_size is not None:
-        (folder / "fastdm.json").write_text(json.dumps({"native_size": list(native_size)}))
-    return folder
+
+def build_tiny_ltx_model(folder: str | Path, *, text_dim: int = 32, seed: int = 0, words=DEFAULT_WORDS, max_length: int = 16,
+                         num_layers: int = 2, native_size: tuple[int, int] | None = None, frames: int | None = None) -> Path:
+    """A random-weight LTX-Video pipeline of the real classes saved by diffusers' own ``LTXPipeline.save_pretrained``:
+    ``LTXVideoTransformer3DModel`` (2 layers, 4 heads of 8 channels) on an ``AutoencoderKLLTXVideo`` of 8 latent
+    channels that compresses 4x in space and time (two scaling stages; the real one 32x / 8x), a 2-layer
+    ``T5EncoderModel``, a local T5 tokenizer and a fixed-shift ``FlowMatchEulerDiscreteScheduler``. Sizes as
+    diffusers' own LTX tests."""
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok, text_encoder = _tiny_t5(folder / "tok", words, max_length, text_dim, seed)
+    vae = AutoencoderKLLTXVideo(in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
+                                decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+                                decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, False, False),
+                                decoder_spatio_temporal_scaling=(True, True, False, False),
+                                decoder_inject_noise=(False, False, False, False, False), upsample_residual=(False, False, False, False),
+                                upsample_factor=(1, 1, 1, 1), timestep_conditioning=False, patch_size=1, patch_size_t=1,
+                                encoder_causal=True, decoder_causal=False)
+    transformer = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=4,
+                                             attention_head_dim=8, cross_attention_dim=32, num_layers=num_layers,
+                                             caption_channels=text_dim)
+    pipe = LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tok,
+                       transformer=transformer)
+    return _save_pipeline(pipe, folder, native_size, frames)
+
+
+def build_tiny_cogvideox_model(folder: str | Path, *, version: str = "1.0", text_dim: int = 32, seed: int = 0, words=DEFAULT_WORDS,
+                               max_length: int = 16, native_size: tuple[int, int] | None = None, frames: int | None = None) -> Path:
+    """A random-weight CogVideoX pipeline of the real classes saved by diffusers' own ``CogVideoXPipeline.save_pretrained``:
+    ``version="1.0"``: the 5B's kind (3D RoPE, per-head q/k LayerNorm); ``"1.5"``: two latent frames patched
+    together; ``"2b"``: sin-cos positions, no RoPE. A 2-block transformer (2 heads of 16: the RoPE splits a head in 4 + 6 + 6), an ``AutoencoderKLCogVideoX``
+    of 4 latent channels (8x in space, 4x in time), a 2-layer ``T5EncoderModel``, a local T5 tokenizer and the
+    v-prediction ``CogVideoXDDIMScheduler`` of the released configs. Sizes as diffusers' own CogVideoX tests."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok, text_encoder = _tiny_t5(folder / "tok", words, max_length, text_dim, seed)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=2, text_embed_dim=text_dim,
+        num_layers=2, sample_width=4, sample_height=4, sample_frames=9, patch_size=2, temporal_compression_ratio=4,
+        max_text_seq_length=max_length, use_rotary_positional_embeddings=version != "2b",
+        use_learned_positional_embeddings=False, patch_size_t=2 if version == "1.5" else None, patch_bias=version != "1.5")
+    vae = AutoencoderKLCogVideoX(in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+                                 up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+                                 layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4)
+    scheduler = CogVideoXDDIMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                                       snr_shift_scale=3.0 if version == "2b" else 1.0, clip_sample=False, set_alpha_to_one=True)
+    pipe = CogVideoXPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
+    return _save_pipeline(pipe, folder, native_size, frames)
 
 
 def build_tiny_stage_model(folder: str | Path, kind: str, *, size: int = 16, channels: tuple[int, ...] = (16, 32),

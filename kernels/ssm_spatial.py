@@ -168,7 +168,8 @@ def _tiles_fwd_kernel(k_ptr, r_ptr, inv_k_ptr, inv_r_ptr, coef_ptr, x_ptr, N, C,
         base = x_ptr + (s * tl.num_programs(0) + g) * N * N
         m = (ni[:, None] < N) & (nj[None, :] < N)
         tl.store(base + ni[:, None] * N + nj[None, :], acc, mask=m)
-        tl.store(base + nj[None, :] * N + ni[:, None], acc, mask=m & (i != j))
+        if i != j:  # (a scalar branch, not `m & (i != j)`: Triton 3.9's interpreter refuses a mask mixed with a scalar)
+            tl.store(base + nj[None, :] * N + ni[:, None], acc, mask=m)
 
 
 @triton.jit

@@ -14,15 +14,17 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BadInput, FastDMError
+from ..errors import BadInput, FastDMError, Unsupported
 from .base import Backbone
 
 
 def _registry() -> list[type]:
+    from .cogvideox import CogVideoXBackbone
+    from .ltx import LTXBackbone
     from .unet3d import UNet3DBackbone
     from .wan import WanBackbone
 
-    return [UNet3DBackbone, WanBackbone]
+    return [UNet3DBackbone, WanBackbone, LTXBackbone, CogVideoXBackbone]
 
 
 def from_components(*, denoiser=None, unet=None, transformer=None, text_encoder, tokenizer, scheduler, vae=None, path: str,
@@ -42,8 +44,8 @@ def from_components(*, denoiser=None, unet=None, transformer=None, text_encoder,
             keyword = getattr(cls, "denoiser_keyword", "unet")
             return cls(**{keyword: denoiser}, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, vae=vae,
                        path=path, native_size=native_size, device=device, dtype=dtype, **family)
-    names = ", ".join(c.__name__ for c in _registry())
-    raise FastDMError(f"unsupported denoiser class {type(denoiser).__name__}; fastdm supports: {names}")
+    names = "; ".join(f"{c.denoiser_class} ({c.family})" for c in _registry())
+    raise Unsupported(f"unsupported denoiser class {type(denoiser).__name__}; fastdm runs {names}")
 
 
 # Words that get a single token each; anything else falls back to characters.

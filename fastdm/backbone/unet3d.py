@@ -43,6 +43,8 @@ def _forward_order(name: str):
 
 
 class UNet3DBackbone(Backbone):
+    denoiser_class = "UNet3DConditionModel"
+    family = "ZeroScope, ModelScope and pixel-space models of that class"
     def __init__(self, *, unet, text_encoder, tokenizer, scheduler, vae, path: str, native_size, device, dtype):
         self.unet = unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.text_encoder = text_encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)

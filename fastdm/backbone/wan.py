@@ -39,81 +39,16 @@ rotary embedding), so positions do not enter the self-similarities.
 from __future__ import annotations
 
 import contextlib
-import string
-from pathlib import Path
 
 import torch
 
 from ..errors import FastDMError, Unsupported
 from .base import Backbone, BackboneInfo, checkpoint_forwards, tiled_vae
+from .flow import cast_module as _cast
+from .flow import clean_prompt as _clean
+from .flow import FlowNoise, flow_shift, shifted_sigma, write_t5_tokenizer  # noqa: F401  (re-exported: tools and tests import them here)
 
 MAX_TEXT_TOKENS = 512  # Wan's text length: the embeddings are zero-padded to it
-
-
-def flow_shift(scheduler) -> float:
-    """The timestep shift of a flow-matching scheduler (1.0 = none); refuses schedulers that are
-    not flow matching or that shift by resolution at run time."""
-    cfg = scheduler.config
-    if cfg.get("use_dynamic_shifting", False):
-        raise FastDMError(f"{type(scheduler).__name__} uses dynamic (resolution-dependent) shifting, which fastdm does not "
-                          "model; set use_dynamic_shifting false and a fixed shift in scheduler/scheduler_config.json")
-    if "use_flow_sigmas" in cfg:  # UniPC / DPM-Solver with flow sigmas
-        if not cfg.get("use_flow_sigmas") or cfg.get("prediction_type") != "flow_prediction":
-            raise FastDMError(f"{type(scheduler).__name__} is not configured for flow matching (use_flow_sigmas true and "
-                              "prediction_type flow_prediction); a Wan transformer predicts flow velocities")
-        return float(cfg.get("flow_shift", 1.0) or 1.0)
-    if "shift" in cfg:  # FlowMatchEulerDiscreteScheduler
-        return float(cfg.get("shift", 1.0) or 1.0)
-    raise FastDMError(f"{type(scheduler).__name__} is not a flow-matching scheduler; a Wan model needs "
-                      "UniPCMultistepScheduler (use_flow_sigmas) or FlowMatchEulerDiscreteScheduler")
-
-
-def shifted_sigma(u, shift: float):
-    """``s = shift u / (1 + (shift - 1) u)`` (works on floats and tensors)."""
-    return shift * u / (1 + (shift - 1) * u)
-
-
-def _clean(prompt: str) -> str:
-    return " ".join(prompt.split())
-
-
-def write_t5_tokenizer(folder: str | Path, words, max_length: int = 16) -> None:
-    """A real ``T5TokenizerFast`` (SentencePiece-style Unigram model, built here without downloads):
-    one piece per word of ``words``, characters as the fallback; for tiny Wan models."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import T5TokenizerFast
-
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    vocab += [("\u2581" + w.lower(), -1.0) for w in dict.fromkeys(words)]
-    vocab += [(c, -5.0) for c in string.ascii_lowercase + string.digits + string.punctuation]
-    tk = Tokenizer(models.Unigram(vocab, unk_id=2))
-    tk.normalizer = normalizers.Lowercase()
-    tk.pre_tokenizer = pre_tokenizers.Metaspace()
-    tk.decoder = decoders.Metaspace()
-    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    tok = T5TokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0,
-                          model_max_length=max_length)
-    tok.save_pretrained(str(folder))
-
-
-def _cast(module: torch.nn.Module, device, dtype: torch.dtype) -> torch.nn.Module:
-    """Move ``module`` to ``device`` and its floating tensors to ``dtype``, except those named by the
-    class's ``_keep_in_fp32_modules``, which stay fp32 as diffusers' ``from_pretrained(torch_dtype=...)``
-    keeps them (Wan: rope, time embedder, modulation tables, norms). Tensor by tensor, so diffusers'
-    warning about casting with ``.to()`` does not apply."""
-    module.to(device=device)
-    keep = set(getattr(module, "_keep_in_fp32_modules", None) or [])
-    for name, sub in module.named_modules():
-        for table in (sub._parameters, sub._buffers):
-            for tname, t in table.items():
-                if t is None or not t.is_floating_point():
-                    continue
-                full = f"{name}.{tname}" if name else tname
-                want = torch.float32 if keep.intersection(full.split(".")) else dtype
-                if t.dtype != want:
-                    table[tname] = (torch.nn.Parameter(t.detach().to(want), requires_grad=False)
-                                    if isinstance(t, torch.nn.Parameter) else t.to(want))
-    return module
 
 
 def _check_experts(transformer, transformer_2, boundary_ratio) -> None:
@@ -167,7 +102,9 @@ class _Handles:
             h.remove()
 
 
-class WanBackbone(Backbone):
+class WanBackbone(FlowNoise, Backbone):
+    denoiser_class = "WanTransformer3DModel"
+    family = "Wan 2.1; Wan 2.2 T2V-A14B and TI2V-5B"
     denoiser_keyword = "transformer"
     text_encoder_on_cpu = True  # never on the accelerator (memory projections leave it out)
 
@@ -224,24 +161,6 @@ class WanBackbone(Backbone):
         from diffusers import WanTransformer3DModel
 
         return isinstance(denoiser, WanTransformer3DModel)
-
-    # -- noising ----------------------------------------------------------------------------
-    def sigma(self, t) -> float:
-        """Noise level ``s`` of integer timestep ``t`` (see the module docstring)."""
-        return float(shifted_sigma(t / self.num_train_timesteps, self.shift))
-
-    def noise_coefficients(self, t: int) -> tuple[float, float]:
-        s = self.sigma(t)
-        return 1.0 - s, s
-
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        """The DDPM alpha_bar with the same signal-to-noise ratio as each flow level:
-        ``(1 - s)^2 / ((1 - s)^2 + s^2)`` (x_t / sqrt((1-s)^2 + s^2) is that DDPM's x_t)."""
-        if getattr(self, "_abar", None) is None:
-            s = shifted_sigma(torch.arange(self.num_train_timesteps, dtype=torch.float64) / self.num_train_timesteps, self.shift)
-            self._abar = (1 - s) ** 2 / ((1 - s) ** 2 + s**2)
-        return self._abar
 
     # -- text -------------------------------------------------------------------------------
     def text_length(self) -> int:

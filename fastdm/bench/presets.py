@@ -15,6 +15,14 @@
                       config serves both experts, as the released ones share it).
 * ``wan2.2-ti2v-5b``  Wan 2.2 TI2V 5B: one 5.0 B transformer on the 48-channel Wan 2.2 VAE (2x2 patchify
                       inside, 16x in space), flow shift 5.0; 1280x704 (``configs/wan2.2-ti2v-5b``).
+* ``ltx-video-2b``    LTX-Video 0.9.5: ``LTXVideoTransformer3DModel`` (1.92 B parameters), the 0.9.5
+                      ``AutoencoderKLLTXVideo`` (32x in space, 8x in time, 128 channels) and T5-XXL (4.76 B;
+                      kept on the CPU), fixed-shift flow schedule; 704x512 (``configs/ltx-video-2b``).
+* ``ltx-video-13b``   LTX-Video 0.9.7 13B: the 13.04 B transformer on the same VAE and text encoder; 704x512.
+* ``cogvideox-2b``, ``cogvideox-5b``  CogVideoX 1.0: ``CogVideoXTransformer3DModel`` (1.69 B, sin-cos positions /
+                      5.57 B, 3D RoPE), ``AutoencoderKLCogVideoX`` (8x in space, 4x in time, 16 channels), T5-XXL
+                      (kept on the CPU), the v-prediction DDIM schedule; 720x480.
+* ``cogvideox1.5-5b`` CogVideoX 1.5 5B (5.57 B, two latent frames a patch); 1360x768.
 * ``wan-tiny``        a 2-layer Wan transformer with a tiny AutoencoderKLWan (tests' size); 256x256.
 """
 
@@ -39,6 +47,11 @@ PRESETS = {
     "wan2.1-t2v-1.3b": {"size": (832, 480)},
     "wan2.2-t2v-a14b": {"size": (832, 480)},
     "wan2.2-ti2v-5b": {"size": (1280, 704)},
+    "ltx-video-2b": {"size": (704, 512)},
+    "ltx-video-13b": {"size": (704, 512)},
+    "cogvideox-2b": {"size": (720, 480)},
+    "cogvideox-5b": {"size": (720, 480)},
+    "cogvideox1.5-5b": {"size": (1360, 768)},
     "wan-tiny": {"size": (256, 256)},
 }
 
@@ -98,6 +111,37 @@ def _wan(device, dtype, size, preset: str = "wan2.1-t2v-1.3b", boundary_ratio: f
                            **experts)
 
 
+def _t5_family(device, dtype, size, preset: str):
+    """LTX-Video and CogVideoX presets: a transformer, its VAE, T5-XXL (on the CPU) and the scheduler, from configs."""
+    import diffusers
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    from ..backbone.components import DEFAULT_WORDS
+    from ..backbone.flow import write_t5_tokenizer
+
+    folder = CONFIGS / preset
+    cfg = {n: json.loads((folder / f"{n}.json").read_text()) for n in ("transformer", "text_encoder", "vae", "scheduler")}
+    kinds = {"transformer": "LTXVideoTransformer3DModel", "vae": "AutoencoderKLLTXVideo", "scheduler": "FlowMatchEulerDiscreteScheduler"} \
+        if preset.startswith("ltx") else {"transformer": "CogVideoXTransformer3DModel", "vae": "AutoencoderKLCogVideoX",
+                                          "scheduler": "CogVideoXDDIMScheduler"}
+    length = 128 if preset.startswith("ltx") else int(cfg["transformer"]["max_text_seq_length"])
+    tok_dir = Path(tempfile.mkdtemp(prefix="fastdm-t5tok-"))
+    write_t5_tokenizer(tok_dir, DEFAULT_WORDS, max_length=length)
+    default = torch.get_default_dtype()
+    with torch.device(device):  # built where they will run
+        transformer = getattr(diffusers, kinds["transformer"]).from_config(cfg["transformer"])
+        vae = getattr(diffusers, kinds["vae"]).from_config(cfg["vae"])
+    with torch.device(device if str(device) == "meta" else "cpu"):  # the text encoder stays on the CPU
+        torch.set_default_dtype(torch.float32 if dtype == torch.float32 else torch.bfloat16)
+        try:
+            text = T5EncoderModel(T5Config(**cfg["text_encoder"]))
+        finally:
+            torch.set_default_dtype(default)
+    sched = getattr(diffusers, kinds["scheduler"]).from_config(cfg["scheduler"])
+    return from_components(transformer=transformer, text_encoder=text, tokenizer=T5TokenizerFast.from_pretrained(str(tok_dir)),
+                           scheduler=sched, vae=vae, path=f"preset:{preset}", native_size=size, device=device, dtype=dtype)
+
+
 def build_backbone(preset: str, device: str = "cpu", dtype: torch.dtype = torch.float32, size=None) -> Backbone:
     """A backbone of the preset's architecture on ``device`` (``"meta"`` for FLOP counting)."""
     if preset not in PRESETS:
@@ -109,6 +153,8 @@ def build_backbone(preset: str, device: str = "cpu", dtype: torch.dtype = torch.
         return _wan(device, dtype, size, preset)
     if preset == "wan2.2-t2v-a14b":
         return _wan(device, dtype, size, preset, boundary_ratio=0.875)
+    if preset.startswith(("ltx-video", "cogvideox")):
+        return _t5_family(device, dtype, size, preset)
     if preset == "wan-tiny":
         from ..backbone import load_backbone
         from ..testing import build_tiny_wan_model

@@ -1,8 +1,8 @@
-"""Forward FLOPs of a Wan transformer preset (exact architecture, meta device, no weights), beside the counted
+"""Forward FLOPs of a video transformer preset (Wan, LTX-Video) (exact architecture, meta device, no weights), beside the counted
 figures in ../shared/reference (flops.md, video-backbones.md):
 
-    python -m benchmarks.wan_forward_flops                                   # Wan 2.1 T2V 1.3B, 33 and 81 frames
-    python -m benchmarks.wan_forward_flops --preset wan2.2-t2v-a14b --frames 33,81 --out benchmarks/results
+    python -m benchmarks.forward_flops                                   # Wan 2.1 T2V 1.3B, 33 and 81 frames
+    python -m benchmarks.forward_flops --preset wan2.2-t2v-a14b --frames 33,81 --out benchmarks/results
 
 ``torch.utils.flop_counter`` on one forward at batch 1 and the preset's native size (a multiply-add is 2 FLOPs;
 matmuls and attention). With ``--out`` it writes ``forward-flops-<preset>.{json,md}``; a FLOP count does not
@@ -48,7 +48,7 @@ def main() -> int:
 
         out = Path(args.out)
         meta = {"name": f"forward-flops-{args.preset}", "machine": machine_name("cpu"), "machine_description": machine_description("cpu"), "device": "meta",
-                "dtype": "bf16", "command": f"python -m benchmarks.wan_forward_flops --preset {args.preset} --frames {args.frames}"}
+                "dtype": "bf16", "command": f"python -m benchmarks.forward_flops --preset {args.preset} --frames {args.frames}"}
         write_json_atomic(out / f"forward-flops-{args.preset}.json", {"meta": meta, "rows": rows})
         md = [f"# Forward FLOPs: {args.preset}", "", f"`{meta['command']} --out {args.out}` (meta device, exact architecture, batch 1; "
               "`torch.utils.flop_counter`, a multiply-add = 2 FLOPs). Counted on: " + meta["machine_description"] + ".", "",
