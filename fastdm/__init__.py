@@ -23,6 +23,7 @@ from .errors import BadInput, Diverged, FastDMError, MissingDependency, ResumeMi
 from .io import read_video, write_video
 from .request import EditRequest
 
-__version__ = "0.1.0"
+from .version import __version__
+
 __all__ = ["DreamMotionPipeline", "EditConfig", "EditRequest", "EditResult", "Editor", "StepInfo", "edit", "FastDMError", "BadInput",
            "Unsupported", "MissingDependency", "Diverged", "ResumeMismatch", "read_video", "write_video"]

@@ -13,6 +13,7 @@ from .driver.config import LR_SCHEDULES, MASK_SCOPES, OPTIMIZERS, PRESETS, T_SCH
 from .driver.engines import ENGINES
 from .driver.plan import PLANS
 from .errors import FastDMError, flags_of, spell
+from .version import __version__
 
 _DEFAULTS = EditConfig("source", "target")  # one source of truth for the defaults the help shows
 _PAPER = config_from_preset("paper", "source", "target")
@@ -58,6 +59,7 @@ def _steps(text: str) -> int | str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fastdm-edit", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("input", help="input video (mp4, webm, gif), image, or folder of png/jpg frames")
     p.add_argument("--source-prompt", required=True, help="text describing the input video")
     p.add_argument("--target-prompt", required=True, help="text describing the edited video")

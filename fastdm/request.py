@@ -164,6 +164,20 @@ class EditRequest:
             raise BadInput(f"`checkpoint_dir='{ckpt_dir}'` is a file; give a folder (it is created if missing)",
                            field="checkpoint_dir")
 
+    def probe_inputs(self, inp: Path, mask_file: str | None):
+        """:meth:`read_inputs` without keeping the frames: the input decoded one frame at a time (every check
+        of a read made), the mask and boxes checked against it: ``(fps, frame indices, (width, height), mask or
+        None, boxes or None)``. The frames are read later at the working size (:func:`run`)."""
+        from .io import read_boxes, read_mask
+        from .io.video import probe_frames
+
+        need_total = bool(self.boxes or mask_file)  # to check their frame count against the whole input
+        seen = probe_frames(inp, frames=self.frames, stride=self.stride, with_total=need_total)
+        indices, src_size, total = seen["indices"], seen["size"], seen.get("total")
+        mask_raw = read_mask(mask_file, indices=indices, src_size=src_size, total_frames=total) if mask_file else None
+        boxes = read_boxes(self.boxes, src_size=src_size, total_frames=total) if self.boxes else None
+        return seen["fps"], indices, src_size, mask_raw, boxes
+
     def read_inputs(self, inp: Path, mask_file: str | None):
         """The input's frames and, checked against them, the mask and boxes: ``(raw (F, H, W, 3) uint8, fps,
         frame indices, (width, height), mask or None, boxes or None)``."""
@@ -203,6 +217,7 @@ def run(request: EditRequest, *, pipe=None, on_step=None, tensor_inputs: tuple[s
     from .backbone import default_model_path
     from .backbone.loader import check_model_folder
     from .driver import DreamMotionPipeline
+    from .io import read_frames
 
     inp, out, compare, report_path, ckpt_dir = request.paths()
     config = request.config()  # (and the plan's refusals) before anything is read or loaded
@@ -215,8 +230,9 @@ def run(request: EditRequest, *, pipe=None, on_step=None, tensor_inputs: tuple[s
     check_model_folder(request.model or default_model_path())
 
     t0 = time.perf_counter()
-    # mask and boxes are checked here, before the model loads; the crop comes after (it needs the model's size)
-    raw, fps, indices, src_size, mask_raw, boxes = request.read_inputs(inp, mask_file)
+    # the input is decoded once here, frame by frame and none kept, and mask and boxes checked against it, before
+    # the model loads; the frames are read after it, resized to the working size as they are decoded
+    fps, indices, src_size, mask_raw, boxes = request.probe_inputs(inp, mask_file)
     if check_only:
         return None
 
@@ -225,7 +241,9 @@ def run(request: EditRequest, *, pipe=None, on_step=None, tensor_inputs: tuple[s
         pipe = DreamMotionPipeline.from_pretrained(request.model, request.device, request.dtype, allow_pickle=request.allow_pickle,
                                                    trust_remote_code=request.trust_remote_code, attention=request.attention,
                                                    release_text_encoder=True)
-    frames, mask, _ = _working_frames(request, pipe, raw, indices, src_size, mask_raw, boxes, mask_mode)
+    frames, mask, _ = _working_frames(request, pipe, None, indices, src_size, mask_raw, boxes, mask_mode,
+                                      read=lambda size: read_frames(inp, frames=request.frames, stride=request.stride,
+                                                                    size=size)[0])
     load_s = time.perf_counter() - t0
     result = _edit(request, pipe, config, frames, mask, budget, ckpt_dir, on_step, tensor_inputs)
     report = result.report
@@ -262,9 +280,10 @@ def _budget(request: EditRequest):
     return parse_bytes(request.memory_budget)
 
 
-def _working_frames(request: EditRequest, pipe, raw, indices, src_size, mask_raw, boxes, mask_mode):
+def _working_frames(request: EditRequest, pipe, raw, indices, src_size, mask_raw, boxes, mask_mode, *, read=None):
     """The frames resized and centre-cropped to the working size (``size``, else the model's), the mask to
-    edit with (the given one or the boxes' cropped alike, ``"auto"``, or None) and the crop."""
+    edit with (the given one or the boxes' cropped alike, ``"auto"``, or None) and the crop. ``read(size)``,
+    when given, decodes the frames at that size itself (``raw`` is then None)."""
     from .io import boxes_to_mask, crop_mask, plan_crop, resize_crop
 
     info = pipe.backbone.info
@@ -273,7 +292,7 @@ def _working_frames(request: EditRequest, pipe, raw, indices, src_size, mask_raw
         raise BadInput(f"`size={size[0]}x{size[1]}`: width and height must be multiples of {info.size_multiple} for this model",
                        field="size")
     crop = plan_crop(src_size, size)
-    frames = resize_crop(raw, crop)
+    frames = read(size) if read is not None else resize_crop(raw, crop)
     mask = "auto" if mask_mode == "auto" else None
     if mask_raw is not None:
         mask = crop_mask(mask_raw, crop)

@@ -5,7 +5,7 @@ no recomputation, no copy). This kernel is then the one extra read of the keys a
 keys: per token row it produces 1/|k|, 1/|k_ref| and the cancellation-free coefficient
 ``(E . (k + k_ref)) / (|k||k_ref|(|k| + |k_ref|))`` that defines D = A - B (the S-SSM kernels'
 row statistics), and per frame the sums of K, K_ref and K - K_ref (the T-SSM kernel's input),
-accumulated across row blocks with atomic adds. :func:`fastdm.kernels.ssm_losses` feeds both
+accumulated across row blocks with atomic adds. :func:`fastdm.kernels.dispatch.ssm_losses` feeds both
 losses from it, so S-SSM + T-SSM together skip their own statistics passes.
 Its PyTorch twin is the row/mean arithmetic of ``fastdm.losses.ssm``.
 """

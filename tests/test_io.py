@@ -221,3 +221,22 @@ def test_animated_png_is_a_video(tmp_path):
     assert arr.shape == (3, 16, 16, 3) and idx == [0, 1, 2]
     with pytest.raises(FastDMError, match="has 3 frames but the video has 5"):
         load_mask(str(tmp_path / "a.png"), indices=[0], src_size=(16, 16), total_frames=5, crop=plan_crop((16, 16), (16, 16)))
+
+
+def test_frames_resized_while_decoding_equal_resized_afterwards_and_the_probe_keeps_none(tmp_path):
+    """fastdm-edit probes its input (every check, nothing kept) and then decodes it at the working size frame by
+    frame: the same pixels as decoding everything and resizing afterwards, the same indices, fps and counts."""
+    from fastdm.io.video import plan_crop, probe_frames, read_frames, resize_crop
+
+    import imageio.v3 as iio
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    clip = tmp_path / "c.gif"
+    iio.imwrite(clip, rng.integers(0, 255, (7, 24, 40, 3), dtype=np.uint8), extension=".gif", duration=100, loop=0)
+    full, fps, idx, total = read_frames(clip, frames=3, stride=2, with_total=True)
+    small, fps2, idx2 = read_frames(clip, frames=3, stride=2, size=(16, 12))
+    assert np.array_equal(small, resize_crop(full, plan_crop((40, 24), (16, 12)))) and small.shape == (3, 12, 16, 3)
+    seen = probe_frames(clip, frames=3, stride=2, with_total=True)
+    assert (seen["fps"], seen["indices"], seen["size"], seen["total"]) == (fps, idx, (40, 24), total) == (fps2, idx2, (40, 24), 7)
+    assert "total" not in probe_frames(clip, frames=1)

@@ -177,9 +177,11 @@ def _chart(rows: list[dict], path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..version import __version__
     from .presets import PRESETS
 
     ap = argparse.ArgumentParser(prog="fastdm-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     ap.add_argument("--preset", default="shapes", help=f"comma-separated: {', '.join(PRESETS)}")
     ap.add_argument("--frames", default="8")
     ap.add_argument("--modes", default="naive,fast",

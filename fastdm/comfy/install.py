@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import FastDMError
+from ..version import __version__
 
 PROG = "fastdm-comfy"
 PACK = "fastdm_nodes"
@@ -60,8 +61,6 @@ Icon = ""
 
 
 def _version() -> str:
-    from .. import __version__
-
     return __version__
 
 
@@ -133,6 +132,7 @@ def uninstall(comfy: str | os.PathLike) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=PROG, description="Install fastdm's node pack into a ComfyUI.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     i = sub.add_parser("install", help="write custom_nodes/fastdm_nodes/ into COMFYUI_DIR")
     i.add_argument("comfyui_dir", metavar="COMFYUI_DIR")

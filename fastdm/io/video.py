@@ -140,12 +140,10 @@ def _iter_frames(path: Path, what: str):
     return gen(), fps
 
 
-def read_frames(path: str | os.PathLike, *, frames: int | None = None, stride: int = 1, what: str = "input video",
-                with_total: bool = False, size: tuple[int, int] | None = None):
-    """Read frames 0, stride, 2*stride, ... (at most ``frames`` of them). Returns (array, fps, indices),
-    and with ``with_total`` also the number of frames in the whole input (counted in the same pass).
-    With ``size`` = (W, H) each kept frame is resized and centre-cropped as it is decoded, so only
-    frames of that size are held."""
+def _kept_frames(path: str | os.PathLike, frames: int | None, stride: int, what: str, to_end: bool, seen: dict):
+    """Frames 0, stride, 2*stride, ... (at most ``frames``) as ``(index, frame)``, decoded one at a time; every
+    kept frame's size checked against frame 0's. ``seen`` gets ``fps``, ``total`` (the frames decoded: all of
+    them when ``to_end``, else up to the last kept one) and ``size`` (W, H)."""
     p = Path(path)
     if not p.exists():
         raise FastDMError(f"{what} '{path}' does not exist; check the path")
@@ -153,25 +151,52 @@ def read_frames(path: str | os.PathLike, *, frames: int | None = None, stride: i
         raise FastDMError(f"`stride` must be >= 1, got {stride}")
     if frames is not None and frames < 1:
         raise FastDMError(f"`frames` must be >= 1, got {frames}")
-    it, fps = _iter_frames(p, what)
-    out, idx, total, first, crop = [], [], 0, None, None
+    it, seen["fps"] = _iter_frames(p, what)
+    kept, first, seen["total"] = 0, None, 0
     for i, fr in enumerate(it):
-        total = i + 1
-        full = frames is not None and len(out) == frames
+        seen["total"] = i + 1
+        full = frames is not None and kept == frames
         if i % stride == 0 and not full:
             if first is None:
                 first = fr.shape
-                crop = plan_crop((fr.shape[1], fr.shape[0]), size) if size is not None else None
+                seen["size"] = (fr.shape[1], fr.shape[0])
             elif fr.shape != first:
                 raise FastDMError(f"{what} '{path}': frame {i} is {fr.shape[1]}x{fr.shape[0]}, frame 0 {first[1]}x{first[0]}; all frames must have one size")
-            out.append(fr if crop is None else resize_crop(fr[None], crop)[0])
-            idx.append(i)
-        elif full and not with_total:
+            kept += 1
+            yield i, fr
+        elif full and not to_end:
             break
-    if not out:
+    if not kept:
         raise FastDMError(f"{what} '{path}' has no frames that can be decoded (corrupt or cut short?); "
                           "re-encode it, e.g. with ffmpeg, or give another file")
-    return (np.stack(out), fps, idx, total) if with_total else (np.stack(out), fps, idx)
+
+
+def read_frames(path: str | os.PathLike, *, frames: int | None = None, stride: int = 1, what: str = "input video",
+                with_total: bool = False, size: tuple[int, int] | None = None):
+    """Read frames 0, stride, 2*stride, ... (at most ``frames`` of them). Returns (array, fps, indices),
+    and with ``with_total`` also the number of frames in the whole input (counted in the same pass).
+    With ``size`` = (W, H) each kept frame is resized and centre-cropped as it is decoded, so only
+    frames of that size are held."""
+    seen: dict = {}
+    out, idx, crop = [], [], None
+    for i, fr in _kept_frames(path, frames, stride, what, with_total, seen):
+        if size is not None and crop is None:
+            crop = plan_crop(seen["size"], size)
+        out.append(fr if crop is None else resize_crop(fr[None], crop)[0])
+        idx.append(i)
+    return (np.stack(out), seen["fps"], idx, seen["total"]) if with_total else (np.stack(out), seen["fps"], idx)
+
+
+def probe_frames(path: str | os.PathLike, *, frames: int | None = None, stride: int = 1, what: str = "input video",
+                 with_total: bool = False) -> dict:
+    """What :func:`read_frames` would read, decoded one frame at a time and none kept: ``fps``, ``indices``,
+    ``size`` (W, H) of the source and, with ``with_total``, ``total`` (frames in the whole input); the same
+    checks and messages. Memory: one frame at a time, whatever the clip's length."""
+    seen: dict = {}
+    seen["indices"] = [i for i, _ in _kept_frames(path, frames, stride, what, with_total, seen)]
+    if not with_total:
+        seen.pop("total", None)
+    return seen
 
 
 def count_frames(path: str | os.PathLike, what: str = "input video") -> int:

@@ -28,6 +28,7 @@ from ..errors import BadInput, FastDMError, MissingDependency, flags_of, spell
 from ..io.video import enlarge as _enlarge
 from ..io.video import preview_strip
 from ..request import EditRequest
+from ..version import __version__
 from .jobs import edit_request
 
 PROG = "fastdm-app"
@@ -304,6 +305,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="A web page for DreamMotion edits (Gradio), over one loaded model.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--model", default=None, help="local diffusers-format model folder, or a bundled model by name: shapes (the default, a UNet3D) or shapes-dit (a Wan transformer)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     from ..backbone.loader import DTYPES

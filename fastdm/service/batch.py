@@ -41,6 +41,7 @@ from pathlib import Path
 
 from ..errors import FastDMError, MissingDependency, flags_of, spell
 from ..schema import JOB, OPTIONS, job_errors, settings_schema
+from ..version import __version__
 from .jobs import edit_request
 
 PROG = "fastdm-batch"
@@ -576,6 +577,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Many DreamMotion edits from a JSON Lines manifest on Ray: each actor loads the model "
                 "once and runs job after job; results.jsonl records every job, so a re-run skips finished ones.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("manifest", help="JSON Lines file, one job a line (input, source_prompt, target_prompt, ...)")
     p.add_argument("--out", required=True, help="output folder (created if missing): the edits, their reports, results.jsonl, summary.json")
     p.add_argument("--workers", type=int, default=None, help="Ray actors (default: one per GPU with --device cuda, else 1)")
