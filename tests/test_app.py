@@ -206,3 +206,67 @@ def test_without_gradio_the_command_says_how_to_install(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gradio", None)
     assert main([]) == 2
     assert capsys.readouterr().err == "fastdm-app: error: Gradio is not installed; install it with: pip install 'fastdm[app]'\n"
+
+
+def test_limits_refuse_an_upload_with_the_arithmetic(tmp_path):
+    from fastdm.errors import BadInput
+    from fastdm.service.app import Limits
+
+    clip = ROOT / "fastdm" / "assets" / "clips" / CLIP  # 8 frames of 32x32
+    Limits().check(clip)
+    Limits(frames=4).check(clip, frames=4)  # (the form's frame cap reads only 4)
+    for limits, frames, match in ((Limits(frames=4), None, "more than 4 frames"), (Limits(pixels=32 * 31), None, "32x32"),
+                                  (Limits(upload_mb=1e-4), None, "MB, more than"), (Limits(seconds=0.1), None, r"s, more than"),
+                                  (Limits(frames=4), 6, "`frames=6` is above")):
+        with pytest.raises(BadInput, match=match):
+            limits.check(clip, frames=frames)
+
+
+def test_logins_come_from_a_file_or_the_environment_never_the_command_line(tmp_path, monkeypatch, capsys):
+    from fastdm.service.app import main, read_auth
+
+    f = tmp_path / "users"
+    f.write_text("# who may edit\nann:secret-1\nbob:pw:with:colons\n")
+    assert read_auth(str(f)) == [("ann", "secret-1"), ("bob", "pw:with:colons")]
+    monkeypatch.setenv("FASTDM_APP_AUTH", "cy:x, dee:y")
+    assert read_auth(None) == [("cy", "x"), ("dee", "y")]
+    monkeypatch.delenv("FASTDM_APP_AUTH")
+    assert read_auth(None) is None
+    f.write_text("nopassword\n")
+    with pytest.raises(Exception, match="user:password"):
+        read_auth(str(f))
+    assert main(["--host", "0.0.0.0"]) == 2  # (refused before the model loads)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--auth" in err and "0.0.0.0" in err
+
+
+def test_a_login_is_asked_and_an_over_size_upload_is_refused_in_the_page(browser, tmp_path):
+    users = tmp_path / "users"
+    users.write_text("ann:secret-1\n")
+    proc, url = start_app(tmp_path, "--auth", str(users), "--max-frames", "4", "--max-upload-mb", "1")
+    try:
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(url)
+        page.get_by_label("username").wait_for(timeout=60000)
+        assert page.get_by_label("Source prompt").count() == 0  # nothing of the app before the login
+        page.get_by_label("username").fill("ann")
+        page.get_by_label("password").fill("secret-1")
+        page.get_by_role("button", name="Login").click()
+        page.get_by_label("Source prompt").wait_for(timeout=60000)
+        page.locator("#upload input[type=file]").set_input_files(str(ROOT / "fastdm" / "assets" / "clips" / CLIP))
+        page.get_by_label("Source prompt").fill(SOURCE)
+        page.get_by_label("Target prompt").fill(TARGET)
+        page.get_by_label("Steps").fill("2")
+        page.wait_for_timeout(1500)  # (the upload lands)
+        page.get_by_role("button", name="Run").click()
+        page.wait_for_function(STATUS_DONE, timeout=120000)
+        shown = status(page)
+        assert shown.startswith("error: the upload has more than 4 frames, this server's limit"), shown
+        assert page.locator("video").count() == 0
+        page.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -1,6 +1,6 @@
 """Screenshots of `fastdm-app` before and after an edit, for docs/ (run from the repository root).
 
-    python tools/app_screenshots.py [--steps 100] [--out docs]
+    python tools/app_screenshots.py [--steps N] [--out docs]     # N: the default preset's step count
 
 Starts the app on a free local port, drives Debian's Chromium with Playwright (the helpers of
 tests/test_app.py), edits the bundled red circle into a blue one, and writes docs/app-before.png
@@ -30,7 +30,9 @@ def _small_png(path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=100)
+    from fastdm.driver.config import EditConfig
+
+    ap.add_argument("--steps", type=int, default=EditConfig("s", "t").steps)
     ap.add_argument("--out", default=str(ROOT / "docs"))
     args = ap.parse_args()
     out = Path(args.out)

@@ -20,6 +20,7 @@ import json
 import queue
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,14 +59,71 @@ def _require_gradio():
     return gradio
 
 
+@dataclass
+class Limits:
+    """What one upload may be, checked before any work (the defaults suit a page shared on a small server)."""
+
+    upload_mb: float = 200.0
+    frames: int = 300
+    seconds: float = 60.0
+    pixels: int = 1920 * 1080  # width x height of a frame
+
+    def check(self, path: Path, frames: int | None = None) -> None:
+        """Refuse an upload over a limit, with the arithmetic, reading at most ``frames + 1`` frames (one at a
+        time, nothing kept); ``frames`` is the form's frame cap (what is read of a longer clip)."""
+        from ..io.video import probe_frames
+
+        mb = path.stat().st_size / 2**20
+        if mb > self.upload_mb:
+            raise BadInput(f"the upload is {mb:.1f} MB, more than this server's {self.upload_mb:g} MB; send a shorter or smaller clip",
+                           field="input")
+        cap = min(frames or self.frames, self.frames)
+        seen = probe_frames(path, frames=cap + 1, what="upload")
+        w, h = seen["size"]
+        if w * h > self.pixels:
+            raise BadInput(f"the upload is {w}x{h} ({w * h:,} pixels a frame), more than this server's {self.pixels:,}; "
+                           "scale it down first", field="input")
+        n = len(seen["indices"])
+        if n > cap and not frames:
+            raise BadInput(f"the upload has more than {self.frames} frames, this server's limit; cut it or set `frames` "
+                           f"to {self.frames} or fewer", field="input")
+        if frames and frames > self.frames:
+            raise BadInput(f"`frames={frames}` is above this server's limit of {self.frames}", field="frames")
+        used = min(n, cap)
+        if used / seen["fps"] > self.seconds:
+            raise BadInput(f"{used} frames at {seen['fps']:g} fps are {used / seen['fps']:.1f} s, more than this server's "
+                           f"{self.seconds:g} s; cut the clip or set `frames`", field="input")
+
+
+def read_auth(path: str | None) -> list[tuple[str, str]] | None:
+    """Users and passwords, ``user:password`` a line, from the file ``path`` or else the environment variable
+    ``FASTDM_APP_AUTH`` (pairs separated by commas); never from the command line. None: no login."""
+    import os
+
+    if path is not None and not Path(path).is_file():
+        raise FastDMError(f"--auth file '{path}' does not exist; write user:password lines into it")
+    text = Path(path).read_text() if path else os.environ.get("FASTDM_APP_AUTH", "")
+    pairs = [p.strip() for p in text.replace(",", "\n").splitlines() if p.strip() and not p.strip().startswith("#")]
+    if path is not None and not pairs:
+        raise FastDMError(f"--auth file '{path}' holds no user:password line")
+    out = []
+    for p in pairs:
+        user, sep, password = p.partition(":")
+        if not sep or not user or not password:
+            raise FastDMError("each login must be user:password (in --auth's file or FASTDM_APP_AUTH)")
+        out.append((user, password))
+    return out or None
+
+
 class EditService:
     """The app's state: one pipeline, one edit at a time, a stop flag per browser session."""
 
     def __init__(self, pipe, *, model: str | None, device: str = "cpu", dtype: str = "fp32", out_root: str | Path,
-                 preview_every: int = 5, max_steps: int | None = None):
+                 preview_every: int = 5, max_steps: int | None = None, limits: "Limits | None" = None):
         self.pipe, self.model, self.device, self.dtype = pipe, model, device, dtype
         self.out_root = Path(out_root)
         self.preview_every, self.max_steps = max(1, preview_every), max_steps
+        self.limits = limits or Limits()
         self.lock = threading.Lock()  # one edit at a time, also past a closed tab's cancelled generator
         self.stops: dict[str, threading.Event] = {}
 
@@ -77,6 +135,7 @@ class EditService:
         if upload:
             inp = str(upload)
             names[inp] = Path(inp).name
+            self.limits.check(Path(inp), frames=int(frames) if frames else None)
         elif bundled and bundled != NO_CLIP:
             if bundled not in bundled_clips():
                 raise FastDMError(f"no bundled clip {bundled!r}; choose one of {', '.join(bundled_clips())}")
@@ -225,7 +284,7 @@ class EditService:
             ev.set()
 
 
-def build_app(service: EditService):
+def build_app(service: EditService, queue_size: int | None = None):
     import gradio as gr
 
     from ..automask import DEFAULT_MODE
@@ -240,7 +299,7 @@ def build_app(service: EditService):
                     "(`a {colour} {shape} moving {direction}`, 32x32).")
         with gr.Row():
             with gr.Column():
-                upload = gr.File(label="Upload a clip", file_types=[".mp4", ".webm", ".gif", ".png", ".jpg", ".jpeg"],
+                upload = gr.File(label="Upload a clip", elem_id="upload", file_types=[".mp4", ".webm", ".gif", ".png", ".jpg", ".jpeg"],
                                  type="filepath")
                 bundled = gr.Dropdown([NO_CLIP, *clips], value=NO_CLIP, label="Bundled clip (used when nothing is uploaded)")
                 source = gr.Textbox(label="Source prompt", placeholder="a red circle moving right")
@@ -294,7 +353,7 @@ def build_app(service: EditService):
                                preset],
                       [status, preview, video, files], concurrency_limit=1, concurrency_id="edit", show_progress="minimal")
         stop_btn.click(on_stop, None, None, concurrency_limit=None, show_progress="hidden")
-    demo.queue(default_concurrency_limit=1)
+    demo.queue(default_concurrency_limit=1, max_size=queue_size)
     return demo
 
 
@@ -316,6 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=None, help="where each run's outputs go (default: a new temporary folder)")
     p.add_argument("--preview-every", type=int, default=5, metavar="N", help="a preview of the edited frames every N steps")
     p.add_argument("--max-steps", type=int, default=None, help="refuse edits with more steps (for a shared server)")
+    p.add_argument("--max-upload-mb", type=float, default=200.0, help="refuse larger uploads (default 200)")
+    p.add_argument("--max-frames", type=int, default=300, help="refuse uploads with more frames, unless Frames caps them (default 300)")
+    p.add_argument("--max-seconds", type=float, default=60.0, help="refuse edits of more video than this (default 60)")
+    p.add_argument("--max-resolution", default="1920x1080", metavar="WxH",
+                   help="refuse uploads with more pixels a frame than this (default 1920x1080)")
+    p.add_argument("--queue-size", type=int, default=8, help="edits waiting at most; more are turned away (default 8)")
+    p.add_argument("--auth", default=None, metavar="FILE",
+                   help="require a login: user:password lines in FILE (or FASTDM_APP_AUTH=user:pass,... in the "
+                        "environment); needed to serve on any host but 127.0.0.1")
     p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     return p
 
@@ -334,6 +402,21 @@ def main(argv: list[str] | None = None) -> int:
 
         if not 0 < args.port < 65536:
             raise FastDMError(f"--port must be 1-65535, got {args.port}")
+        from ..request import parse_size
+
+        try:
+            mw, mh = parse_size(args.max_resolution)
+        except FastDMError:
+            raise FastDMError(f"--max-resolution must look like 1920x1080, got {args.max_resolution!r}") from None
+        for flag, v in (("--max-upload-mb", args.max_upload_mb), ("--max-frames", args.max_frames),
+                        ("--max-seconds", args.max_seconds), ("--queue-size", args.queue_size)):
+            if not v > 0:
+                raise FastDMError(f"{flag} must be positive, got {v}")
+        limits = Limits(args.max_upload_mb, args.max_frames, args.max_seconds, mw * mh)
+        auth = read_auth(args.auth)
+        if auth is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+            raise FastDMError(f"--host {args.host} serves other machines: give --auth FILE (user:password lines) or "
+                              "FASTDM_APP_AUTH so the page asks for a login")
         check_model_folder(args.model or default_model_path())
         out_root = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="fastdm-app-"))
         if out_root.exists() and not out_root.is_dir():
@@ -342,11 +425,11 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libraries()
         pipe = DreamMotionPipeline.from_pretrained(args.model, args.device, args.dtype)
         service = EditService(pipe, model=args.model, device=args.device, dtype=args.dtype, out_root=out_root,
-                              preview_every=args.preview_every, max_steps=args.max_steps)
-        demo = build_app(service)
+                              preview_every=args.preview_every, max_steps=args.max_steps, limits=limits)
+        demo = build_app(service, queue_size=args.queue_size)
         try:
             demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(out_root.resolve())], quiet=True,
-                        prevent_thread_lock=True, footer_links=[])
+                        prevent_thread_lock=True, footer_links=[], auth=auth, max_file_size=int(args.max_upload_mb * 2**20))
         except OSError as e:
             raise FastDMError(f"cannot listen on {args.host}:{args.port} ({e}); pass another --port") from None
         print(f"{PROG}: serving on http://{args.host}:{args.port} (outputs in {out_root}); Ctrl+C stops", flush=True)
