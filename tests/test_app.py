@@ -55,6 +55,15 @@ def start_app(out_dir: Path, *extra: str, timeout: float = 240, command: list[st
     raise RuntimeError(f"fastdm-app did not answer within {timeout} s: {(out_dir / 'server.log').read_text()[-2000:]}")
 
 
+def stop_app(proc) -> None:
+    """End a server :func:`start_app` started (killed if it does not stop in 20 s)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def launch_browser(p):
     return p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
 
@@ -101,11 +110,7 @@ def app(browser, tmp_path_factory):  # (the browser first: without Chromium, fai
     out = tmp_path_factory.mktemp("app")
     proc, url = start_app(out, "--preview-every", "1")
     yield url, out
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_app(proc)
 
 
 @pytest.fixture
@@ -265,8 +270,4 @@ def test_a_login_is_asked_and_an_over_size_upload_is_refused_in_the_page(browser
         assert page.locator("video").count() == 0
         page.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_app(proc)

@@ -84,13 +84,9 @@ def test_readme_batch_example_from_the_repository_root(tmp_path):
 
 def test_readme_app_starts_from_the_repository_root(tmp_path):
     pytest.importorskip("gradio", reason="the README installs Gradio with the [app] extra; the test extra has it")
-    from .test_app import start_app
+    from .test_app import start_app, stop_app
 
     assert "`fastdm-app` and open http://127.0.0.1:7860" in README
     proc, url = start_app(tmp_path, command=[script("fastdm-app")])  # (its working directory: the repository root)
     assert proc.poll() is None and url.startswith("http://127.0.0.1:")
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_app(proc)

@@ -10,7 +10,6 @@ and docs/app-after.png as small palette PNGs.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.test_app import launch_browser, pick_clip_and_prompts, start_app, status
+from tests.test_app import launch_browser, pick_clip_and_prompts, start_app, status, stop_app
 
 
 def _small_png(path: Path) -> None:
@@ -56,11 +55,7 @@ def main() -> int:
                 page.screenshot(path=str(out / "app-after.png"), full_page=True)
                 browser.close()
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_app(proc)
     for name in ("app-before.png", "app-after.png"):
         _small_png(out / name)
         print(out / name, (out / name).stat().st_size, "bytes")
