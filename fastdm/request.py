@@ -168,28 +168,32 @@ class EditRequest:
         """:meth:`read_inputs` without keeping the frames: the input decoded one frame at a time (every check
         of a read made), the mask and boxes checked against it: ``(fps, frame indices, (width, height), mask or
         None, boxes or None)``. The frames are read later at the working size (:func:`run`)."""
-        from .io import read_boxes, read_mask
         from .io.video import probe_frames
 
-        need_total = bool(self.boxes or mask_file)  # to check their frame count against the whole input
-        seen = probe_frames(inp, frames=self.frames, stride=self.stride, with_total=need_total)
-        indices, src_size, total = seen["indices"], seen["size"], seen.get("total")
+        seen = probe_frames(inp, frames=self.frames, stride=self.stride, with_total=self._need_total(mask_file))
+        indices, src_size = seen["indices"], seen["size"]
+        return (seen["fps"], indices, src_size, *self._mask_and_boxes(mask_file, indices, src_size, seen.get("total")))
+
+    def _need_total(self, mask_file: str | None) -> bool:
+        return bool(self.boxes or mask_file)  # to check their frame count against the whole input
+
+    def _mask_and_boxes(self, mask_file: str | None, indices, src_size, total):
+        """The mask file and the boxes, read and checked against the input's frames."""
+        from .io import read_boxes, read_mask
+
         mask_raw = read_mask(mask_file, indices=indices, src_size=src_size, total_frames=total) if mask_file else None
         boxes = read_boxes(self.boxes, src_size=src_size, total_frames=total) if self.boxes else None
-        return seen["fps"], indices, src_size, mask_raw, boxes
+        return mask_raw, boxes
 
     def read_inputs(self, inp: Path, mask_file: str | None):
         """The input's frames and, checked against them, the mask and boxes: ``(raw (F, H, W, 3) uint8, fps,
         frame indices, (width, height), mask or None, boxes or None)``."""
-        from .io import read_boxes, read_frames, read_mask
+        from .io import read_frames
 
-        need_total = bool(self.boxes or mask_file)  # to check their frame count against the whole input
-        raw, fps, indices, total = read_frames(inp, frames=self.frames, stride=self.stride, with_total=True) if need_total \
-            else (*read_frames(inp, frames=self.frames, stride=self.stride), None)
+        raw, fps, indices, total = read_frames(inp, frames=self.frames, stride=self.stride, with_total=True) \
+            if self._need_total(mask_file) else (*read_frames(inp, frames=self.frames, stride=self.stride), None)
         src_size = (raw.shape[2], raw.shape[1])
-        mask_raw = read_mask(mask_file, indices=indices, src_size=src_size, total_frames=total) if mask_file else None
-        boxes = read_boxes(self.boxes, src_size=src_size, total_frames=total) if self.boxes else None
-        return raw, fps, indices, src_size, mask_raw, boxes
+        return (raw, fps, indices, src_size, *self._mask_and_boxes(mask_file, indices, src_size, total))
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -209,12 +209,20 @@ class CogVideoXBackbone(VideoTransformer, Backbone):
         norm = getattr(attn, f"norm_{which}", None)
         return norm if norm is not None else getattr(attn, f"to_{which}")
 
+    def _video_tokens(self, o: torch.Tensor) -> torch.Tensor:
+        """The video part of a joint-attention tensor (``[B, heads, T + N, d]`` or ``[B, T + N, C]``), heads merged."""
+        return _merge_heads(o[:, :, self.text_len:] if o.dim() == 4 else o[:, self.text_len:])
+
+    def _text_tokens(self, o: torch.Tensor) -> torch.Tensor:
+        """The text part (the first ``max_text_seq_length`` tokens), heads merged."""
+        return _merge_heads(o[:, :, :self.text_len] if o.dim() == 4 else o[:, :self.text_len])
+
     def key_module(self, layer: str):
         """The keys of the video tokens: ``attn1.norm_k``'s output past the text prefix, heads merged,
         before the rotary embedding."""
         attn = self.spatial_self_attention_layers()[layer]
         module = self._norm_or_proj(attn, "k")
-        return _Slice(module, lambda o: _merge_heads(o[:, :, self.text_len:] if o.dim() == 4 else o[:, self.text_len:]))
+        return _Slice(module, self._video_tokens)
 
     def keys_to_frames(self, keys: torch.Tensor, num_frames: int) -> torch.Tensor:
         """``(B, F'' * N, C)`` -> ``(B, F'', N, C)``: F'' the temporal patches of one call (1.5: padded, halved)."""
@@ -229,8 +237,8 @@ class CogVideoXBackbone(VideoTransformer, Backbone):
         out = {}
         for i, b in enumerate(self.transformer.transformer_blocks):
             a = b.attn1
-            q = _Slice(self._norm_or_proj(a, "q"), lambda o: _merge_heads(o[:, :, self.text_len:] if o.dim() == 4 else o[:, self.text_len:]))
-            k = _Slice(self._norm_or_proj(a, "k"), lambda o: _merge_heads(o[:, :, :self.text_len] if o.dim() == 4 else o[:, :self.text_len]))
+            q = _Slice(self._norm_or_proj(a, "q"), self._video_tokens)
+            k = _Slice(self._norm_or_proj(a, "k"), self._text_tokens)
             out[f"transformer_blocks.{i}.attn1"] = CrossAttention(q, k, int(a.heads), (a.to_q.out_features // a.heads) ** -0.5)
         return out
 
