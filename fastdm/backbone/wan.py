@@ -46,6 +46,7 @@ from ..errors import FastDMError, Unsupported
 from .base import Backbone, BackboneInfo, checkpoint_forwards, tiled_vae
 from .flow import cast_module as _cast
 from .flow import clean_prompt as _clean
+from .flow import causal_mask_frames, causal_video_range, latent_frames
 from .flow import FlowNoise, flow_shift, shifted_sigma, write_t5_tokenizer  # noqa: F401  (re-exported: tools and tests import them here)
 
 MAX_TEXT_TOKENS = 512  # Wan's text length: the embeddings are zero-padded to it
@@ -192,7 +193,7 @@ class WanBackbone(FlowNoise, Backbone):
     # -- frames and working space -----------------------------------------------------------
     def latent_frames(self, num_frames: int) -> int:
         """Latent frames of a ``num_frames`` video (the VAE keeps frame 0 and packs 4 per latent frame)."""
-        return (num_frames - 1) // self.temporal_factor + 1
+        return latent_frames(num_frames, self.temporal_factor)
 
     def frame_count_problem(self, num_frames: int) -> str | None:
         k = self.temporal_factor
@@ -208,8 +209,7 @@ class WanBackbone(FlowNoise, Backbone):
 
     def working_to_video_range(self, start: int, stop: int) -> tuple[int, int]:
         """Latent frame 0 holds frame 0; latent frame j >= 1 frames 4j-3..4j."""
-        k = self.temporal_factor
-        return (0 if start == 0 else k * start - k + 1), k * (stop - 1) + 1
+        return causal_video_range(start, stop, self.temporal_factor)
 
     def native_frames(self) -> int:
         frames = getattr(self, "_native_frames", None)
@@ -220,11 +220,7 @@ class WanBackbone(FlowNoise, Backbone):
     def mask_frames_to_working(self, mask: torch.Tensor) -> torch.Tensor:
         """A per-frame mask ``(F, ...)`` -> per latent frame: latent frame 0 holds frame 0, latent
         frame j >= 1 frames 4j-3..4j; a latent cell is editable when any of its frames is."""
-        k = self.temporal_factor
-        if k == 1:
-            return mask
-        rest = mask[1:].reshape(-1, k, *mask.shape[1:]).amax(1)
-        return torch.cat([mask[:1], rest])
+        return causal_mask_frames(mask, self.temporal_factor)
 
     @torch.no_grad()
     def to_working(self, frames: torch.Tensor) -> torch.Tensor:
