@@ -19,11 +19,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from fastdm.bench.presets import PRESETS, build_backbone
 
 
-def count(preset: str, frames_list: list[int]) -> list[dict]:
+def count(preset: str, frames_list: list[int], sizes: list[tuple[int, int]] | None = None) -> list[dict]:
     bb = build_backbone(preset, "meta", torch.bfloat16)
-    size = PRESETS[preset]["size"]
     rows = []
-    for frames in frames_list:
+    for size, frames in [(sz, f) for sz in (sizes or [PRESETS[preset]["size"]]) for f in frames_list]:
         shape = bb.working_shape(frames, size)
         x = torch.zeros(shape, device="meta", dtype=torch.bfloat16)
         text = torch.zeros(1, *bb.text_embedding_shape(), device="meta", dtype=torch.bfloat16)
@@ -39,16 +38,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="wan2.1-t2v-1.3b")
     ap.add_argument("--frames", default="33,81")
+    ap.add_argument("--sizes", default=None, help="WxH[,WxH...] (default: the preset's size)")
     ap.add_argument("--out", default=None, help="write forward-flops-<preset>.{json,md} into this folder")
     args = ap.parse_args()
-    rows = count(args.preset, [int(f) for f in args.frames.split(",")])
+    sizes = [tuple(int(v) for v in sz.split("x")) for sz in args.sizes.split(",")] if args.sizes else None
+    rows = count(args.preset, [int(f) for f in args.frames.split(",")], sizes)
     if args.out:
         from fastdm.io.atomic import write_json_atomic, write_text_atomic
         from fastdm.machine import machine_description, machine_name
 
         out = Path(args.out)
         meta = {"name": f"forward-flops-{args.preset}", "machine": machine_name("cpu"), "machine_description": machine_description("cpu"), "device": "meta",
-                "dtype": "bf16", "command": f"python -m benchmarks.forward_flops --preset {args.preset} --frames {args.frames}"}
+                "dtype": "bf16", "command": f"python -m benchmarks.forward_flops --preset {args.preset} --frames {args.frames}"
+                + (f" --sizes {args.sizes}" if args.sizes else "")}
         write_json_atomic(out / f"forward-flops-{args.preset}.json", {"meta": meta, "rows": rows})
         md = [f"# Forward FLOPs: {args.preset}", "", f"`{meta['command']} --out {args.out}` (meta device, exact architecture, batch 1; "
               "`torch.utils.flop_counter`, a multiply-add = 2 FLOPs). Counted on: " + meta["machine_description"] + ".", "",

@@ -9,8 +9,8 @@ count is the live tensor bytes an allocator would hold, with nothing rounded.
 
 On meta, ``scaled_dot_product_attention`` would take the math path and materialize the N x N
 scores; the projection instead calls the fused kernel the target device picks (CUDA: flash
-attention for fp16/bf16, memory-efficient attention for fp32; CPU: the CPU flash kernel), whose
-meta kernels give the true output and saved-for-backward sizes.
+attention for fp16/bf16, memory-efficient attention for fp32 or with an attention mask; CPU: the CPU
+flash kernel), whose meta kernels give the true output and saved-for-backward sizes.
 
 Projected peak = weights and buffers (UNet + VAE; the text encoder is released after the prompts)
 + the edit's tensors held across steps (edited, source video, noise, prompt embeddings)
@@ -111,8 +111,17 @@ def fused_attention(target: str):
     def sdpa(q=None, k=None, v=None, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
         q, k, v = kw.pop("query", q), kw.pop("key", k), kw.pop("value", v)  # diffusers' dispatcher passes keywords
         kw = {k: v for k, v in kw.items() if not (k == "enable_gqa" and not v)}  # diffusers' dispatcher passes it
-        if q.device.type != "meta" or attn_mask is not None or kw or q.dim() != 4:
+        if q.device.type != "meta" or kw or q.dim() != 4:
             return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
+        if attn_mask is not None:  # (HunyuanVideo's text padding mask) flash takes no mask: the kernels that do
+            # a boolean mask becomes an additive bias of the mask's own shape, broadcast (not copied) over heads/queries
+            bias = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device)
+            bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+            if target == "cpu":
+                return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal, attn_mask=bias,
+                                                                        scale=scale)[0]
+            need_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+            return aten._scaled_dot_product_efficient_attention(q, k, v, bias, need_lse, dropout_p, is_causal, scale=scale)[0]
         if target == "cpu":
             return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal, scale=scale)[0]
         if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:

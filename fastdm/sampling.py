@@ -16,6 +16,17 @@ from .errors import Unsupported
 from .losses.vdds import guided_noise
 
 
+def guided_prediction(backbone: Backbone, x_t: torch.Tensor, t: int, cond: torch.Tensor, uncond: torch.Tensor,
+                      guidance_scale: float) -> torch.Tensor:
+    """The guided noise prediction at ``x_t`` (batch 1): classifier-free guidance with ``cond``/``uncond`` text
+    (two evaluations), or, for a guidance-distilled backbone, one evaluation with the scale as its input."""
+    if getattr(backbone, "guidance_distilled", False):
+        backbone.embedded_guidance = guidance_scale
+        return backbone.predict_noise(x_t, t, cond)
+    eps = backbone.predict_noise(torch.cat([x_t, x_t]), t, torch.cat([cond, uncond]))
+    return guided_noise(eps[1:2], eps[0:1], guidance_scale)
+
+
 @torch.no_grad()
 def ddim_sample(backbone: Backbone, prompt: str, *, frames: int = 8, size: tuple[int, int] | None = None,
                 steps: int = 50, guidance_scale: float = 7.5, seed: int = 0, negative_prompt: str = "",
@@ -60,8 +71,7 @@ def ddim_loop(backbone: Backbone, x: torch.Tensor, ts: list[int], text: torch.Te
     x = x / scale(ts[0])
     for i, t in enumerate(ts):
         c = scale(t)
-        eps = backbone.predict_noise(torch.cat([x, x]) * c if c != 1.0 else torch.cat([x, x]), t, text)
-        e = guided_noise(eps[1:2], eps[0:1], guidance_scale)
+        e = guided_prediction(backbone, x * c if c != 1.0 else x, t, text[0:1], text[1:2], guidance_scale)
         a = float(alphas[t])
         a_prev = float(alphas[ts[i + 1]]) if i + 1 < len(ts) else float(alphas[0])
         x0 = (x - (1 - a) ** 0.5 * e) / a**0.5
@@ -116,8 +126,7 @@ def flowedit(backbone, clip: np.ndarray, source_prompt: str, target_prompt: str,
 
     def velocity(x_t, t, cond, guidance):
         a = backbone.noise_coefficients(t)[0]
-        eps = backbone.predict_noise(torch.cat([x_t, x_t]), t, torch.stack([cond, text[1]]))
-        e = guided_noise(eps[1:2], eps[0:1], guidance)
+        e = guided_prediction(backbone, x_t, t, cond[None], text[1:2], guidance)
         return (e - x_t) / a  # v = e - x0 with x_t = (1 - s) x0 + s e
 
     z = x_src.clone()

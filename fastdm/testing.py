@@ -281,6 +281,54 @@ def build_tiny_cogvideox_model(folder: str | Path, *, version: str = "1.0", text
     return _save_pipeline(pipe, folder, native_size, frames)
 
 
+def build_tiny_hunyuan_model(folder: str | Path, *, text_dim: int = 16, seed: int = 0, words=DEFAULT_WORDS, max_length: int = 16,
+                             guidance_embeds: bool = True, native_size: tuple[int, int] | None = None,
+                             frames: int | None = None) -> Path:
+    """A random-weight HunyuanVideo pipeline of the real classes saved by diffusers' own
+    ``HunyuanVideoPipeline.save_pretrained``: a ``HunyuanVideoTransformer3DModel`` of one dual-stream and one
+    single-stream block (2 heads of 10, patch 2, guidance embedding unless ``guidance_embeds=False``), an
+    ``AutoencoderKLHunyuanVideo`` of 4 latent channels (8x in space, 4x in time), a 3-layer ``LlamaModel`` with a
+    local tokenizer carrying Llama 3's special tokens, a 2-layer ``CLIPTextModel`` (pooled 8) and the shift-7
+    ``FlowMatchEulerDiscreteScheduler``. ``fastdm.json`` holds the template's ``crop_start`` for this tokenizer
+    (the released one's is the pipeline's 95) and ``max_sequence_length=max_length``."""
+    from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
+                           HunyuanVideoTransformer3DModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+
+    from .backbone.hunyuan import write_llama_tokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    crop = write_llama_tokenizer(folder / "tok", words)
+    tok = PreTrainedTokenizerFast.from_pretrained(str(folder / "tok"))
+    write_clip_tokenizer(folder / "tok2", words=words, max_length=77)  # (the pipeline's CLIP reads 77 tokens)
+    tok2 = CLIPTokenizer.from_pretrained(str(folder / "tok2"))
+    torch.manual_seed(seed)
+    llama = LlamaModel(LlamaConfig(vocab_size=len(tok), hidden_size=text_dim, intermediate_size=37, num_hidden_layers=3,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok2), hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+                                        num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok2.bos_token_id,
+                                        eos_token_id=tok2.eos_token_id, pad_token_id=tok2.pad_token_id))
+    transformer = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10,
+                                                 num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=2,
+                                                 patch_size_t=1, guidance_embeds=guidance_embeds, text_embed_dim=text_dim,
+                                                 pooled_projection_dim=8, rope_axes_dim=(2, 4, 4))
+    vae = AutoencoderKLHunyuanVideo(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
+                                    layers_per_block=1, norm_num_groups=4, spatial_compression_ratio=8, temporal_compression_ratio=4)
+    pipe = HunyuanVideoPipeline(text_encoder=llama, tokenizer=tok, transformer=transformer, vae=vae,
+                                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=clip, tokenizer_2=tok2)
+    _save_pipeline(pipe, folder, native_size, frames)
+    import shutil
+
+    shutil.rmtree(folder / "tok2", ignore_errors=True)
+    meta_path = folder / "fastdm.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta.update(crop_start=crop, max_sequence_length=max_length)
+    meta_path.write_text(json.dumps(meta))
+    return folder
+
+
 def build_tiny_stage_model(folder: str | Path, kind: str, *, size: int = 16, channels: tuple[int, ...] = (16, 32),
                            seed: int = 0, words=DEFAULT_WORDS) -> Path:
     """A random-weight cascade stage model (see ``fastdm.cascade``) saved as a diffusers folder: the

@@ -166,6 +166,11 @@ class Backbone(abc.ABC):
     info: BackboneInfo
     device: torch.device
     dtype: torch.dtype  # weights' dtype; the edited tensor stays fp32
+    # A guidance-distilled denoiser (HunyuanVideo) takes the guidance scale as an input: one pass per prompt is
+    # already the guided prediction, so a step evaluates (edited, target) and (source, source) only, with the
+    # scale set in ``embedded_guidance`` before the calls; no unconditional branch.
+    guidance_distilled: bool = False
+    embedded_guidance: float = 1.0
 
     # -- noising ------------------------------------------------------------------------------
     @property

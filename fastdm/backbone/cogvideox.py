@@ -31,7 +31,7 @@ import torch
 
 from ..errors import Unsupported
 from .base import Backbone, BackboneInfo
-from .dit import VideoTransformer
+from .dit import ScaledLatent, TapSlice as _Slice, VideoTransformer
 from .flow import (
     causal_mask_frames,
     causal_video_range,
@@ -40,23 +40,12 @@ from .flow import (
 )
 
 
-class _Slice:
-    """A tap on a module whose output holds more than what is tapped: hooks see ``transform(output)``
-    (the video or the text part of joint attention, heads merged)."""
-
-    def __init__(self, module: torch.nn.Module, transform):
-        self.module, self.transform = module, transform
-
-    def register_forward_hook(self, hook):
-        return self.module.register_forward_hook(lambda m, i, o: hook(m, i, self.transform(o)))
-
-
 def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     """``[B, heads, N, d]`` -> ``[B, N, heads * d]``; a ``[B, N, C]`` projection passes through."""
     return x.transpose(1, 2).flatten(2) if x.dim() == 4 else x
 
 
-class CogVideoXBackbone(VideoTransformer, Backbone):
+class CogVideoXBackbone(ScaledLatent, VideoTransformer, Backbone):
     denoiser_class = "CogVideoXTransformer3DModel"
     family = "CogVideoX 2B, 5B and 1.5-5B"
     denoiser_keyword = "transformer"
@@ -149,23 +138,6 @@ class CogVideoXBackbone(VideoTransformer, Backbone):
 
     def mask_frames_to_working(self, mask: torch.Tensor) -> torch.Tensor:
         return causal_mask_frames(mask, self.temporal_factor)
-
-    @torch.no_grad()
-    def to_working(self, frames: torch.Tensor) -> torch.Tensor:
-        return (self.vae.encode(self._video(frames)).latent_dist.mode().float() * self._scale).contiguous()
-
-    @torch.no_grad()
-    def decode_working(self, x: torch.Tensor) -> torch.Tensor:
-        video = self.vae.decode((x.float() / self._scale).to(self.dtype)).sample
-        return video[0].permute(1, 0, 2, 3).float().clamp(-1, 1)
-
-    def from_working(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode_working(x).cpu()
-
-    def working_shape(self, num_frames: int, size: tuple[int, int]) -> tuple[int, ...]:
-        w, h = size
-        f = self.spatial_factor
-        return (1, int(self.vae.config.latent_channels), self.latent_frames(num_frames), h // f, w // f)
 
     # -- denoiser ---------------------------------------------------------------------------
     def rotary_embedding(self, latent_frames: int, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -9,6 +9,7 @@ word list), for tiny test models and for the presets' random-weight models.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -20,11 +21,12 @@ from .base import Backbone
 
 def _registry() -> list[type]:
     from .cogvideox import CogVideoXBackbone
+    from .hunyuan import HunyuanVideoBackbone
     from .ltx import LTXBackbone
     from .unet3d import UNet3DBackbone
     from .wan import WanBackbone
 
-    return [UNet3DBackbone, WanBackbone, LTXBackbone, CogVideoXBackbone]
+    return [UNet3DBackbone, WanBackbone, LTXBackbone, CogVideoXBackbone, HunyuanVideoBackbone]
 
 
 def from_components(*, denoiser=None, unet=None, transformer=None, text_encoder, tokenizer, scheduler, vae=None, path: str,
@@ -34,13 +36,19 @@ def from_components(*, denoiser=None, unet=None, transformer=None, text_encoder,
 
     The denoiser comes as ``denoiser=`` or under its diffusers folder name (``unet=`` for UNet3D,
     ``transformer=`` for Wan); exactly one of the three. ``family``: what only one family takes
-    (Wan 2.2 A14B: ``transformer_2``, ``boundary_ratio``)."""
+    (Wan 2.2 A14B: ``transformer_2``, ``boundary_ratio``; HunyuanVideo: ``text_encoder_2``,
+    ``tokenizer_2``)."""
     given = [m for m in (denoiser, unet, transformer) if m is not None]
     if len(given) != 1:
         raise BadInput("from_components takes exactly one of its denoiser=, unet= and transformer= arguments")
     denoiser = given[0]
     for cls in _registry():
         if cls.accepts(denoiser):
+            takes = inspect.signature(cls.__init__).parameters
+            extra = [k for k in family if k not in takes]
+            if extra:
+                raise Unsupported(f"{cls.denoiser_class} ({cls.family}) does not use {', '.join(extra)}; "
+                                  "this folder mixes components of another family")
             keyword = getattr(cls, "denoiser_keyword", "unet")
             return cls(**{keyword: denoiser}, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, vae=vae,
                        path=path, native_size=native_size, device=device, dtype=dtype, **family)

@@ -13,6 +13,17 @@ from .base import checkpoint_forwards, tiled_vae
 from .flow import cast_module
 
 
+class TapSlice:
+    """A tap on a module whose output holds more than what is tapped (joint attention: text and video tokens in
+    one tensor): hooks see ``transform(output)``, e.g. the video part with heads merged."""
+
+    def __init__(self, module: torch.nn.Module, transform):
+        self.module, self.transform = module, transform
+
+    def register_forward_hook(self, hook):
+        return self.module.register_forward_hook(lambda m, i, o: hook(m, i, self.transform(o)))
+
+
 class VideoTransformer:
     """Mixin for a :class:`~fastdm.backbone.base.Backbone` holding ``transformer``, ``vae`` and ``text_encoder``;
     ``blocks`` names the transformer's list of blocks."""
@@ -76,3 +87,26 @@ class VideoTransformer:
         "Wan 2.1"), kept for transformers of the same kind until a measurement on the family says otherwise."""
         n = len(getattr(self.transformer, self.blocks))
         return [f"{self.blocks}.{min(n - 1, max(1, round(n / 6)))}.attn1"]
+
+
+class ScaledLatent:
+    """Mixin: the working tensor is the VAE latent's mode times ``scaling_factor`` (``self._scale``), as the
+    pipelines encode it (CogVideoX, HunyuanVideo); decoded by dividing it out. Needs ``vae``, ``_video`` and
+    ``latent_frames``."""
+
+    @torch.no_grad()
+    def to_working(self, frames: torch.Tensor) -> torch.Tensor:
+        return (self.vae.encode(self._video(frames)).latent_dist.mode().float() * self._scale).contiguous()
+
+    @torch.no_grad()
+    def decode_working(self, x: torch.Tensor) -> torch.Tensor:
+        video = self.vae.decode((x.float() / self._scale).to(self.dtype)).sample
+        return video[0].permute(1, 0, 2, 3).float().clamp(-1, 1)
+
+    def from_working(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode_working(x).cpu()
+
+    def working_shape(self, num_frames: int, size: tuple[int, int]) -> tuple[int, ...]:
+        w, h = size
+        f = self.info.spatial_factor
+        return (1, int(self.vae.config.latent_channels), self.latent_frames(num_frames), h // f, w // f)

@@ -4,7 +4,8 @@ Layout: ``model_index.json``, ``unet/``, ``text_encoder/``, ``tokenizer/``, ``sc
 optional ``vae/`` (with it the edit runs in latent space, without it in pixel space). A Wan 2.1
 folder holds ``transformer/`` in place of ``unet/`` (and needs ``accelerate`` installed, which
 diffusers uses to load ``WanTransformer3DModel``). An optional ``fastdm.json`` may give
-``{"native_size": [W, H], "frames": N}`` (N: the video frames it was trained on, the default edit window).
+``{"native_size": [W, H], "frames": N}`` (N: the video frames it was trained on, the default edit window) and
+family settings the backbone reads (HunyuanVideo: ``crop_start``, ``max_sequence_length``).
 
 Weights load from safetensors only unless ``allow_pickle``; a component whose class is not a
 diffusers/transformers class (custom model code shipped in the folder) loads only with
@@ -167,12 +168,14 @@ def load_backbone(
     def present(name: str) -> bool:  # an optional component the folder has (model_index names it, not [null, null])
         return (root / name).is_dir() and isinstance(index.get(name), list) and index[name][0] is not None
 
-    optional = tuple(n for n in ("vae", "transformer_2") if present(n) and (n == "vae" or required is WAN_REQUIRED))
+    # vae/ for latent models; a transformer folder's second expert (Wan 2.2 A14B) or second text encoder (HunyuanVideo: CLIP)
+    optional = tuple(n for n in ("vae", "transformer_2", "text_encoder_2", "tokenizer_2")
+                     if present(n) and (n == "vae" or required is WAN_REQUIRED))
     for name in required + optional:
         if name not in index:
             raise FastDMError(f"model_index.json has no entry for '{name}'")
         cls = component_class(root, name, index[name], trust_remote_code)
-        if name in ("unet", "transformer", "transformer_2", "text_encoder", "vae"):
+        if name in ("unet", "transformer", "transformer_2", "text_encoder", "text_encoder_2", "vae"):
             check_weights(root / name, allow_pickle)
         try:
             comps[name] = load_component(cls, root / name, allow_pickle)
@@ -192,13 +195,15 @@ def load_backbone(
             raise FastDMError(f"{meta} is not a JSON object ({e}); fix it or delete it") from None
     from .components import from_components
 
-    experts = {"transformer_2": comps["transformer_2"], "boundary_ratio": index.get("boundary_ratio")} \
+    family = {"transformer_2": comps["transformer_2"], "boundary_ratio": index.get("boundary_ratio")} \
         if "transformer_2" in comps else {}
+    family.update({n: comps[n] for n in ("text_encoder_2", "tokenizer_2") if n in comps})
     backbone = from_components(denoiser=comps[required[0]], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"],
                                scheduler=comps["scheduler"], vae=comps.get("vae"), path=str(root), native_size=native,
-                               device=device, dtype=dtype, **experts)
+                               device=device, dtype=dtype, **family)
     if isinstance(frames, int) and frames > 0:
         backbone._native_frames = frames  # video frames it was trained on: the default edit window
+    backbone.settings = info if meta.is_file() and isinstance(info, dict) else {}  # fastdm.json (family settings)
     return backbone
 
 

@@ -23,6 +23,10 @@
                       5.57 B, 3D RoPE), ``AutoencoderKLCogVideoX`` (8x in space, 4x in time, 16 channels), T5-XXL
                       (kept on the CPU), the v-prediction DDIM schedule; 720x480.
 * ``cogvideox1.5-5b`` CogVideoX 1.5 5B (5.57 B, two latent frames a patch); 1360x768.
+* ``hunyuanvideo``    HunyuanVideo (guidance-distilled): ``HunyuanVideoTransformer3DModel`` (12.82 B; 20 dual-stream and
+                      40 single-stream blocks), ``AutoencoderKLHunyuanVideo`` (8x in space, 4x in time, 16 channels),
+                      the Llama-3-8B text encoder and CLIP-L (pooled; both kept on the CPU), flow shift 7; 960x544
+                      (``configs/hunyuanvideo``; the pipeline's default 1280x720 through ``size``).
 * ``wan-tiny``        a 2-layer Wan transformer with a tiny AutoencoderKLWan (tests' size); 256x256.
 """
 
@@ -52,6 +56,7 @@ PRESETS = {
     "cogvideox-2b": {"size": (720, 480)},
     "cogvideox-5b": {"size": (720, 480)},
     "cogvideox1.5-5b": {"size": (1360, 768)},
+    "hunyuanvideo": {"size": (960, 544)},
     "wan-tiny": {"size": (256, 256)},
 }
 
@@ -142,6 +147,36 @@ def _t5_family(device, dtype, size, preset: str):
                            scheduler=sched, vae=vae, path=f"preset:{preset}", native_size=size, device=device, dtype=dtype)
 
 
+def _hunyuan(device, dtype, size, preset: str = "hunyuanvideo"):
+    """HunyuanVideo: the transformer, its VAE, Llama (8 B) and CLIP-L text encoders (on the CPU), the shift-7 flow schedule."""
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+
+    from ..backbone.components import DEFAULT_WORDS
+    from ..backbone.hunyuan import write_llama_tokenizer
+
+    folder = CONFIGS / preset
+    cfg = {n: json.loads((folder / f"{n}.json").read_text()) for n in
+           ("transformer", "text_encoder", "text_encoder_2", "vae", "scheduler")}
+    tok_dir = Path(tempfile.mkdtemp(prefix="fastdm-llamatok-"))
+    write_llama_tokenizer(tok_dir, DEFAULT_WORDS)
+    default = torch.get_default_dtype()
+    with torch.device(device):  # built where they will run
+        transformer = HunyuanVideoTransformer3DModel.from_config(cfg["transformer"])
+        vae = AutoencoderKLHunyuanVideo.from_config(cfg["vae"])
+    with torch.device(device if str(device) == "meta" else "cpu"):  # the text encoders stay on the CPU
+        torch.set_default_dtype(torch.float32 if dtype == torch.float32 else torch.bfloat16)
+        try:
+            text = LlamaModel(LlamaConfig(**{k: v for k, v in cfg["text_encoder"].items() if k != "architectures"}))
+            text_2 = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in cfg["text_encoder_2"].items() if k != "architectures"}))
+        finally:
+            torch.set_default_dtype(default)
+    return from_components(transformer=transformer, text_encoder=text, tokenizer=PreTrainedTokenizerFast.from_pretrained(str(tok_dir)),
+                           scheduler=FlowMatchEulerDiscreteScheduler.from_config(cfg["scheduler"]), vae=vae,
+                           path=f"preset:{preset}", native_size=size, device=device, dtype=dtype, text_encoder_2=text_2,
+                           tokenizer_2=_tokenizer(77))
+
+
 def build_backbone(preset: str, device: str = "cpu", dtype: torch.dtype = torch.float32, size=None) -> Backbone:
     """A backbone of the preset's architecture on ``device`` (``"meta"`` for FLOP counting)."""
     if preset not in PRESETS:
@@ -155,6 +190,8 @@ def build_backbone(preset: str, device: str = "cpu", dtype: torch.dtype = torch.
         return _wan(device, dtype, size, preset, boundary_ratio=0.875)
     if preset.startswith(("ltx-video", "cogvideox")):
         return _t5_family(device, dtype, size, preset)
+    if preset == "hunyuanvideo":
+        return _hunyuan(device, dtype, size)
     if preset == "wan-tiny":
         from ..backbone import load_backbone
         from ..testing import build_tiny_wan_model

@@ -1,4 +1,5 @@
-"""One DreamMotion step: the four denoiser evaluations, V-DDS, S-SSM and T-SSM, as a plan says.
+"""One DreamMotion step: the four denoiser evaluations (two for a guidance-distilled model: no unconditional
+branch), V-DDS, S-SSM and T-SSM, as a plan says.
 
 Built by :class:`fastdm.driver.pipeline.EditRun` (the one step loop) and observed, never copied,
 by the benchmarks (FLOP counting runs the same step on the meta device; the loss split comes
@@ -40,7 +41,12 @@ class DreamMotionStep:
         self.bb, self.config, self.plan, self.vdds = backbone, config, plan, vdds
         self.layers, self.num_frames, self.mask = layers, num_frames, mask
         self.emb_tgt, self.emb_neg, self.emb_src = text[0:1], text[1:2], text[2:3]
-        self.emb_nograd = torch.cat([self.emb_neg, self.emb_src, self.emb_neg])
+        # the no-grad calls: (x_t, negative), (x^_t, source), (x^_t, negative); a guidance-distilled model has
+        # no unconditional branch: (x^_t, source) alone. ``src_call``: the one whose keys are the source's.
+        self.distilled = bool(getattr(backbone, "guidance_distilled", False))
+        self.nograd_inputs = (1,) if self.distilled else (0, 1, 1)  # 0: the edited x_t, 1: the source x^_t
+        self.emb_nograd = self.emb_src if self.distilled else torch.cat([self.emb_neg, self.emb_src, self.emb_neg])
+        self.src_call = 0 if self.distilled else 1
         self.need_keys = bool(layers)
         self.taps = KeyTaps(backbone, layers) if layers else None
         self.loss_backend = plan.loss_backend or config.loss_backend
@@ -69,12 +75,17 @@ class DreamMotionStep:
 
     def __call__(self, x: torch.Tensor, x_src: torch.Tensor, t: int, noise: torch.Tensor) -> dict[str, torch.Tensor]:
         a, b = self.bb.noise_coefficients(t)
+        scale = self.bb.guidance_at(t, self.vdds.guidance_scale, self.config.guidance_scale_2)
+        if self.distilled:
+            self.bb.embedded_guidance = scale
         with self.bb.block_checkpointing(self.plan.checkpoint_blocks):
             eps, keys_edit, keys_src = self.evaluate(x, a * x_src + b * noise, a, b, t, noise)
-        eps_tgt_c, eps_tgt_u, eps_src_c, eps_src_u = eps
-        scale = self.bb.guidance_at(t, self.vdds.guidance_scale, self.config.guidance_scale_2)
-        e_tgt = guided_noise(eps_tgt_u, eps_tgt_c, scale)
-        e_src = guided_noise(eps_src_u, eps_src_c, scale)
+        if self.distilled:  # each pass is already guided
+            e_tgt, e_src = eps
+        else:
+            eps_tgt_c, eps_tgt_u, eps_src_c, eps_src_u = eps
+            e_tgt = guided_noise(eps_tgt_u, eps_tgt_c, scale)
+            e_src = guided_noise(eps_src_u, eps_src_c, scale)
         g = vdds_gradient(e_tgt, e_src, float(self.bb.alphas_cumprod[t]), self.vdds, self.mask)  # (DDPM: a^2; flow: same SNR)
         diff2 = (e_tgt - e_src).pow(2)
         if self.mask is not None:
@@ -111,15 +122,21 @@ class DreamMotionStep:
     def _keys(self, keys: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         return {n: self.bb.keys_to_frames(k, self.num_frames) for n, k in zip(self.layers, keys)}
 
+    def _inputs(self, x_t: torch.Tensor, xs_t: torch.Tensor) -> list[torch.Tensor]:
+        """The no-grad calls' inputs, in the order of ``emb_nograd``."""
+        return [(x_t, xs_t)[i] for i in self.nograd_inputs]
+
     def _joint(self, x, xs_t, a, b, t, noise):
-        """naive: all four evaluations recorded, in one batched call."""
+        """naive: all evaluations recorded, in one batched call."""
         x_t = a * x + b * noise
+        n = 1 + len(self.nograd_inputs)
         with self.taps, torch.enable_grad():
-            eps = self._forward(torch.cat([x_t, x_t, xs_t, xs_t]), t, torch.cat([self.emb_tgt, self.emb_nograd]))
+            eps = self._forward(torch.cat([x_t, *self._inputs(x_t, xs_t)]), t, torch.cat([self.emb_tgt, self.emb_nograd]))
             keys = self.taps.take(self.num_frames)
         keys_edit = {k: v[0:1] for k, v in keys.items()}
-        keys_src = {k: v[2:3].detach() for k, v in keys.items()}
-        return eps.detach().chunk(4), keys_edit, keys_src
+        s = 1 + self.src_call
+        keys_src = {k: v[s:s + 1].detach() for k, v in keys.items()}
+        return eps.detach().chunk(n), keys_edit, keys_src
 
     def _split(self, x, xs_t, a, b, t, noise):
         """The grad branch (eager or compiled), then the three no-grad evaluations."""
@@ -134,8 +151,8 @@ class DreamMotionStep:
                 with self.taps:  # recorded up to the last tapped layer (fast) or through (plain)
                     eps_tgt_c = self._forward(x_t, t, self.emb_tgt, grad_until=self.grad_until).detach()
                     keys_edit = self.taps.take(self.num_frames)
-        eps_tgt_u, eps_src_c, eps_src_u, keys_src = self._nograd_branches(x_t.detach(), xs_t, t)
-        return (eps_tgt_c, eps_tgt_u, eps_src_c, eps_src_u), keys_edit, keys_src
+        *eps, keys_src = self._nograd_branches(x_t.detach(), xs_t, t)
+        return (eps_tgt_c, *eps), keys_edit, keys_src
 
     def _all_nograd(self, x, xs_t, a, b, t, noise):
         """S-SSM and T-SSM off: all four evaluations without autograd."""
@@ -143,42 +160,46 @@ class DreamMotionStep:
         nograd = torch.inference_mode if plan.inference_mode else torch.no_grad
         with nograd():
             x_t = a * x.detach() + b * noise
+            inputs, embs = [x_t, *self._inputs(x_t, xs_t)], torch.cat([self.emb_tgt, self.emb_nograd])
             if plan.batch_nograd:
-                eps = self._forward(torch.cat([x_t, x_t, xs_t, xs_t]), t, torch.cat([self.emb_tgt, self.emb_nograd]))
-                eps = eps.chunk(4)
+                eps = self._forward(torch.cat(inputs), t, embs).chunk(len(inputs))
             else:
-                eps = [self._forward(v, t, e) for v, e in
-                       ((x_t, self.emb_tgt), (x_t, self.emb_neg), (xs_t, self.emb_src), (xs_t, self.emb_neg))]
+                eps = [self._forward(v, t, embs[i:i + 1]) for i, v in enumerate(inputs)]
         return eps, {}, {}
 
     def _nograd_branches(self, x_t: torch.Tensor, xs_t: torch.Tensor, t: int):
-        """(x_t, ""), (x^_t, source), (x^_t, "") with the source keys tapped: batched or one at a
-        time, in an engine or eager, in inference mode (fast plans) or under no_grad (plain)."""
+        """The no-grad calls ((x_t, ""), (x^_t, source), (x^_t, ""); distilled: (x^_t, source)) with the source
+        keys tapped: batched or one at a time, in an engine or eager, in inference mode (fast plans) or under
+        no_grad (plain)."""
         bb, taps, n = self.bb, self.taps, self.num_frames
-        calls = [(x_t, self.emb_neg), (xs_t, self.emb_src), (xs_t, self.emb_neg)]
+        inputs, src = self._inputs(x_t, xs_t), self.src_call
+        calls = [(v, self.emb_nograd[i:i + 1]) for i, v in enumerate(inputs)]
         with torch.inference_mode() if self.plan.inference_mode else torch.no_grad():
             if self.engine is not None:
                 if self.plan.batch_nograd:
-                    out, keys = self._engine(self.engine, torch.cat([x_t, xs_t, xs_t]).to(bb.dtype), t, self.emb_nograd)
-                    eps = bb.to_noise_prediction(out, torch.cat([x_t, xs_t, xs_t]), t).chunk(3)
-                    keys_src = {k: v[1:2] for k, v in self._keys(keys).items()}
+                    batch = torch.cat(inputs)
+                    out, keys = self._engine(self.engine, batch.to(bb.dtype), t, self.emb_nograd)
+                    eps = bb.to_noise_prediction(out, batch, t).chunk(len(inputs))
+                    keys_src = {k: v[src:src + 1] for k, v in self._keys(keys).items()}
                 else:
                     eps, keys_src = [], {}
                     for i, (v, e) in enumerate(calls):
                         out, keys = self._engine(self.engine, v.to(bb.dtype), t, e)
                         eps.append(bb.to_noise_prediction(out, v, t))
-                        if i == 1:
+                        if i == src:
                             keys_src = self._keys(keys)
             elif self.plan.batch_nograd:
                 with taps:
-                    eps = self._forward(torch.cat([x_t, xs_t, xs_t]), t, self.emb_nograd).chunk(3)
-                    keys_src = {k: v[1:2] for k, v in taps.take(n).items()}
+                    eps = self._forward(torch.cat(inputs), t, self.emb_nograd).chunk(len(inputs))
+                    keys_src = {k: v[src:src + 1] for k, v in taps.take(n).items()}
             else:
-                (v0, e0), (v1, e1), (v2, e2) = calls
-                eps = [self._forward(v0, t, e0)]
-                with taps:
-                    eps.append(self._forward(v1, t, e1))
-                    keys_src = taps.take(n)
-                eps.append(self._forward(v2, t, e2))
+                eps, keys_src = [], {}
+                for i, (v, e) in enumerate(calls):
+                    if i == src:
+                        with taps:
+                            eps.append(self._forward(v, t, e))
+                            keys_src = taps.take(n)
+                    else:
+                        eps.append(self._forward(v, t, e))
         # inference tensors cannot be saved for backward: the losses get ordinary copies
         return (*eps, {k: v.clone() for k, v in keys_src.items()})
