@@ -202,12 +202,12 @@ def project_vae(bb, frames: int, size, tiling: bool, target: str = "cuda") -> di
     return out
 
 
-def project(preset: str, frames_list, plans, dtype: torch.dtype, target: str = "cuda", layers=None) -> list[dict]:
+def project(preset: str, frames_list, plans, dtype: torch.dtype, target: str = "cuda", layers=None, size=None) -> list[dict]:
     from fastdm.taps import resolve_layers
 
     from fastdm.bench.presets import PRESETS
 
-    size = PRESETS[preset]["size"]
+    size = tuple(size or PRESETS[preset]["size"])
     bb = _backbone(preset, "meta", dtype)
     weights = _module_bytes(bb.denoiser, getattr(bb, "vae", None))
     # a text encoder kept on the CPU (Wan's UMT5) never occupies the accelerator
@@ -371,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--layers", default=None, help="tap layers (comma-separated glob patterns) instead of the default")
     ap.add_argument("--tag", default=None, help="extra name part of the result files")
+    ap.add_argument("--size", default=None, help="WxH instead of the preset's size (name the files apart with --tag)")
     ap.add_argument("--check-cases", default="tiny:4,shapes:8", help="PRESET:FRAMES,... for the CPU check (e.g. wan-tiny:5)")
     ap.add_argument("--measured", nargs="*", default=[],
                     help="fastdm-bench JSON files or logs (GPU, CUDA max allocated) to compare with; missing ones are ignored")
@@ -391,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         rows, checks = prev["rows"], prev.get("check", [])
     else:
         layers = args.layers.split(",") if args.layers else None
-        rows = [] if args.check_only else project(args.preset, frames, plans, dtype, args.target, layers)
+        size = tuple(int(v) for v in args.size.split("x")) if args.size else None
+        rows = [] if args.check_only else project(args.preset, frames, plans, dtype, args.target, layers, size)
         cases = tuple((c.split(":")[0], int(c.split(":")[1])) for c in args.check_cases.split(",") if c)
         checks = [] if args.no_check else check(cases)
     from fastdm.machine import machine_description
