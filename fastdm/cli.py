@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what --mask/--boxes limit: the whole update (default: nothing outside changes) or only V-DDS")
     p.add_argument("--frames", type=int, default=None, help="use at most N frames")
     p.add_argument("--stride", type=int, default=1, help="use every K-th frame")
+    p.add_argument("--start", type=float, default=None, metavar="SECONDS", help="edit from this time in the input (default: its start)")
+    p.add_argument("--end", type=float, default=None, metavar="SECONDS", help="edit up to this time (default: the input's end)")
     p.add_argument("--size", type=_size, default=None, help="WxH to resize + centre-crop to (default: the model's native size)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="model weights' dtype (the edited video stays fp32)")

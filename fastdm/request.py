@@ -62,6 +62,8 @@ class EditRequest:
     # what is read and how it runs
     frames: int | None = None
     stride: int = 1
+    start: float | None = None  # seconds into the input: the part of a long clip to edit
+    end: float | None = None
     size: tuple[int, int] | str | None = None
     device: str = "cpu"
     dtype: str = "fp32"
@@ -165,14 +167,29 @@ class EditRequest:
                            field="checkpoint_dir")
 
     def probe_inputs(self, inp: Path, mask_file: str | None):
-        """:meth:`read_inputs` without keeping the frames: the input decoded one frame at a time (every check
-        of a read made), the mask and boxes checked against it: ``(fps, frame indices, (width, height), mask or
-        None, boxes or None)``. The frames are read later at the working size (:func:`run`)."""
+        """The input decoded one frame at a time and none kept (every check of a read made), the mask and boxes
+        checked against it: ``(fps, frame indices, (width, height), mask or None, boxes or None)``. The frames are
+        read later at the working size (:func:`run`; a cascade reads its keyframes)."""
         from .io.video import probe_frames
 
-        seen = probe_frames(inp, frames=self.frames, stride=self.stride, with_total=self._need_total(mask_file))
+        seen = probe_frames(inp, frames=self.frames, stride=self.stride, with_total=self._need_total(mask_file),
+                            start=self.start, end=self.end)
         indices, src_size = seen["indices"], seen["size"]
         return (seen["fps"], indices, src_size, *self._mask_and_boxes(mask_file, indices, src_size, seen.get("total")))
+
+    def check_size_before_reading(self, inp: Path, size: tuple[int, int] | None = None) -> None:
+        """Refuse, before any frame is decoded, an input whose kept frames at the working size (``size``, else
+        ``self.size``, else the model folder's ``fastdm.json`` native size) need more memory than is free: from
+        what the container says (its duration and frame rate)."""
+        from .io.video import check_fits, kept_count, source_info
+
+        size = size or self.size or _folder_native_size(self.model)
+        info = source_info(inp) if size else None
+        if info is None:
+            return
+        kept = kept_count(info["frames"], info["fps"], frames=self.frames, stride=self.stride, start=self.start, end=self.end)
+        span = f" (of {info['frames']} at {info['fps']:g} fps" + (f", every {self.stride}th" if self.stride > 1 else "") + ")"
+        check_fits(kept, size, what=f"input video '{inp}'", detail=span)
 
     def _need_total(self, mask_file: str | None) -> bool:
         return bool(self.boxes or mask_file)  # to check their frame count against the whole input
@@ -185,15 +202,18 @@ class EditRequest:
         boxes = read_boxes(self.boxes, src_size=src_size, total_frames=total) if self.boxes else None
         return mask_raw, boxes
 
-    def read_inputs(self, inp: Path, mask_file: str | None):
-        """The input's frames and, checked against them, the mask and boxes: ``(raw (F, H, W, 3) uint8, fps,
-        frame indices, (width, height), mask or None, boxes or None)``."""
-        from .io import read_frames
 
-        raw, fps, indices, total = read_frames(inp, frames=self.frames, stride=self.stride, with_total=True) \
-            if self._need_total(mask_file) else (*read_frames(inp, frames=self.frames, stride=self.stride), None)
-        src_size = (raw.shape[2], raw.shape[1])
-        return (raw, fps, indices, src_size, *self._mask_and_boxes(mask_file, indices, src_size, total))
+def _folder_native_size(model: str | None) -> tuple[int, int] | None:
+    """The native size a model folder's ``fastdm.json`` gives (without loading the model), or None."""
+    import json
+
+    from .backbone import resolve_model
+
+    try:
+        size = json.loads((Path(resolve_model(model)) / "fastdm.json").read_text()).get("native_size")
+        return (int(size[0]), int(size[1])) if size else None
+    except (OSError, ValueError, TypeError, AttributeError, IndexError):
+        return None
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -232,6 +252,7 @@ def run(request: EditRequest, *, pipe=None, on_step=None, tensor_inputs: tuple[s
     request.check_outputs(out, compare, report_path, ckpt_dir, [inp, mask_file, request.boxes], mask_out)
 
     check_model_folder(request.model or default_model_path())
+    request.check_size_before_reading(inp)
 
     t0 = time.perf_counter()
     # the input is decoded once here, frame by frame and none kept, and mask and boxes checked against it, before
@@ -247,7 +268,7 @@ def run(request: EditRequest, *, pipe=None, on_step=None, tensor_inputs: tuple[s
                                                    release_text_encoder=True)
     frames, mask, _ = _working_frames(request, pipe, None, indices, src_size, mask_raw, boxes, mask_mode,
                                       read=lambda size: read_frames(inp, frames=request.frames, stride=request.stride,
-                                                                    size=size)[0])
+                                                                    size=size, start=request.start, end=request.end)[0])
     load_s = time.perf_counter() - t0
     result = _edit(request, pipe, config, frames, mask, budget, ckpt_dir, on_step, tensor_inputs)
     report = result.report
@@ -296,6 +317,10 @@ def _working_frames(request: EditRequest, pipe, raw, indices, src_size, mask_raw
         raise BadInput(f"`size={size[0]}x{size[1]}`: width and height must be multiples of {info.size_multiple} for this model",
                        field="size")
     crop = plan_crop(src_size, size)
+    if read is not None:  # the exact count of the probe, before the frames are read
+        from .io.video import check_fits
+
+        check_fits(len(indices), tuple(size), what="input video")
     frames = read(size) if read is not None else resize_crop(raw, crop)
     mask = "auto" if mask_mode == "auto" else None
     if mask_raw is not None:
@@ -393,17 +418,26 @@ def _mask_frames(mask, like):
 def write_outputs(result, frames, fps, out: Path, compare: Path | None, report_path: Path, mask_out: Path | None = None) -> list[str]:
     """The edit, the side-by-side comparison (input | mask | edit with an automatic mask), the mask
     video (automatic mask) and the JSON report, each written atomically."""
+    import itertools
+
     from .io import side_by_side, write_video
     from .io.atomic import write_json_atomic
 
     write_video(out, result.frames, fps)
     written = [str(out)]
-    mask_panel = None if mask_out is None else [_mask_frames(result.mask, frames)]
+    n = len(result.frames)
+
+    def mask_panel():  # made frame by frame as the writers take them
+        return (_mask_frames(None if result.mask is None else result.mask[i:i + 1], frames[i:i + 1])[0] for i in range(n))
+
     if mask_out is not None:
-        write_video(mask_out, mask_panel[0], fps)
+        write_video(mask_out, mask_panel(), fps)
         written.append(str(mask_out))
-    if compare is not None:
-        write_video(compare, side_by_side(frames, *(mask_panel or []), result.frames), fps)
+    if compare is not None:  # input | mask | edit with an automatic mask, else input | edit; a row at a time
+        masks = mask_panel() if mask_out is not None else itertools.repeat(None, n)
+        rows = (side_by_side(frames[i:i + 1], *([] if m is None else [m[None]]), result.frames[i:i + 1])[0]
+                for i, m in enumerate(masks))
+        write_video(compare, rows, fps)
         written.append(str(compare))
     result.report["outputs"] = written
     write_json_atomic(report_path, result.report)

@@ -21,7 +21,7 @@ _JSON = {"int": {"type": "integer"}, "float": {"type": "number"}, "str": {"type"
          "None": {"type": "null"}, "dict": {"type": "object"}, "tuple[str, ...]": {"type": "array", "items": {"type": "string"}}}
 
 # request options a JSON request may set besides the settings (the command line's frame selection, plan, engine)
-OPTIONS = {"frames": "int | None", "stride": "int", "size": "str | None", "plan": "str | None", "backend": "str",
+OPTIONS = {"frames": "int | None", "stride": "int", "start": "float | None", "end": "float | None", "size": "str | None", "plan": "str | None", "backend": "str",
            "preset": "str | None"}
 # paths and prompts of a job
 JOB = {"input": "str", "source_prompt": "str", "target_prompt": "str", "mask": "str | None", "boxes": "str | None",

@@ -382,3 +382,25 @@ def test_cascade_description_must_be_a_string():
     assert list(jsonschema.Draft202012Validator(cascade_schema()).iter_errors(data))
     with pytest.raises(BadInput, match="'description' must be a string"):
         parse_cascade(data, source="t.json", base_dir=Path("."))
+
+
+def test_a_cascade_holds_only_its_keyframes_and_the_comparisons_frames(stages, clip6, tmp_path, monkeypatch):
+    """The input is decoded frame by frame (the probe), then only the keyframes (at the source size) and the frames
+    the comparison shows (at the output size) are held: every read picks."""
+    import fastdm.io as io
+
+    calls = []
+    real = io.read_frames
+
+    def spy(*a, **k):
+        calls.append(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(io, "read_frames", spy)
+    out = tmp_path / "out.mp4"
+    assert _run(clip6, _cascade(tmp_path, stages), out, "--start", "0.1") == 0
+    assert len(calls) == 2 and all(k.get("pick") is not None for k in calls)
+    assert calls[0]["pick"] == [0, 1, 3, 4] and calls[1]["size"] == (16, 16) and calls[0]["start"] == 0.1
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["keyframes"]["input_frame_indices"] == [1, 2, 4, 5]  # (frames 1..5 from 0.1 s at 10 fps)
+    assert real(tmp_path / "out_compare.mp4")[0].shape == (4, 16, 32, 3)

@@ -240,3 +240,76 @@ def test_frames_resized_while_decoding_equal_resized_afterwards_and_the_probe_ke
     seen = probe_frames(clip, frames=3, stride=2, with_total=True)
     assert (seen["fps"], seen["indices"], seen["size"], seen["total"]) == (fps, idx, (40, 24), total) == (fps2, idx2, (40, 24), 7)
     assert "total" not in probe_frames(clip, frames=1)
+
+
+def _numbered_clip(path, n=48, fps=24):
+    """A 16x16 mp4 whose frame i is grey level 5 i (read back to within codec error)."""
+    from fastdm.io import write_video
+
+    write_video(path, np.stack([np.full((16, 16, 3), 5 * i, np.uint8) for i in range(n)]), fps)
+    return path
+
+
+def test_start_and_end_select_the_part_of_a_clip_in_seconds(tmp_path):
+    from fastdm.io.video import kept_count, probe_frames, source_info
+
+    clip = _numbered_clip(tmp_path / "n.mp4")
+    arr, fps, idx = read_frames(clip, start=0.5, end=1.25)
+    assert fps == 24 and idx == list(range(12, 30)) and np.abs(arr[:, 0, 0, 0].astype(int) - 5 * np.arange(12, 30)).max() <= 3
+    _, _, idx = read_frames(clip, start=1.0, stride=5, frames=3)
+    assert idx == [24, 29, 34]
+    assert probe_frames(clip, start=0.5, end=1.25)["indices"] == list(range(12, 30))
+    info = source_info(clip)  # from the container, nothing decoded
+    assert (info["frames"], info["fps"], info["size"]) == (48, 24.0, (16, 16))
+    assert kept_count(48, 24.0, start=0.5, end=1.25) == 18 and kept_count(48, 24.0, start=1.0, stride=5, frames=3) == 3
+    with pytest.raises(FastDMError, match=r"no frames between `start` and `end`: it has 48 frames at 24 fps \(2.00 s\)"):
+        read_frames(clip, start=3.0)
+    with pytest.raises(FastDMError, match="must come after `start`"):
+        read_frames(clip, start=1.0, end=0.5)
+    with pytest.raises(FastDMError, match="number of seconds >= 0"):
+        probe_frames(clip, start=-1)
+
+
+def test_read_frames_holds_only_the_picked_frames(tmp_path):
+    clip = _numbered_clip(tmp_path / "n.mp4")
+    arr, _, idx = read_frames(clip, stride=2, pick=[3, 0, 3], size=(8, 8))
+    assert idx == [6, 0, 6] and arr.shape == (3, 8, 8, 3)
+    with pytest.raises(FastDMError, match="position 30 is past them"):
+        read_frames(clip, stride=2, pick=[30])
+
+
+def test_an_input_too_large_for_memory_is_refused_with_the_arithmetic_before_decoding(tmp_path, monkeypatch, capsys):
+    import fastdm.io.video as video
+    from fastdm.cli import main
+
+    clip = _numbered_clip(tmp_path / "n.mp4")
+    monkeypatch.setattr(video, "available_memory", lambda: 48 * 32 * 32 * 3 * video.BYTES_PER_SAMPLE)  # 48 frames, no margin
+
+    def no_decoding(*a, **k):
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(video, "_iter_frames", no_decoding)
+    out = tmp_path / "e.mp4"
+    code = main([str(clip), "--source-prompt", "a red circle moving right", "--target-prompt", "a blue circle moving right",
+                 "--steps", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and not out.exists() and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"48 frames (of 48 at 24 fps) at 32x32 need about 48 x 32 x 32 x 3 x {video.BYTES_PER_SAMPLE} B" in err
+    assert "--start/--end" in err
+    with pytest.raises(FastDMError, match="this machine has"):
+        video.check_fits(10, (64, 64), available=10 * 64 * 64 * 3 * video.BYTES_PER_SAMPLE)
+    video.check_fits(10, (64, 64), available=2 * 10 * 64 * 64 * 3 * video.BYTES_PER_SAMPLE)  # fits
+
+
+def test_fastdm_edit_edits_a_part_of_a_clip_given_in_seconds(tmp_path, capsys):
+    from fastdm.cli import main
+
+    clip = tmp_path / "c.mp4"
+    write_video(clip, np.ascontiguousarray(render_clip("red", "circle", "right", size=32, frames=48, radius=8, speed=1)), 24)
+    out = tmp_path / "e.mp4"
+    assert main([str(clip), "--source-prompt", "a red circle moving right", "--target-prompt", "a blue circle moving right",
+                 "--steps", "1", "--mask", "none", "--start", "0.5", "--end", "1.0", "--out", str(out), "--quiet"]) == 0, \
+        capsys.readouterr().err
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["input"]["frame_indices"] == list(range(12, 24))
+    assert read_frames(out)[0].shape[0] == 12 and read_frames(out.with_name("e_compare.mp4"))[0].shape == (12, 32, 64, 3)

@@ -34,7 +34,7 @@ from ..errors import FastDMError
 from ..io.atomic import atomic_output, write_json_atomic
 from .folders import check_stage_folder, load_stage_model
 from .spec import Cascade, load_cascade
-from .stages import keyframe_positions, output_fps, run_interpolate, run_refine, run_upscale, source_at_output_times
+from .stages import keyframe_positions, output_fps, run_interpolate, run_refine, run_upscale, source_positions_at_output_times
 
 CKPT_FORMAT = "fastdm-cascade-checkpoint/1"
 SHAPES_UPSCALE_HINT = ("the shapes upscale model is not bundled yet ({path} is missing); it is trained by "
@@ -142,7 +142,7 @@ def run_cascade(args, *, pipe=None, on_step=None, tensor_inputs=("losses",), che
     whole cascade (the final frames and the report written beside them), None with ``check_only``."""
     from ..driver.pipeline import EditResult, _PeakMemory
     from ..driver.progress import quiet_libraries
-    from ..io import plan_crop, resize_crop, side_by_side, write_video
+    from ..io import read_frames, side_by_side, write_video
 
     t_start = time.perf_counter()
     cascade = load_cascade(args.cascade)
@@ -155,8 +155,10 @@ def run_cascade(args, *, pipe=None, on_step=None, tensor_inputs=("losses",), che
     infos = check_cascade(cascade, args)
     edit = cascade.stages[0]
 
-    raw, fps, indices, src_size, mask_raw, boxes = args.read_inputs(inp, mask_file)
-    key_pos = keyframe_positions(len(raw), edit.settings.get("frames"))
+    # decoded frame by frame and none kept (checks, mask and boxes), then only the keyframes are read: a long or
+    # large input never sits in memory whole
+    fps, indices, src_size, mask_raw, boxes = args.probe_inputs(inp, mask_file)
+    key_pos = keyframe_positions(len(indices), edit.settings.get("frames"))
     if check_only:
         return None
 
@@ -167,8 +169,8 @@ def run_cascade(args, *, pipe=None, on_step=None, tensor_inputs=("losses",), che
 
     dtype = parse_dtype(args.dtype)
     quiet_libraries()
-    keys_raw = raw[key_pos]
-    key_indices = [indices[i] for i in key_pos]
+    keys_raw, _, key_indices = read_frames(inp, frames=args.frames, stride=args.stride, start=args.start, end=args.end,
+                                           pick=key_pos)
     fp = hashlib.sha256(json.dumps({"cascade": cascade.to_dict(), "config": config.fingerprint(), "plan": args.plan,
                                     "dtype": args.dtype, "device": device.type, "size": args.size,
                                     "mask": args.mask, "boxes": args.boxes}, sort_keys=True, default=str).encode())
@@ -232,8 +234,9 @@ def run_cascade(args, *, pipe=None, on_step=None, tensor_inputs=("losses",), che
     write_video(out, frames, fps_out)
     written = [str(out)]
     if not args.no_compare:
-        src = source_at_output_times(raw, indices, key_pos, frames.shape[0])
-        src = resize_crop(src, plan_crop(src_size, (frames.shape[2], frames.shape[1])))
+        src = read_frames(inp, frames=args.frames, stride=args.stride, start=args.start, end=args.end,
+                          pick=source_positions_at_output_times(indices, key_pos, frames.shape[0]),
+                          size=(frames.shape[2], frames.shape[1]))[0]
         write_video(compare, side_by_side(src, frames), fps_out)
         written.append(str(compare))
     ran = [r for r in records if not r["skipped"]]

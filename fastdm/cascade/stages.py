@@ -48,12 +48,13 @@ def output_fps(input_indices: list[int], fps: float, key_pos: list[int], n_out: 
     return float(fps) if n_out < 2 or span <= 0 else (n_out - 1) / span
 
 
-def source_at_output_times(raw: np.ndarray, input_indices: list[int], key_pos: list[int], n_out: int) -> np.ndarray:
-    """The input frames nearest in time to each output frame (for the side-by-side comparison)."""
+def source_positions_at_output_times(input_indices: list[int], key_pos: list[int], n_out: int) -> list[int]:
+    """Positions (into the selected input frames) of the input frame nearest in time to each output frame (for the
+    side-by-side comparison)."""
     t0, t1 = input_indices[key_pos[0]], input_indices[key_pos[-1]]
     times = [t0 + (t1 - t0) * j / (n_out - 1) for j in range(n_out)] if n_out > 1 else [t0]
     idx = np.asarray(input_indices)
-    return raw[[int(np.argmin(np.abs(idx - t))) for t in times]]
+    return [int(np.argmin(np.abs(idx - t))) for t in times]
 
 
 # -- the conditioned pixel sampler ---------------------------------------------------------------

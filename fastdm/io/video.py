@@ -7,6 +7,7 @@ file beside the target and renamed, so a failure never leaves a partial file.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -140,10 +141,26 @@ def _iter_frames(path: Path, what: str):
     return gen(), fps
 
 
-def _kept_frames(path: str | os.PathLike, frames: int | None, stride: int, what: str, to_end: bool, seen: dict):
-    """Frames 0, stride, 2*stride, ... (at most ``frames``) as ``(index, frame)``, decoded one at a time; every
-    kept frame's size checked against frame 0's. ``seen`` gets ``fps``, ``total`` (the frames decoded: all of
-    them when ``to_end``, else up to the last kept one) and ``size`` (W, H)."""
+def check_span(start: float | None, end: float | None) -> None:
+    """``start``/``end`` (seconds into the input) make sense together, or a one-line error."""
+    for name, v in (("start", start), ("end", end)):
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+            raise FastDMError(f"`{name}` must be a number of seconds >= 0, got {v!r}")
+    if start is not None and end is not None and end <= start:
+        raise FastDMError(f"`end` ({end:g} s) must come after `start` ({start:g} s)")
+
+
+def _first_frame(fps: float, start: float | None) -> int:
+    """The first frame at or after ``start`` seconds (frame i is shown at i / fps)."""
+    return 0 if not start else max(0, math.ceil(start * fps - 1e-6))
+
+
+def _kept_frames(path: str | os.PathLike, frames: int | None, stride: int, what: str, to_end: bool, seen: dict,
+                 start: float | None = None, end: float | None = None):
+    """Frames s, s + stride, s + 2*stride, ... (at most ``frames``; s the first frame at or after ``start`` seconds,
+    none at or after ``end``) as ``(index, frame)``, decoded one at a time; every kept frame's size checked against
+    the first's. ``seen`` gets ``fps``, ``total`` (the frames decoded: all of them when ``to_end``, else up to the
+    last kept one) and ``size`` (W, H)."""
     p = Path(path)
     if not p.exists():
         raise FastDMError(f"{what} '{path}' does not exist; check the path")
@@ -151,12 +168,15 @@ def _kept_frames(path: str | os.PathLike, frames: int | None, stride: int, what:
         raise FastDMError(f"`stride` must be >= 1, got {stride}")
     if frames is not None and frames < 1:
         raise FastDMError(f"`frames` must be >= 1, got {frames}")
+    check_span(start, end)
     it, seen["fps"] = _iter_frames(p, what)
+    first_i = _first_frame(seen["fps"], start)
+    stop_i = None if end is None else _first_frame(seen["fps"], end)
     kept, first, seen["total"] = 0, None, 0
     for i, fr in enumerate(it):
         seen["total"] = i + 1
-        full = frames is not None and kept == frames
-        if i % stride == 0 and not full:
+        full = (frames is not None and kept == frames) or (stop_i is not None and i >= stop_i)
+        if i >= first_i and (i - first_i) % stride == 0 and not full:
             if first is None:
                 first = fr.shape
                 seen["size"] = (fr.shape[1], fr.shape[0])
@@ -166,37 +186,119 @@ def _kept_frames(path: str | os.PathLike, frames: int | None, stride: int, what:
             yield i, fr
         elif full and not to_end:
             break
+    if not kept and (start or end is not None) and seen["total"]:
+        raise FastDMError(f"{what} '{path}' has no frames between `start` and `end`: it has {seen['total']} frames at "
+                          f"{seen['fps']:g} fps ({seen['total'] / seen['fps']:.2f} s); give a span inside the clip")
     if not kept:
         raise FastDMError(f"{what} '{path}' has no frames that can be decoded (corrupt or cut short?); "
                           "re-encode it, e.g. with ffmpeg, or give another file")
 
 
 def read_frames(path: str | os.PathLike, *, frames: int | None = None, stride: int = 1, what: str = "input video",
-                with_total: bool = False, size: tuple[int, int] | None = None):
-    """Read frames 0, stride, 2*stride, ... (at most ``frames`` of them). Returns (array, fps, indices),
-    and with ``with_total`` also the number of frames in the whole input (counted in the same pass).
-    With ``size`` = (W, H) each kept frame is resized and centre-cropped as it is decoded, so only
-    frames of that size are held."""
+                with_total: bool = False, size: tuple[int, int] | None = None, start: float | None = None,
+                end: float | None = None, pick=None):
+    """Read frames s, s + stride, s + 2*stride, ... (at most ``frames`` of them; s the first frame at or after
+    ``start`` seconds, none at or after ``end``). Returns (array, fps, indices), and with ``with_total`` also the
+    number of frames in the whole input (counted in the same pass). With ``size`` = (W, H) each kept frame is
+    resized and centre-cropped as it is decoded, so only frames of that size are held. ``pick``: positions into
+    those frames (repeats allowed); only they are held, returned in ``pick``'s order."""
     seen: dict = {}
-    out, idx, crop = [], [], None
-    for i, fr in _kept_frames(path, frames, stride, what, with_total, seen):
+    held, crop = {}, None
+    want = None if pick is None else set(pick)
+    for k, (i, fr) in enumerate(_kept_frames(path, frames, stride, what, with_total, seen, start, end)):
+        if want is not None and k not in want:
+            continue
         if size is not None and crop is None:
             crop = plan_crop(seen["size"], size)
-        out.append(fr if crop is None else resize_crop(fr[None], crop)[0])
-        idx.append(i)
-    return (np.stack(out), seen["fps"], idx, seen["total"]) if with_total else (np.stack(out), seen["fps"], idx)
+        held[k] = (i, fr if crop is None else resize_crop(fr[None], crop)[0])
+    order = sorted(held) if pick is None else list(pick)
+    missing = [k for k in order if k not in held]
+    if missing:
+        raise FastDMError(f"{what} '{path}' has {len(held) and max(held) + 1} frames to pick from; position {missing[0]} is past them")
+    out, idx = np.stack([held[k][1] for k in order]), [held[k][0] for k in order]
+    return (out, seen["fps"], idx, seen["total"]) if with_total else (out, seen["fps"], idx)
 
 
 def probe_frames(path: str | os.PathLike, *, frames: int | None = None, stride: int = 1, what: str = "input video",
-                 with_total: bool = False) -> dict:
+                 with_total: bool = False, start: float | None = None, end: float | None = None) -> dict:
     """What :func:`read_frames` would read, decoded one frame at a time and none kept: ``fps``, ``indices``,
     ``size`` (W, H) of the source and, with ``with_total``, ``total`` (frames in the whole input); the same
     checks and messages. Memory: one frame at a time, whatever the clip's length."""
     seen: dict = {}
-    seen["indices"] = [i for i, _ in _kept_frames(path, frames, stride, what, with_total, seen)]
+    seen["indices"] = [i for i, _ in _kept_frames(path, frames, stride, what, with_total, seen, start, end)]
     if not with_total:
         seen.pop("total", None)
     return seen
+
+
+# Host memory an edit holds per sample (frame x pixel x channel) of its working-size frames, whatever else it holds:
+# the frames in and out as uint8, the float32 video tensor and the edit's float32 copies. Measured 23 B on the
+# bundled pixel-space model (peak RSS, 64 against 1024 frames of 32x32, fastdm-edit --steps 1, AMD EPYC 2-core);
+# a latent model's working tensor is smaller. Rounded up.
+BYTES_PER_SAMPLE = 32
+
+
+def source_info(path: str | os.PathLike) -> dict | None:
+    """What the container says, nothing decoded: ``fps``, ``frames`` (estimated from the duration for a video) and
+    ``size`` (W, H); None when it does not say (the read then finds out, with its own messages)."""
+    from PIL import Image
+
+    p = Path(path)
+    try:
+        if p.is_dir():
+            files = _frame_files(p)
+            with Image.open(files[0]) as im:
+                return {"fps": DEFAULT_FPS, "frames": len(files), "size": im.size}
+        ext = p.suffix.lower()
+        if ext in VIDEO_EXTS:
+            import imageio.v3 as iio
+
+            meta = iio.immeta(p, plugin="FFMPEG")
+            fps, dur = float(meta.get("fps") or 0), float(meta.get("duration") or 0)
+            if fps <= 0 or dur <= 0 or not math.isfinite(dur):
+                return None
+            return {"fps": fps, "frames": max(1, round(dur * fps)), "size": tuple(meta["size"])}
+        with Image.open(p) as im:
+            n = int(getattr(im, "n_frames", 1))
+            dur = im.info.get("duration") or 0
+            return {"fps": 1000.0 / dur if ext == ".gif" and dur else DEFAULT_FPS, "frames": n, "size": im.size}
+    except Exception:
+        return None
+
+
+def kept_count(total: int, fps: float, *, frames: int | None = None, stride: int = 1, start: float | None = None,
+               end: float | None = None) -> int:
+    """How many frames the read keeps of ``total`` at ``fps`` (the rule of :func:`read_frames`)."""
+    first = _first_frame(fps, start)
+    stop = total if end is None else min(total, _first_frame(fps, end))
+    n = max(0, -(-(stop - first) // max(1, stride)))
+    return n if frames is None else min(n, frames)
+
+
+def available_memory() -> int | None:
+    """Bytes of host memory free for new work (Linux ``MemAvailable``), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_fits(kept: int, size: tuple[int, int], *, what: str = "input video", detail: str = "",
+               available: int | None = None, share: float = 0.8) -> None:
+    """Refuse, with the arithmetic, a read whose ``kept`` frames at working ``size`` (W, H) need more host memory
+    than ``share`` of what is free (``BYTES_PER_SAMPLE`` per sample)."""
+    available = available_memory() if available is None else available
+    if available is None:
+        return
+    w, h = size
+    need = kept * w * h * 3 * BYTES_PER_SAMPLE
+    if need > share * available:
+        raise FastDMError(f"{what}: {kept} frames{detail} at {w}x{h} need about {kept} x {w} x {h} x 3 x {BYTES_PER_SAMPLE} B = "
+                          f"{need / 1e9:.1f} GB of memory and this machine has {available / 1e9:.1f} GB free; edit a part "
+                          "(--start/--end in seconds, --frames, --stride) or a smaller --size")
 
 
 def count_frames(path: str | os.PathLike, what: str = "input video") -> int:
@@ -279,21 +381,32 @@ def check_report_path(path: str | os.PathLike, *, inputs: list[str | os.PathLike
     return p
 
 
-def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None:
-    """Write (F, H, W, 3) uint8 frames to mp4 or gif atomically."""
+def write_video(path: str | os.PathLike, frames, fps: float) -> None:
+    """Write (F, H, W, 3) uint8 frames to mp4 or gif atomically. ``frames`` may be an iterable of (H, W, 3) frames,
+    made as they are written (mp4: streamed to the encoder one at a time, so a long comparison or mask video is
+    never held whole; a gif is small and collected)."""
+    import itertools
+
+    import imageio.v2 as iio2
     import imageio.v3 as iio
 
     p = Path(path)
     ext = p.suffix.lower()
     if ext not in OUTPUT_EXTS:
         raise FastDMError(f"output '{path}' must end in {' or '.join(OUTPUT_EXTS)}")
+    it = iter(frames)
+    first = next(it, None)
+    if first is None:
+        raise FastDMError(f"output '{path}': no frames to write")
     with atomic_output(p) as tmp:
         if ext == ".mp4":
-            even = frames.shape[1] % 2 == 0 and frames.shape[2] % 2 == 0
-            iio.imwrite(tmp, frames, plugin="FFMPEG", fps=fps, codec="libx264", macro_block_size=1,
-                        ffmpeg_params=["-crf", "12"], pixelformat="yuv420p" if even else "yuv444p")
+            even = first.shape[0] % 2 == 0 and first.shape[1] % 2 == 0
+            with iio2.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", macro_block_size=1,
+                                 ffmpeg_params=["-crf", "12"], pixelformat="yuv420p" if even else "yuv444p") as w:
+                for fr in itertools.chain([first], it):
+                    w.append_data(np.ascontiguousarray(fr))
         else:
-            iio.imwrite(tmp, frames, extension=".gif", duration=1000.0 / fps, loop=0)
+            iio.imwrite(tmp, np.stack([first, *it]), extension=".gif", duration=1000.0 / fps, loop=0)
 
 
 def enlarge(frames: np.ndarray, height: int) -> np.ndarray:
