@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import RESULTS, denoiser_hash, machine_description, machine_name, repo_relative, runs_machines, write_results
-from fastdm.suite import build_suite, render_case, score
+from fastdm.toyworld.suite import build_suite, render_case, score
 
 SNAPSHOTS = (12, 16, 25, 50, 100, 200)
 # (window, tol) of the convergence rule, observed on every paper run; the first is --steps auto's default

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from benchmarks.common import RESULTS, denoiser_hash, machine_description, machine_name, repo_relative, runs_machines, write_results
-from fastdm.shapes import render_back_and_forth
-from fastdm.shapes_metrics import centroid_drift, video_summary
+from fastdm.toyworld.world import render_back_and_forth
+from fastdm.toyworld.metrics import centroid_drift, video_summary
 
 WINDOW = 8
 CASES = [("red", "circle", "blue"), ("blue", "square", "red"), ("yellow", "triangle", "magenta")]

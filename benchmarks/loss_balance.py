@@ -66,7 +66,7 @@ def sensitivity(pipe, timesteps=(200, 500, 800), seed: int = 0, layers: list[str
     (mean over ``layers``, default: the backbone's default tap layers)."""
     from fastdm.io.tensors import frames_to_tensor
     from fastdm.losses import ssm_losses
-    from fastdm.shapes import render_clip
+    from fastdm.toyworld.world import render_clip
     from fastdm.taps import KeyTaps, resolve_layers
 
     bb = pipe.backbone

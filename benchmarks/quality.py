@@ -42,7 +42,7 @@ from benchmarks.common import (
     runs_machines,
     write_results,
 )
-from fastdm.shapes_metrics import object_mask
+from fastdm.toyworld.metrics import object_mask
 from benchmarks.suite import (  # noqa: F401  (re-exported)
     CONFIGS,
     MASK_AXIS,

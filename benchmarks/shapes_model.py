@@ -26,8 +26,8 @@ from benchmarks.common import (
     repo_relative,
     write_results,
 )
-from fastdm.shapes_metrics import video_summary
-from fastdm.shapes import COLOURS, DIRECTIONS, SHAPES, prompt
+from fastdm.toyworld.metrics import video_summary
+from fastdm.toyworld.world import COLOURS, DIRECTIONS, SHAPES, prompt
 
 
 def majority(xs):

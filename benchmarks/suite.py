@@ -1,7 +1,7 @@
 """What the quality, cascade, loss-balance and upscale benchmarks share: the suite's configurations
 (the paper's ablations), each case's EditConfig and mask, the summary of a set of runs, and the
 cases rendered at a larger scale for the cascade. The cases, clips and scores themselves live in the
-installed package (:mod:`fastdm.suite`), re-exported here, so tests import them without this folder.
+installed package (:mod:`fastdm.toyworld.suite`), re-exported here, so tests import them without this folder.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from fastdm.suite import area_kept, background_change, box_mask, build_suite, render_case, score  # noqa: F401  (re-exported)
+from fastdm.toyworld.suite import area_kept, background_change, box_mask, build_suite, render_case, score  # noqa: F401  (re-exported)
 
 CONFIGS = {
     "full": dict(mask=True),
@@ -77,7 +77,7 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def render_case_at(case: dict, scale: int) -> np.ndarray:
-    from fastdm.shapes import render_clip
+    from fastdm.toyworld.world import render_clip
 
     return render_clip(case["colour"], case["shape"], case["direction"], size=case["size"] * scale, frames=case["frames"],
                        radius=case["radius"] * scale, speed=case["speed"] * scale)

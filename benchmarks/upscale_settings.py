@@ -29,7 +29,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def scores(case: dict, truth: np.ndarray, out: np.ndarray) -> dict:
-    from fastdm.shapes_metrics import centroid_drift, video_summary
+    from fastdm.toyworld.metrics import centroid_drift, video_summary
     from fastdm.metrics import frame_consistency
 
     s = video_summary(out)

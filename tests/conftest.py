@@ -38,7 +38,7 @@ def editor(tiny_model):
 @pytest.fixture
 def clip():
     """4 frames, 16x16: a red circle moving right."""
-    from fastdm.shapes import render_clip
+    from fastdm.toyworld.world import render_clip
 
     return render_clip("red", "circle", "right", size=16, frames=4, radius=4, speed=2)
 

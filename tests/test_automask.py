@@ -113,8 +113,8 @@ def shapes_pipe():
 # 0.54 and 0.48; the test asks for 0.3 and 95 % coverage.
 @pytest.mark.parametrize("case_id", ["shape-00", "colour-05"])
 def test_shapes_model_mask_overlaps_the_object(shapes_pipe, case_id):
-    from fastdm.suite import build_suite, render_case
-    from fastdm.shapes_metrics import object_mask
+    from fastdm.toyworld.suite import build_suite, render_case
+    from fastdm.toyworld.metrics import object_mask
 
     case = next(c for c in build_suite() if c["id"] == case_id)
     clip = render_case(case)
@@ -172,7 +172,7 @@ def test_wan_backbone_mask_over_latent_frames(tmp_path):
     """The transformer's cross-attention (attn2 after its q/k norms, T5 tokens without a start
     token) gives a mask at the video's frame count, though its maps are per latent frame."""
     from fastdm import DreamMotionPipeline
-    from fastdm.shapes import render_clip
+    from fastdm.toyworld.world import render_clip
     from fastdm.testing import build_tiny_wan_model
 
     folder = build_tiny_wan_model(tmp_path / "wan", native_size=(48, 32))

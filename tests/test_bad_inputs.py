@@ -117,7 +117,7 @@ def _truncated_faststart_mp4(c: Ctx):
     """Index (moov) first: ffmpeg decodes the frames that are left and says nothing."""
     import imageio.v3 as iio
 
-    from fastdm.shapes import render_clip
+    from fastdm.toyworld.world import render_clip
 
     clip = render_clip("red", "circle", "right", size=64, frames=24, radius=8, speed=2)
     clip = np.clip(clip + np.random.default_rng(0).integers(0, 40, clip.shape), 0, 255).astype(np.uint8)  # bytes to cut

@@ -85,11 +85,11 @@ def test_shapes_upscale_restores_a_known_clip():
     the chain started from the noised upsampled clip, this model's output was noise: 7 dB.)"""
     import torch
 
-    from fastdm.shapes_metrics import video_summary
+    from fastdm.toyworld.metrics import video_summary
     from benchmarks.upscale_settings import psnr
     from fastdm.cascade import load_cascade, run_upscale
     from fastdm.cascade.folders import check_stage_folder, load_stage_model
-    from fastdm.shapes import render_clip
+    from fastdm.toyworld.world import render_clip
 
     up = load_cascade("shapes").stages[1]
     model = load_stage_model(check_stage_folder(up.model, "upscale", "t"), "t", device=torch.device("cpu"), dtype=torch.float32)

@@ -24,7 +24,7 @@ def stages(tmp_path_factory):
 @pytest.fixture
 def clip6(tmp_path):
     from fastdm.io import write_video
-    from fastdm.shapes import render_clip
+    from fastdm.toyworld.world import render_clip
 
     p = tmp_path / "clip.gif"
     write_video(p, render_clip("red", "circle", "right", size=16, frames=6, radius=4, speed=2), fps=10)
@@ -154,7 +154,7 @@ def test_show1_folders_need_trust_remote_code_and_the_showone_package(stages, tm
     # a Show-1 base folder as the edit stage: edited through the UNet3D backbone
     from fastdm.cascade.stages import showone_edit_backbone
     from fastdm.driver import DreamMotionPipeline
-    from fastdm.shapes import render_clip
+    from fastdm.toyworld.world import render_clip
 
     base = tmp_path / "show-1-base"
     shutil.copytree(stages / "edit", base)

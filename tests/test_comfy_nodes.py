@@ -16,7 +16,7 @@ from fastdm.comfy import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from fastdm.comfy import install as comfy_install
 from fastdm.comfy.nodes import FastDMAutoMask, FastDMEdit, FastDMLoadPipeline, FastDMLoadVideo, FastDMSaveVideo
 from fastdm.errors import FastDMError
-from fastdm.shapes_metrics import centroid_drift, colour_of
+from fastdm.toyworld.metrics import centroid_drift, colour_of
 
 CLIPS = Path(fastdm.__file__).parent / "assets" / "clips"
 CLIP = CLIPS / "red_circle_right.gif"

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 import fastdm
-from fastdm.shapes_metrics import centroid_drift, colour_of
+from fastdm.toyworld.metrics import centroid_drift, colour_of
 
 from .train_tools import load_tool
 

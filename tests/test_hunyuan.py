@@ -34,7 +34,7 @@ def models(tmp_path_factory):
 
 
 def _clip(frames: int = FRAMES):
-    from fastdm.shapes import render_clip
+    from fastdm.toyworld.world import render_clip
 
     return np.ascontiguousarray(render_clip("red", "circle", "right", size=SIZE, frames=frames, radius=8, speed=2))
 

@@ -18,7 +18,7 @@ from fastdm.io import (
     resize_crop,
     write_video,
 )
-from fastdm.shapes import render_clip
+from fastdm.toyworld.world import render_clip
 
 
 def test_gif_roundtrip_is_lossless_and_keeps_fps(tmp_path):

@@ -118,3 +118,10 @@ def test_tests_run_from_any_working_directory(tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "1 passed" in p.stdout
     assert not any(tmp_path.iterdir())  # and writes nothing where it started
+
+
+def test_the_editor_never_imports_the_toy_world():
+    """The toy world (generator, metrics, suite) is the test bench: only the benchmark harness and presets (which
+    render a clip and build the shapes architecture) and the toy world itself import it, never the editor."""
+    users = {a for a, b in imports() if b == "fastdm.toyworld" or b.startswith("fastdm.toyworld.")}
+    assert users and all(u.startswith(("fastdm.toyworld", "fastdm.bench")) for u in users), sorted(users)

@@ -35,7 +35,7 @@ def ltx(ltx_model):
 
 
 def _clip():
-    from fastdm.shapes import render_clip
+    from fastdm.toyworld.world import render_clip
 
     return np.ascontiguousarray(render_clip("red", "circle", "right", size=SIZE, frames=FRAMES, radius=8, speed=2))
 

@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from fastdm.shapes_metrics import centroid, centroid_drift, colour_of, shape_of, video_summary
+from fastdm.toyworld.metrics import centroid, centroid_drift, colour_of, shape_of, video_summary
 from fastdm.metrics import frame_consistency, motion_fidelity, optical_flow
-from fastdm.shapes import COLOURS, SHAPES, render_clip, sample_clip
+from fastdm.toyworld.world import COLOURS, SHAPES, render_clip, sample_clip
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from benchmarks.quality import (
     sweep_summary,
 )
 from fastdm.errors import FastDMError
-from fastdm.shapes import COLOURS, SHAPES
+from fastdm.toyworld.world import COLOURS, SHAPES
 
 
 def test_suite_is_fixed_and_each_case_asks_for_a_change():
@@ -114,7 +114,7 @@ def test_cascaded_rows_render_the_same_case_at_twice_the_size_and_score_in_its_p
     import numpy as np
 
     from benchmarks.suite import bicubic, render_case_at
-    from fastdm.shapes_metrics import centroid, object_mask, video_summary
+    from fastdm.toyworld.metrics import centroid, object_mask, video_summary
 
     case = build_suite()[0]
     lo, hi = render_case(case), render_case_at(case, 2)
@@ -128,3 +128,29 @@ def test_cascaded_rows_render_the_same_case_at_twice_the_size_and_score_in_its_p
     up = bicubic(lo, (64, 64))
     assert up.shape == hi.shape and up.dtype == np.uint8
     assert video_summary(up)["colours"] == [case["colour"]] * len(up)
+
+
+def test_the_full_suite_holds_every_colour_pair_and_two_halves_of_one_make_up():
+    from collections import Counter
+
+    from fastdm.toyworld.suite import build_full_suite, render_case, suite_half
+    from fastdm.toyworld.world import COLOURS, SHAPES
+
+    cases = build_full_suite()
+    colour = [c for c in cases if c["kind"] == "colour"]
+    assert len(colour) == 42 and {(c["colour"], c["target_colour"]) for c in colour} == \
+        {(a, b) for a in COLOURS for b in COLOURS if a != b}
+    shape = [c for c in cases if c["kind"] == "shape"]
+    assert len(shape) == 12 and {(c["shape"], c["target_shape"]) for c in shape} == {(a, b) for a in SHAPES for b in SHAPES if a != b}
+    assert len({c["id"] for c in cases}) == len(cases) and build_full_suite() == cases  # fixed: no random draw
+    choose, report = suite_half(cases, "choose"), suite_half(cases, "report")
+    assert len(choose) == len(report) == 27 and not {c["id"] for c in choose} & {c["id"] for c in report}
+
+    def make_up(half):
+        return (Counter(c["kind"] for c in half), {frozenset((c["colour"], c["target_colour"])) for c in half if c["kind"] == "colour"},
+                {frozenset((c["shape"], c["target_shape"])) for c in half if c["kind"] == "shape"})
+
+    assert make_up(choose) == make_up(report)  # every unordered pair once in each half, one direction each
+    for key in ("direction", "shape", "radius", "speed"):  # the rotations cover every value
+        assert len({c[key] for c in colour}) > 1
+    assert render_case(cases[0]).shape == (8, 32, 32, 3)

@@ -31,7 +31,7 @@ def test_the_unet_draws_dropout_from_the_global_generator(tmp_path):
     not restore that generator would differ."""
     from diffusers import UNet3DConditionModel
 
-    from fastdm.shapes import build_model
+    from fastdm.toyworld.world import build_model
 
     tok, text, _, _ = build_model(tmp_path / "tok")
     unet = UNet3DConditionModel.from_pretrained(str(BUNDLED / "unet"))  # trained: its temporal convolutions are not zero

@@ -21,7 +21,7 @@ def test_resumed_training_equals_uninterrupted_and_exports_a_wan_folder(tool, tm
     assert meta2["args"]["model"] == "shapes-dit"
 
     from fastdm import DreamMotionPipeline
-    from fastdm.shapes import render_clip
+    from fastdm.toyworld.world import render_clip
 
     model = split / "model"
     assert json.loads((model / "model_index.json").read_text())["transformer"] == ["diffusers", "WanTransformer3DModel"]

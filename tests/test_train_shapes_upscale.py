@@ -33,7 +33,7 @@ def test_resumed_training_equals_uninterrupted_and_exports_an_upscale_stage(tool
     from fastdm.cascade.folders import check_stage_folder, load_stage_model
     from fastdm.cascade.spec import SETTINGS
     from fastdm.cascade.stages import run_upscale
-    from fastdm.shapes import render_clip
+    from fastdm.toyworld.world import render_clip
 
     model = split / "model"
     assert json.loads((model / "fastdm.json").read_text())["trained_steps"] == 4

@@ -33,7 +33,7 @@ def wan(wan_model):
 
 @pytest.fixture
 def wan_clip():
-    from fastdm.shapes import render_clip
+    from fastdm.toyworld.world import render_clip
 
     return np.ascontiguousarray(render_clip("red", "circle", "right", size=W, frames=FRAMES, radius=8, speed=3)[:, 8:40])
 

@@ -39,7 +39,7 @@ def a14b(a14b_model):
 
 
 def _clip(size: int):
-    from fastdm.shapes import render_clip
+    from fastdm.toyworld.world import render_clip
 
     return np.ascontiguousarray(render_clip("red", "circle", "right", size=size, frames=FRAMES, radius=size // 4, speed=2))
 

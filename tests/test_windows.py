@@ -18,7 +18,7 @@ def pipe(tiny_model):
 
 
 def _clip(frames: int) -> np.ndarray:
-    from fastdm.shapes import render_clip
+    from fastdm.toyworld.world import render_clip
 
     return render_clip("red", "circle", "right", size=16, frames=frames, radius=4, speed=0.5)
 
@@ -93,7 +93,7 @@ def test_windowed_edit_resumes_bit_identically(pipe, tmp_path):
 
 
 def test_the_tiny_wan_model_edits_a_clip_longer_than_its_window(tmp_path):
-    from fastdm.shapes import render_clip
+    from fastdm.toyworld.world import render_clip
     from fastdm.testing import build_tiny_wan_model
 
     folder = build_tiny_wan_model(tmp_path / "wan", native_size=(48, 32))

@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastdm.io import write_video  # noqa: E402
-from fastdm.shapes import render_back_and_forth, render_clip  # noqa: E402
+from fastdm.toyworld.world import render_back_and_forth, render_clip  # noqa: E402
 
 CLIPS = [
     ("red_circle_right", "red", "circle", "right"),

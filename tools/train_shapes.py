@@ -38,8 +38,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from fastdm.shapes import build_model as build  # noqa: E402
-from fastdm.shapes import sample_clip  # noqa: E402
+from fastdm.toyworld.world import build_model as build  # noqa: E402
+from fastdm.toyworld.world import sample_clip  # noqa: E402
 from training_state import Training, add_run_args, add_schedule_args, add_state_args, export_folder  # noqa: E402
 
 MODEL_NAME = "shapes"  # tools/checkpoints/shapes, fastdm/assets/models/shapes (its states do not name it: as before)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import torch  # noqa: E402
 
-from fastdm.shapes import WORDS  # noqa: E402
+from fastdm.toyworld.world import WORDS  # noqa: E402
 from train_shapes import batch  # noqa: E402
 from training_state import Training, add_run_args, add_schedule_args, add_state_args, export_folder  # noqa: E402
 

@@ -4,7 +4,7 @@ A pixel-space diffusers ``UNet3DConditionModel`` whose input is [noisy 64x64 cli
 upsampled bilinearly to 64x64 and noise-augmented] (6 channels, 3 out), a small transformers
 ``CLIPTextModel`` trained from scratch and the shapes ``CLIPTokenizer``; epsilon prediction on the
 shapes model's DDIM schedule; 10% conditioning dropout (prompt only: the low-res clip is always
-given) so classifier-free guidance works. Data: procedural clips from :mod:`fastdm.shapes`: one
+given) so classifier-free guidance works. Data: procedural clips from :mod:`fastdm.toyworld.world`: one
 random clip drawn at 32x32 exactly as the base model's training data (``sample_clip``), and the
 same object, path and speed rendered at twice the size as the target. Noise augmentation: the
 upsampled clip is noised to a level drawn uniformly in [0, ``--max-aug``] per clip (the UNet3D
@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from fastdm.shapes import SCHEDULER, TEXT, WORDS, render_clip, sample_clip  # noqa: E402
+from fastdm.toyworld.world import SCHEDULER, TEXT, WORDS, render_clip, sample_clip  # noqa: E402
 from training_state import Training, add_run_args, add_schedule_args, add_state_args, export_folder  # noqa: E402
 
 MODEL_NAME = "shapes-upscale"

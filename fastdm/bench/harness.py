@@ -41,7 +41,7 @@ def _rss_bytes() -> int:
 
 
 def _clip(preset: str, frames: int, size) -> np.ndarray:
-    from ..shapes import render_clip
+    from ..toyworld.world import render_clip
 
     w, h = size
     if w == h:

@@ -204,7 +204,7 @@ def build_backbone(preset: str, device: str = "cpu", dtype: torch.dtype = torch.
         shapes = Path(default_model_path())
         if (shapes / "model_index.json").exists():
             return load_backbone(str(shapes), device, dtype)
-        from ..shapes import build_model  # the architecture, random weights
+        from ..toyworld.world import build_model  # the architecture, random weights
 
         tok, text, unet, sched = build_model(Path(tempfile.mkdtemp(prefix="fastdm-shapes-")))
         return from_components(unet=unet, text_encoder=text, tokenizer=tok, scheduler=sched, vae=None,

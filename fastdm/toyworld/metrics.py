@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from .shapes import COLOURS
+from .world import COLOURS
 
 THRESHOLD = 64
 FILL = {"triangle": 0.5, "circle": math.pi / 4, "square": 1.0}

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .shapes import COLOURS, DIRECTIONS, SHAPES, prompt, render_clip
-from .shapes_metrics import centroid_drift, object_mask, video_summary
+from .world import COLOURS, DIRECTIONS, SHAPES, prompt, render_clip
+from .metrics import centroid_drift, object_mask, video_summary
 
 
 def build_suite(seed: int = 0, n_colour: int = 12, n_shape: int = 6, n_both: int = 6, size: int = 32, frames: int = 8) -> list[dict]:
@@ -26,6 +26,51 @@ def build_suite(seed: int = 0, n_colour: int = 12, n_shape: int = 6, n_both: int
                 source_prompt=prompt(colour, shape, direction), target_prompt=prompt(t_colour, t_shape, direction),
             ))
     return cases
+
+
+RADII = (5.0, 5.5, 6.0, 6.5, 7.0)
+SPEEDS = (1.5, 1.75, 2.0)
+HALVES = ("choose", "report")
+
+
+def build_full_suite(size: int = 32, frames: int = 8, shape_colours: int = 2) -> list[dict]:
+    """The suite settings are chosen and reported on, fixed (no random draw): every ordered pair of the seven colours
+    once (42 colour edits) and every ordered pair of the three shapes in ``shape_colours`` colours (12 shape edits),
+    shapes, directions, radii and speeds rotating over them (counters of co-prime lengths, so no two rotate
+    together). Each case carries its ``half`` (:func:`suite_half`): the rule is fixed and symmetric, so both halves
+    have the same make-up: a colour edit a -> b is in the *choose* half when a comes before b in ``COLOURS``, its
+    reverse b -> a in the *report* half (each half: all 21 colour pairs, in one direction each); shape edits alike."""
+    colours, dirs = list(COLOURS), list(DIRECTIONS)
+    cases = []
+
+    def add(kind, i, colour, shape, t_colour, t_shape, half):
+        direction = dirs[(i // 3) % len(dirs)]
+        cases.append(dict(id=f"{kind}-{colour}-{shape}-to-{t_colour}-{t_shape}", kind=kind, half=half, colour=colour, shape=shape,
+                          direction=direction, target_colour=t_colour, target_shape=t_shape, radius=RADII[i % len(RADII)],
+                          speed=SPEEDS[(i // 2) % len(SPEEDS)], size=size, frames=frames,
+                          source_prompt=prompt(colour, shape, direction), target_prompt=prompt(t_colour, t_shape, direction)))
+
+    i = 0
+    for a, ca in enumerate(colours):
+        for b, cb in enumerate(colours):
+            if a != b:
+                add("colour", i, ca, SHAPES[(a + b) % len(SHAPES)], cb, SHAPES[(a + b) % len(SHAPES)], HALVES[a > b])
+                i += 1
+    for k in range(shape_colours):
+        for a, sa in enumerate(SHAPES):
+            for b, sb in enumerate(SHAPES):
+                if a != b:
+                    colour = colours[(2 * k + a + b) % len(colours)]
+                    add("shape", i, colour, sa, colour, sb, HALVES[a > b])
+                    i += 1
+    return cases
+
+
+def suite_half(cases: list[dict], half: str) -> list[dict]:
+    """The ``choose`` or ``report`` half of :func:`build_full_suite`'s cases."""
+    if half not in HALVES:
+        raise ValueError(f"half {half!r}: choose or report")
+    return [c for c in cases if c["half"] == half]
 
 
 def render_case(case: dict) -> np.ndarray:

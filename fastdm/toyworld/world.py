@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BadInput
+from ..errors import BadInput
 
 COLOURS = {
     "red": (255, 0, 0),
@@ -128,7 +128,7 @@ def build_model(tok_dir: str | Path):
     from diffusers import DDIMScheduler, UNet3DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from .testing import write_clip_tokenizer
+    from ..testing import write_clip_tokenizer
 
     write_clip_tokenizer(tok_dir, words=WORDS, max_length=TEXT["max_position_embeddings"])
     tok = CLIPTokenizer.from_pretrained(str(tok_dir))
