@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .driver.config import EditConfig, config_from_preset
+from .driver.config import EditConfig, resolve_config
 from .driver.plan import PLANS
 from .driver.progress import progress, quiet_libraries
 from .errors import BadInput, FastDMError, Unsupported
@@ -130,7 +130,13 @@ class EditRequest:
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(EditConfig)})
         if unknown:
             raise BadInput(f"unknown setting(s) {', '.join(unknown)}; settings are EditConfig fields", field="settings")
-        config = config_from_preset(self.preset, self.source_prompt, self.target_prompt, **values)
+        from .backbone import resolve_model
+        from .backbone.loader import folder_defaults
+
+        model_defaults, family_defaults, family = folder_defaults(self.model) if Path(resolve_model(self.model)).is_dir() \
+            else ({}, {}, "family")
+        config, self.settings_source = resolve_config(self.preset, self.source_prompt, self.target_prompt, values,
+                                                      model_defaults=model_defaults, family_defaults=family_defaults, family=family)
         need_keys = config.s_ssm_weight > 0 or config.t_ssm_weight > 0
         if self.plan is not None and self.plan not in PLANS:
             raise BadInput(f"unknown plan {self.plan!r}; choose one of {', '.join(PLANS)}", field="plan")
@@ -281,6 +287,7 @@ def run(request: EditRequest, *, pipe=None, on_step=None, tensor_inputs: tuple[s
               f"auto mask from the words {words}: {am['area_fraction']:.0%} of the frame editable "
               f"({am['denoiser_calls']} extra model call(s), {am['seconds']:.1f} s)")
     report["timings"]["load_s"] = round(load_s, 4)
+    report["settings_source"] = getattr(request, "settings_source", None)
     if ckpt_dir:
         report["checkpoint_dir"] = ckpt_dir
     written = write_outputs(result, frames, fps, out, None if request.no_compare else compare, report_path, mask_out)

@@ -91,3 +91,48 @@ def test_resume_of_another_edit_is_a_resume_mismatch(tiny_model, clip_file, tmp_
     run(EditRequest(str(clip_file), SRC, TGT, **base))
     with pytest.raises(ResumeMismatch, match="different configuration"):
         run(EditRequest(str(clip_file), SRC, TGT, **{**base, "steps": 3, "seed": 5, "resume": str(out.with_suffix(".ckpt"))}))
+
+
+def test_settings_come_in_layers_and_the_report_names_each_ones_source(tmp_path):
+    """Built-in defaults < the family's fallback (its pipeline's guidance) < the folder's fastdm.json defaults < a
+    named preset < what the user gives; the report says where each setting came from."""
+    import json
+
+    from fastdm.backbone.loader import folder_defaults
+    from fastdm.driver.config import resolve_config
+    from fastdm.errors import BadInput
+    from fastdm.request import EditRequest, run
+    from fastdm.testing import build_tiny_ltx_model
+
+    cfg, src = resolve_config(None, "a", "b", {"lr": 0.3}, model_defaults={"steps": 7, "guidance_scale": 4.0},
+                              family_defaults={"guidance_scale": 3.0, "t_min": 100}, family="family LTX")
+    assert (cfg.lr, cfg.steps, cfg.guidance_scale, cfg.t_min, cfg.optimizer) == (0.3, 7, 4.0, 100, "sgd")
+    assert (src["lr"], src["steps"], src["guidance_scale"], src["t_min"], src["optimizer"]) == \
+        ("given", "fastdm.json", "fastdm.json", "family LTX", "default")
+    cfg, src = resolve_config("paper", "a", "b", {}, model_defaults={"steps": 7, "s_ssm_weight": 10.0})
+    assert (cfg.steps, src["steps"], cfg.s_ssm_weight, src["s_ssm_weight"]) == (200, "preset paper", 10.0, "fastdm.json")
+
+    folder = build_tiny_ltx_model(tmp_path / "ltx", native_size=(32, 32), frames=9)
+    assert folder_defaults(str(folder)) == ({}, {"guidance_scale": 3.0}, "family LTX-Video 0.9.5 and later, 2B and 13B")
+    meta = json.loads((folder / "fastdm.json").read_text())
+    (folder / "fastdm.json").write_text(json.dumps({**meta, "defaults": {"steps": 2, "guidance_scale": 2.5}}))
+    clip = tmp_path / "c.gif"
+    from fastdm.io import write_video
+    from fastdm.toyworld.world import render_clip
+
+    write_video(clip, render_clip("red", "circle", "right", size=32, frames=9, radius=8, speed=2), 8)
+    res = run(EditRequest(str(clip), "a red circle moving right", "a blue circle moving right", model=str(folder),
+                          out=str(tmp_path / "o.mp4"), mask="none", lr=0.05, quiet=True))
+    rep = json.loads((tmp_path / "o.json").read_text())
+    assert res.report["steps_run"] == 2 and rep["config"]["guidance_scale"] == 2.5
+    assert rep["settings_source"]["steps"] == "fastdm.json" and rep["settings_source"]["lr"] == "given"
+    assert rep["settings_source"]["optimizer"] == "default"
+    from fastdm import DreamMotionPipeline  # the Python API resolves the same layers from the loaded folder
+
+    api = DreamMotionPipeline.from_pretrained(str(folder))(render_clip("red", "circle", "right", size=32, frames=9, radius=8,
+                                                                          speed=2), "a red circle moving right",
+                                                           "a blue circle moving right", mask=None, lr=0.05)
+    assert api.report["steps_run"] == 2 and api.report["settings_source"]["guidance_scale"] == "fastdm.json"
+    (folder / "fastdm.json").write_text(json.dumps({**meta, "defaults": {"stepz": 2}}))
+    with pytest.raises(BadInput, match="unknown setting.*stepz"):
+        EditRequest(str(clip), "a", "b", model=str(folder)).config()

@@ -171,6 +171,9 @@ class Backbone(abc.ABC):
     # scale set in ``embedded_guidance`` before the calls; no unconditional branch.
     guidance_distilled: bool = False
     embedded_guidance: float = 1.0
+    # The family's fallback edit settings (its pipeline's documented defaults), beneath a model folder's measured
+    # ``fastdm.json`` ``defaults`` and the user's settings (:func:`fastdm.driver.config.resolve_config`).
+    edit_defaults: dict = {}
 
     # -- noising ------------------------------------------------------------------------------
     @property

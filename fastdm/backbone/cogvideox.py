@@ -47,6 +47,7 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 class CogVideoXBackbone(ScaledLatent, VideoTransformer, Backbone):
     denoiser_class = "CogVideoXTransformer3DModel"
+    edit_defaults = {"guidance_scale": 6.0}  # CogVideoXPipeline's
     family = "CogVideoX 2B, 5B and 1.5-5B"
     denoiser_keyword = "transformer"
 

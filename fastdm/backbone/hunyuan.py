@@ -66,6 +66,7 @@ def _template():
 
 class HunyuanVideoBackbone(ScaledLatent, VideoTransformer, FlowNoise, Backbone):
     denoiser_class = "HunyuanVideoTransformer3DModel"
+    edit_defaults = {"guidance_scale": 6.0}  # HunyuanVideoPipeline's (embedded)
     family = "HunyuanVideo (13B, guidance-distilled)"
     denoiser_keyword = "transformer"
 

@@ -50,6 +50,7 @@ FRAME_RATE = 25  # LTXPipeline's default frame_rate (the RoPE's temporal interpo
 
 class LTXBackbone(VideoTransformer, FlowNoise, Backbone):
     denoiser_class = "LTXVideoTransformer3DModel"
+    edit_defaults = {"guidance_scale": 3.0}  # LTXPipeline's
     family = "LTX-Video 0.9.5 and later, 2B and 13B"
     denoiser_keyword = "transformer"
 

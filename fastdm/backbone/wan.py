@@ -105,6 +105,7 @@ class _Handles:
 
 class WanBackbone(FlowNoise, Backbone):
     denoiser_class = "WanTransformer3DModel"
+    edit_defaults = {"guidance_scale": 5.0}  # WanPipeline's
     family = "Wan 2.1; Wan 2.2 T2V-A14B and TI2V-5B"
     denoiser_keyword = "transformer"
     text_encoder_on_cpu = True  # never on the accelerator (memory projections leave it out)

@@ -128,9 +128,41 @@ PRESETS: dict[str, dict] = {
 
 def config_from_preset(preset: str | None, source_prompt: str, target_prompt: str, **settings) -> EditConfig:
     """``EditConfig`` of a preset (None: "default") with ``settings`` on top, validated."""
+    return resolve_config(preset, source_prompt, target_prompt, settings)[0]
+
+
+def check_defaults(defaults, where: str) -> dict:
+    """A model's or family's defaults: a dict of ``EditConfig`` settings (not the prompts), or a one-line error."""
+    names = {f.name for f in dataclasses.fields(EditConfig)} - {"source_prompt", "target_prompt"}
+    if not isinstance(defaults, dict):
+        raise BadInput(f"{where}: `defaults` must be an object of settings, got {type(defaults).__name__}", field="model")
+    unknown = sorted(set(defaults) - names)
+    if unknown:
+        raise BadInput(f"{where}: unknown setting(s) {', '.join(unknown)} in `defaults`; settings are EditConfig fields",
+                       field="model")
+    return dict(defaults)
+
+
+def resolve_config(preset: str | None, source_prompt: str, target_prompt: str, given: dict, *,
+                   model_defaults: dict | None = None, family_defaults: dict | None = None,
+                   family: str = "family") -> tuple[EditConfig, dict[str, str]]:
+    """The edit's settings in layers, each over the one before: the built-in defaults (``EditConfig``), the model
+    family's fallback (``family_defaults``, e.g. its pipeline's guidance scale), the model folder's measured defaults
+    (``fastdm.json``'s ``defaults``), a preset the user named, then what the user gave. Returns the validated config
+    and where each setting came from (``"default"``, ``family``, ``"fastdm.json"``, ``"preset NAME"``, ``"given"``)."""
     name = preset or "default"
     if name not in PRESETS:
         raise BadInput(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}", field="preset")
-    config = EditConfig(source_prompt, target_prompt, **{**PRESETS[name], **settings})
+    layers = [(family, family_defaults or {}), ("fastdm.json", model_defaults or {})]
+    if preset is not None:
+        layers.append((f"preset {name}", PRESETS[name]))
+    layers.append(("given", given))
+    values: dict = {}
+    source = {f.name: "default" for f in dataclasses.fields(EditConfig) if f.name not in ("source_prompt", "target_prompt")}
+    for label, layer in layers:
+        for k, v in layer.items():
+            values[k] = v
+            source[k] = label
+    config = EditConfig(source_prompt, target_prompt, **values)
     config.validate()
-    return config
+    return config, source

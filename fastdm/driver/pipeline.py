@@ -335,7 +335,7 @@ class EditRun:
         self.pipe, bb = pipe, pipe.backbone
         self.timings = {"start": time.perf_counter()}
         self.memory = _PeakMemory(bb.device)
-        config = self._config(config, source_prompt, target_prompt, settings, preset)
+        config = self._config(config, source_prompt, target_prompt, settings, preset, bb)
         if memory_budget is not None and plan is not None:
             raise FastDMError("give an execution plan or a memory budget, not both")
         if isinstance(plan, str):
@@ -436,8 +436,11 @@ class EditRun:
         self.losses: dict[str, torch.Tensor] = {}
         self.step_times: list[float] = []
 
-    @staticmethod
-    def _config(config, source_prompt, target_prompt, settings, preset=None) -> EditConfig:
+    def _config(self, config, source_prompt, target_prompt, settings, preset=None, bb=None) -> EditConfig:
+        """The edit's config: ``config`` as given (with prompts/settings on top), or resolved in layers: the built-in
+        defaults, the family's fallback, the model folder's ``fastdm.json`` defaults, the preset, the settings
+        (:func:`~fastdm.driver.config.resolve_config`; ``settings_source`` says where each came from)."""
+        self.settings_source = None
         names = {f.name for f in dataclasses.fields(EditConfig)}
         unknown = sorted(set(settings) - names)
         if unknown:
@@ -445,9 +448,13 @@ class EditRun:
         if config is None:
             if source_prompt is None or target_prompt is None:
                 raise FastDMError("give source_prompt and target_prompt (or config=EditConfig(...))")
-            from .config import config_from_preset
+            from .config import check_defaults, resolve_config
 
-            config = config_from_preset(preset, source_prompt, target_prompt, **settings)
+            folder = getattr(bb, "settings", None) or {}
+            model_defaults = check_defaults(folder["defaults"], f"{bb.info.path}/fastdm.json") if "defaults" in folder else {}
+            config, self.settings_source = resolve_config(preset, source_prompt, target_prompt, settings, model_defaults=model_defaults,
+                                                          family_defaults=getattr(bb, "edit_defaults", {}),
+                                                          family=f"family {getattr(bb, 'family', '')}".strip())
         elif preset is not None:
             raise FastDMError("give a preset or config=EditConfig(...), not both")
         else:
@@ -592,6 +599,7 @@ class EditRun:
         times = self.step_times
         report = {
             "config": config.to_dict(),
+            "settings_source": self.settings_source,
             "model": {"path": bb.info.path, "class": bb.info.name, "space": bb.info.space,
                       "prediction_type": bb.info.prediction_type, "device": str(bb.device),
                       "dtype": str(bb.dtype).replace("torch.", "")},
