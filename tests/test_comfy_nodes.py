@@ -52,6 +52,10 @@ def test_load_video_gives_an_image_batch_and_resizes_while_decoding(frames):
     with torch.inference_mode():
         small, fps2, n = FastDMLoadVideo().load("", frame_cap=3, stride=2, width=16, height=8, path=str(CLIP))
     assert small.shape == (3, 8, 16, 3) and n == 3 and fps2 == pytest.approx(fps / 2)
+    with torch.inference_mode():  # a part in seconds: the clip's frames from 2/fps s up to (not at) 6/fps s
+        part, _, n = FastDMLoadVideo().load("", path=str(CLIP), start_seconds=2 / fps, end_seconds=6 / fps)
+    assert n == 4 and torch.equal(part, image[2:6])
+    assert "must come after" in FastDMLoadVideo.VALIDATE_INPUTS(video="", path=str(CLIP), start_seconds=1.0, end_seconds=0.5)
 
 
 def test_edit_under_inference_mode_turns_the_circle_blue(pipeline, frames):

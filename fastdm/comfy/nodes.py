@@ -299,7 +299,11 @@ class FastDMLoadVideo:
                     "width": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8, "tooltip": "0: the video's own size"}),
                     "height": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8}),
                 },
-                "optional": {"path": ("STRING", {"default": "", "tooltip": "a video path; overrides video"})}}
+                "optional": {"path": ("STRING", {"default": "", "tooltip": "a video path; overrides video"}),
+                             "start_seconds": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e6, "step": 0.1,
+                                                         "tooltip": "read from this time in the video"}),
+                             "end_seconds": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e6, "step": 0.1,
+                                                       "tooltip": "read up to this time (0: the end)"})}}
 
     RETURN_TYPES = ("IMAGE", "FLOAT", "INT")
     RETURN_NAMES = ("frames", "fps", "frame_count")
@@ -314,8 +318,10 @@ class FastDMLoadVideo:
         return (folder / video) if folder is not None else Path(video)
 
     @classmethod
-    def VALIDATE_INPUTS(cls, video=None, path=None, width=None, height=None):
+    def VALIDATE_INPUTS(cls, video=None, path=None, width=None, height=None, start_seconds=None, end_seconds=None):
         p = cls._path(video or "", path or "")
+        if end_seconds and start_seconds is not None and end_seconds <= start_seconds:
+            return f"end_seconds ({end_seconds:g}) must come after start_seconds ({start_seconds:g}), or be 0 (the end)"
         if not str(video or "").strip() and not (path or "").strip():
             return "no video: put one in ComfyUI's input folder and pick it, or give a path"
         if not p.is_file() and not p.is_dir():
@@ -333,12 +339,13 @@ class FastDMLoadVideo:
             return ""
         return hashlib.sha256(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
 
-    def load(self, video, frame_cap=0, stride=1, width=0, height=0, path=""):
+    def load(self, video, frame_cap=0, stride=1, width=0, height=0, path="", start_seconds=0.0, end_seconds=0.0):
         from ..io import read_frames
 
         p = self._path(video, path)
         size = (width, height) if width and height else None
-        frames, fps, _ = read_frames(p, frames=frame_cap or None, stride=stride, size=size)
+        frames, fps, _ = read_frames(p, frames=frame_cap or None, stride=stride, size=size, start=start_seconds or None,
+                                     end=end_seconds or None)
         return (frames_to_image(frames), float(fps) / stride, int(frames.shape[0]))
 
 
