@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import RESULTS, denoiser_hash, machine_description, machine_name, repo_relative, runs_machines, write_results
-from fastdm.toyworld.suite import build_suite, render_case, score
+from fastdm.toyworld.suite import build_full_suite, build_suite, render_case, score, suite_half
 
 SNAPSHOTS = (12, 16, 25, 50, 100, 200)
 # (window, tol) of the convergence rule, observed on every paper run; the first is --steps auto's default
@@ -73,6 +73,9 @@ SCHEDULES = {
 PEERS = ("dds", "sdedit-0.5", "sdedit-0.7", "flowedit")
 DEFAULT_SCHEDULE = "sgd-anneal-cos-lr0.8-12"  # the schedule fastdm-edit runs by default (EditConfig's defaults; tested)
 METRICS = ("colour_ok", "shape_ok", "drift_px", "area_kept", "background_change", "motion_fidelity", "frame_consistency")
+
+
+RULE_HEADING = "## The rule that picks the default"
 
 
 def held_out_suite() -> list[dict]:
@@ -166,6 +169,25 @@ def run_flowedit(pipe, case, clip) -> list[dict]:
              "frames": frames}]
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """95 % Wilson score interval of a rate k / n."""
+    if not n:
+        return None
+    p = k / n
+    c = (p + z * z / (2 * n)) / (1 + z * z / n)
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, c - h), min(1.0, c + h)
+
+
+def bootstrap(values: list[float], reps: int = 2000, seed: int = 0) -> tuple[float, float] | None:
+    """95 % percentile bootstrap interval of a mean (fixed seed: the tables are reproducible)."""
+    if not values:
+        return None
+    v = np.asarray(values, float)
+    means = np.random.default_rng(seed).choice(v, (reps, len(v))).mean(1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
 def summarize(runs: list[dict]) -> dict:
     out = {}
     for name in dict.fromkeys(r["method"] for r in runs):
@@ -187,28 +209,37 @@ def summarize(runs: list[dict]) -> dict:
             "background_change": float(np.mean([r["metrics"]["background_change"] for r in rs])),
             "motion_fidelity": float(np.mean([r["metrics"]["motion_fidelity"] for r in rs])),
             "frame_consistency": float(np.mean([r["metrics"]["frame_consistency"] for r in rs])),
+            # 95 % intervals: Wilson for the rates, a percentile bootstrap for the mean drift
+            "colour_success_ci": wilson(sum(r["metrics"]["colour_ok"] for r in col), len(col)),
+            "shape_success_ci": wilson(sum(r["metrics"]["shape_ok"] for r in shp), len(shp)),
+            "area_kept_ci": wilson(sum(r["metrics"]["area_kept"] for r in rs), len(rs)),
+            "mean_drift_px_ci": bootstrap(drifts),
         }
     return out
 
 
 def markdown(title: str, summary: dict, meta: dict, note: str) -> str:
-    def f(v, fmt):
-        return "-" if v is None else format(v, fmt)
+    def f(v, fmt, ci=None):
+        if v is None:
+            return "-"
+        return format(v, fmt) + ("" if ci is None else f" [{format(ci[0], fmt)}, {format(ci[1], fmt)}]")
 
     lines = [f"# {title} ({meta['machine']})", "",
              f"Machine: {meta['machine_description']}. Model: `{meta['model']}` ({meta['denoiser']} sha256 {meta['model_hash']}). "
-             f"Clips: {meta['cases']} held-out generated cases (`build_suite(seed=1)`), automatic mask, seed 0. "
+             f"Clips: {meta['cases']} {meta.get('suite', 'held-out generated cases (`build_suite(seed=1)`)')}, automatic mask, seed 0. "
              f"Command: `{meta['command']}`.", "", note, "",
              "| method | edits | steps | forward evals | backward | s / edit (median) | colour success | shape success | "
              "mean drift (px) | object lost | area kept | background change (0-255) | motion fidelity | frame consistency |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in summary.items():
         lines.append(f"| {name} | {s['edits']} | {s['steps']:.1f} | {s['forward']:.0f} | {s['backward']:.0f} | {s['seconds']:.1f} | "
-                     f"{f(s['colour_success'], '.0%')} | {f(s['shape_success'], '.0%')} | {f(s['mean_drift_px'], '.2f')} | "
-                     f"{s['object_lost']} | {s['area_kept']:.0%} | {s['background_change']:.2f} | {s['motion_fidelity']:.3f} | "
+                     f"{f(s['colour_success'], '.0%', s.get('colour_success_ci'))} | {f(s['shape_success'], '.0%', s.get('shape_success_ci'))} | "
+                     f"{f(s['mean_drift_px'], '.2f', s.get('mean_drift_px_ci'))} | "
+                     f"{s['object_lost']} | {f(s['area_kept'], '.0%', s.get('area_kept_ci'))} | {s['background_change']:.2f} | {s['motion_fidelity']:.3f} | "
                      f"{s['frame_consistency']:.3f} |")
     lines += ["", "forward evals: denoiser batch elements per edit (4 per fastdm step, + 2 per automatic-mask call); backward: passes "
-              "through the tapped prefix (1 per fastdm step). Colour success over colour and both edits, shape success over shape "
+              "through the tapped prefix (1 per fastdm step). Brackets: 95 % intervals (Wilson for rates, percentile bootstrap "
+              "for the mean drift). Colour success over colour and both edits, shape success over shape "
               "and both edits; area kept: the object's area within 0.5x-2x of the source's in every frame."]
     return "\n".join(lines) + "\n"
 
@@ -280,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="shapes")
     ap.add_argument("--methods", default="paper", help=f"paper, schedules ({', '.join(SCHEDULES)}), peers ({', '.join(PEERS)})")
     ap.add_argument("--cases", type=int, default=None, help="only the first N held-out cases")
+    ap.add_argument("--half", choices=("choose", "report"), default=None,
+                    help="the full suite's choose or report half (fastdm/toyworld/suite.py) instead of the 10 held-out cases; "
+                         "the report half runs only once ARCHITECTURE.md states the rule that picks the default")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--choose", action="store_true", help="from both models' tables: the cheapest schedule that holds "
                     "the paper's quality on every measure (writes results/cost-choice-<machine>.{json,md})")
@@ -296,13 +330,18 @@ def main(argv: list[str] | None = None) -> int:
     denoiser, model_hash = denoiser_hash(model)
     machine = machine_name()
     name = args.model if args.model in ("shapes", "shapes-dit") else repo_relative(model).replace("/", "-")
+    if args.half:
+        name = f"{name}-{args.half}"
+        if args.half == "report" and RULE_HEADING not in (RESULTS.parent.parent / "ARCHITECTURE.md").read_text():
+            raise SystemExit(f"error: the report half is run once, after ARCHITECTURE.md states the rule that picks the default "
+                             f"(a section '{RULE_HEADING}'); choose on --half choose first")
     cache = RESULTS / f"cost-{name}-{machine}.runs.jsonl"
     done = {}
     if cache.exists():
         for line in cache.read_text().splitlines():
             r = json.loads(line)
             done[(r["method"], r["case"], r["model_hash"])] = r
-    suite = held_out_suite()[: args.cases]
+    suite = (suite_half(build_full_suite(), args.half) if args.half else held_out_suite())[: args.cases]
     if args.tables:
         write_tables(done, suite, name, model, denoiser, model_hash, machine)
         return 0
@@ -355,6 +394,11 @@ def write_tables(done: dict, suite: list[dict], name: str, model: str, denoiser:
     _, on = runs_machines(runs)  # names the cores, the CPU and the threads the runs had
     meta = {"machine": machine, "machine_description": on, "model": repo_relative(model), "denoiser": denoiser,
             "model_hash": model_hash, "cases": len(ids), "command": f"python -m benchmarks.cost --model {name} --methods ..."}
+    for half in ("choose", "report"):
+        if name.endswith(f"-{half}"):
+            meta["suite"] = (f"cases of the full suite's {half} half (`fastdm/toyworld/suite.py`: every ordered colour pair and "
+                             "shape pair, split by a fixed rule)")
+            meta["command"] = f"python -m benchmarks.cost --model {name[:-len(half) - 1]} --half {half} --methods ..."
     peers = [r for r in runs if r["method"].split("@")[0].split("-")[0] in ("dds", "sdedit", "flowedit")
              or r["method"] in ("paper@200", DEFAULT_SCHEDULE)]
     ours = [r for r in runs if r not in peers or r["method"] in ("paper@200", DEFAULT_SCHEDULE)]

@@ -231,3 +231,15 @@ def test_the_benchmarks_default_row_is_fastdm_edits_default():
 
     steps, settings = SCHEDULES[DEFAULT_SCHEDULE]
     assert EditConfig(SRC, TGT, steps=steps, **settings) == EditConfig(SRC, TGT)
+
+
+def test_intervals_of_the_cost_tables():
+    """Wilson's interval for a rate (5 of 10: 0.237-0.763, 0 of 21: 0-0.155) and a bootstrap interval of a mean."""
+    from benchmarks.cost import bootstrap, wilson
+
+    lo, hi = wilson(5, 10)
+    assert abs(lo - 0.2366) < 1e-4 and abs(hi - 0.7634) < 1e-4
+    lo, hi = wilson(0, 21)
+    assert lo == 0.0 and abs(hi - 0.1546) < 1e-4 and wilson(0, 0) is None
+    lo, hi = bootstrap([1.0, 2.0, 3.0, 4.0])
+    assert 1.0 <= lo < 2.5 < hi <= 4.0 and bootstrap([2.0, 2.0]) == (2.0, 2.0)
