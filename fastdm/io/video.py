@@ -232,9 +232,9 @@ def probe_frames(path: str | os.PathLike, *, frames: int | None = None, stride: 
 
 
 # Host memory an edit holds per sample (frame x pixel x channel) of its working-size frames, whatever else it holds:
-# the frames in and out as uint8, the float32 video tensor and the edit's float32 copies. Measured 23 B on the
-# bundled pixel-space model (peak RSS, 64 against 1024 frames of 32x32, fastdm-edit --steps 1, AMD EPYC 2-core);
-# a latent model's working tensor is smaller. Rounded up.
+# the frames in and out as uint8, the float32 video tensor and the edit's float32 copies. Measured 27 B on the
+# bundled pixel-space model (peak RSS, 64 against 1024 frames of 32x32, fastdm-edit --steps 1, AMD EPYC 2-core:
+# benchmarks/results/read-memory-cpu-amd-epyc-2core-x86_64.md); a latent model's working tensor is smaller. Rounded up.
 BYTES_PER_SAMPLE = 32
 
 
