@@ -131,7 +131,6 @@ class EditRequest:
         if unknown:
             raise BadInput(f"unknown setting(s) {', '.join(unknown)}; settings are EditConfig fields", field="settings")
         from .backbone import resolve_model
-        from .backbone.loader import folder_defaults
 
         model_defaults, family_defaults, family = folder_defaults(self.model) if Path(resolve_model(self.model)).is_dir() \
             else ({}, {}, "family")
@@ -207,6 +206,37 @@ class EditRequest:
         mask_raw = read_mask(mask_file, indices=indices, src_size=src_size, total_frames=total) if mask_file else None
         boxes = read_boxes(self.boxes, src_size=src_size, total_frames=total) if self.boxes else None
         return mask_raw, boxes
+
+
+def folder_defaults(path: str | os.PathLike | None) -> tuple[dict, dict, str]:
+    """The edit defaults a model folder carries, read without loading it: ``(fastdm.json's "defaults", the family's
+    fallback, the family's name)``; empty where the folder says nothing (or is not a folder the loader knows: the
+    load then says why)."""
+    import json
+
+    from .backbone.components import _registry
+    from .backbone.loader import resolve_model
+    from .driver.config import check_defaults
+
+    root = Path(resolve_model(path)).expanduser()
+    model, family, name = {}, {}, "family"
+    meta = root / "fastdm.json"
+    if meta.is_file():
+        try:
+            info = json.loads(meta.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise FastDMError(f"{meta} is not valid JSON ({e}); fix it or delete it") from None
+        if isinstance(info, dict) and "defaults" in info:
+            model = check_defaults(info["defaults"], str(meta))
+    try:
+        index = json.loads((root / "model_index.json").read_text())
+        cls = next(index[k][1] for k in ("unet", "transformer") if isinstance(index.get(k), list) and len(index[k]) == 2)
+    except (OSError, ValueError, StopIteration, TypeError):
+        return model, family, name
+    for backbone in _registry():
+        if backbone.denoiser_class == cls:
+            family, name = dict(backbone.edit_defaults), f"family {backbone.family}"
+    return model, family, name
 
 
 def _folder_native_size(model: str | None) -> tuple[int, int] | None:

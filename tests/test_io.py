@@ -295,7 +295,7 @@ def test_an_input_too_large_for_memory_is_refused_with_the_arithmetic_before_dec
     err = capsys.readouterr().err
     assert code == 2 and not out.exists() and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert f"48 frames (of 48 at 24 fps) at 32x32 need about 48 x 32 x 32 x 3 x {video.BYTES_PER_SAMPLE} B" in err
-    assert "--start/--end" in err
+    assert "--start/--end" in err  # (the command line's flag names)
     with pytest.raises(FastDMError, match="this machine has"):
         video.check_fits(10, (64, 64), available=10 * 64 * 64 * 3 * video.BYTES_PER_SAMPLE)
     video.check_fits(10, (64, 64), available=2 * 10 * 64 * 64 * 3 * video.BYTES_PER_SAMPLE)  # fits

@@ -98,7 +98,7 @@ def test_settings_come_in_layers_and_the_report_names_each_ones_source(tmp_path)
     named preset < what the user gives; the report says where each setting came from."""
     import json
 
-    from fastdm.backbone.loader import folder_defaults
+    from fastdm.request import folder_defaults
     from fastdm.driver.config import resolve_config
     from fastdm.errors import BadInput
     from fastdm.request import EditRequest, run

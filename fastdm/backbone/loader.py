@@ -207,34 +207,6 @@ def load_backbone(
     return backbone
 
 
-def folder_defaults(path: str | os.PathLike | None) -> tuple[dict, dict, str]:
-    """The edit defaults a model folder carries, read without loading it: ``(fastdm.json's "defaults", the family's
-    fallback, the family's name)``; empty where the folder says nothing (or is not a folder the loader knows: the
-    load then says why)."""
-    from ..driver.config import check_defaults
-    from .components import _registry
-
-    root = Path(resolve_model(path)).expanduser()
-    model, family, name = {}, {}, "family"
-    meta = root / "fastdm.json"
-    if meta.is_file():
-        try:
-            info = json.loads(meta.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise FastDMError(f"{meta} is not valid JSON ({e}); fix it or delete it") from None
-        if isinstance(info, dict) and "defaults" in info:
-            model = check_defaults(info["defaults"], str(meta))
-    try:
-        index = json.loads((root / "model_index.json").read_text())
-        cls = next(index[k][1] for k in ("unet", "transformer") if isinstance(index.get(k), list) and len(index[k]) == 2)
-    except (OSError, ValueError, StopIteration, TypeError):
-        return model, family, name
-    for backbone in _registry():
-        if backbone.denoiser_class == cls:
-            family, name = dict(backbone.edit_defaults), f"family {backbone.family}"
-    return model, family, name
-
-
 def default_model_path() -> str:
     """The model bundled with the package: the shapes model trained by tools/train_shapes.py."""
     return bundled_model_path("shapes")

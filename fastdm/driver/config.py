@@ -135,10 +135,10 @@ def check_defaults(defaults, where: str) -> dict:
     """A model's or family's defaults: a dict of ``EditConfig`` settings (not the prompts), or a one-line error."""
     names = {f.name for f in dataclasses.fields(EditConfig)} - {"source_prompt", "target_prompt"}
     if not isinstance(defaults, dict):
-        raise BadInput(f"{where}: `defaults` must be an object of settings, got {type(defaults).__name__}", field="model")
+        raise BadInput(f"{where}: its defaults must be an object of settings, got {type(defaults).__name__}", field="model")
     unknown = sorted(set(defaults) - names)
     if unknown:
-        raise BadInput(f"{where}: unknown setting(s) {', '.join(unknown)} in `defaults`; settings are EditConfig fields",
+        raise BadInput(f"{where}: unknown setting(s) {', '.join(unknown)} in its defaults; settings are EditConfig fields",
                        field="model")
     return dict(defaults)
 

@@ -298,7 +298,7 @@ def check_fits(kept: int, size: tuple[int, int], *, what: str = "input video", d
     if need > share * available:
         raise FastDMError(f"{what}: {kept} frames{detail} at {w}x{h} need about {kept} x {w} x {h} x 3 x {BYTES_PER_SAMPLE} B = "
                           f"{need / 1e9:.1f} GB of memory and this machine has {available / 1e9:.1f} GB free; edit a part "
-                          "(--start/--end in seconds, --frames, --stride) or a smaller --size")
+                          "(`start`/`end` in seconds, `frames`, `stride`) or a smaller `size`")
 
 
 def count_frames(path: str | os.PathLike, what: str = "input video") -> int:
