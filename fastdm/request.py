@@ -104,7 +104,7 @@ class EditRequest:
         ckpt_dir = self.checkpoint_dir or self.resume or (str(out.with_suffix(".ckpt")) if self.checkpoint_every else None)
         return inp, out, compare, report_path, ckpt_dir
 
-    def config(self) -> EditConfig:
+    def config(self, model: str | None = None) -> EditConfig:
         """The edit's ``EditConfig`` (the preset, then every setting given), validated, and the plan's
         refusal of the backend / options."""
         values = {k: getattr(self, k) for k in CONFIG_FIELDS if getattr(self, k) is not None}
@@ -132,8 +132,9 @@ class EditRequest:
             raise BadInput(f"unknown setting(s) {', '.join(unknown)}; settings are EditConfig fields", field="settings")
         from .backbone import resolve_model
 
-        model_defaults, family_defaults, family = folder_defaults(self.model) if Path(resolve_model(self.model)).is_dir() \
-            else ({}, {}, "family")
+        folder = model or self.model
+        model_defaults, family_defaults, family = folder_defaults(folder) \
+            if Path(resolve_model(folder)).expanduser().is_dir() else ({}, {}, "family")
         config, self.settings_source = resolve_config(self.preset, self.source_prompt, self.target_prompt, values,
                                                       model_defaults=model_defaults, family_defaults=family_defaults, family=family)
         need_keys = config.s_ssm_weight > 0 or config.t_ssm_weight > 0
@@ -186,15 +187,16 @@ class EditRequest:
         """Refuse, before any frame is decoded, an input whose kept frames at the working size (``size``, else
         ``self.size``, else the model folder's ``fastdm.json`` native size) need more memory than is free: from
         what the container says (its duration and frame rate)."""
-        from .io.video import check_fits, kept_count, source_info
+        from .io.video import check_fits, check_span, kept_count, source_info
 
+        check_span(self.start, self.end)
         size = size or self.size or _folder_native_size(self.model)
         info = source_info(inp) if size else None
         if info is None:
             return
         kept = kept_count(info["frames"], info["fps"], frames=self.frames, stride=self.stride, start=self.start, end=self.end)
         span = f" (of {info['frames']} at {info['fps']:g} fps" + (f", every {self.stride}th" if self.stride > 1 else "") + ")"
-        check_fits(kept, size, what=f"input video '{inp}'", detail=span)
+        check_fits(kept, size, what=f"input video '{inp}'", detail=span, space=_folder_space(self.model))
 
     def _need_total(self, mask_file: str | None) -> bool:
         return bool(self.boxes or mask_file)  # to check their frame count against the whole input
@@ -237,6 +239,13 @@ def folder_defaults(path: str | os.PathLike | None) -> tuple[dict, dict, str]:
         if backbone.denoiser_class == cls:
             family, name = dict(backbone.edit_defaults), f"family {backbone.family}"
     return model, family, name
+
+
+def _folder_space(model: str | None) -> str:
+    """``latent`` when the model folder has a ``vae/``, else ``pixel`` (without loading it)."""
+    from .backbone import resolve_model
+
+    return "latent" if (Path(resolve_model(model)).expanduser() / "vae").is_dir() else "pixel"
 
 
 def _folder_native_size(model: str | None) -> tuple[int, int] | None:
@@ -357,7 +366,7 @@ def _working_frames(request: EditRequest, pipe, raw, indices, src_size, mask_raw
     if read is not None:  # the exact count of the probe, before the frames are read
         from .io.video import check_fits
 
-        check_fits(len(indices), tuple(size), what="input video")
+        check_fits(len(indices), tuple(size), what="input video", space=info.space)
     frames = read(size) if read is not None else resize_crop(raw, crop)
     mask = "auto" if mask_mode == "auto" else None
     if mask_raw is not None:

@@ -84,6 +84,10 @@ def test_prompts_are_encoded_as_the_pipeline_encodes_them(models):
     words = bb.word_token_positions(SRC)
     ids = bb.tokenizer(template["template"].format(SRC)).input_ids[template["crop_start"]:]
     assert bb.tokenizer.convert_ids_to_tokens([ids[p] for p in words[1]]) == ["\u2581red"]
+    bb.settings = {**bb.settings, "crop_start": template["crop_start"] - 2}  # a crop that keeps 2 template tokens
+    words = bb.word_token_positions(SRC)
+    ids = bb.tokenizer(template["template"].format(SRC)).input_ids[template["crop_start"] - 2:]
+    assert words[1] == [3] and bb.tokenizer.convert_ids_to_tokens([ids[p] for p in words[1]]) == ["\u2581red"]
 
 
 @pytest.mark.parametrize("kind", ["distilled", "cfg"])
@@ -235,3 +239,17 @@ def test_folders_fastdm_cannot_run_are_refused_with_the_reason(models, tmp_path)
     (bad / "fastdm.json").write_text(json.dumps({"crop_start": -1}))
     with pytest.raises(FastDMError, match="crop_start must be a whole number"):
         load_backbone(str(bad)).encode_prompts([SRC])
+
+
+def test_the_automatic_mask_runs_at_the_edits_guidance(models):
+    """The mask's model call takes this edit's guidance input, not what an earlier call left on the backbone."""
+    pipe = DreamMotionPipeline.from_pretrained(models["distilled"])
+    seen = []
+    hook = pipe.backbone.transformer.register_forward_pre_hook(lambda _m, a, kw: seen.append(kw["guidance"].clone()),
+                                                               with_kwargs=True)
+    pipe.backbone.embedded_guidance = 99.0
+    try:
+        run = pipe.prepare(_clip(), SRC, TGT, mask="auto", steps=1, seed=0, lr=0.05, guidance_scale=4.0)
+    finally:
+        hook.remove()
+    assert run.auto_mask is not None and seen and all(torch.all(g == 4000.0) for g in seen)

@@ -274,8 +274,10 @@ def test_read_frames_holds_only_the_picked_frames(tmp_path):
     clip = _numbered_clip(tmp_path / "n.mp4")
     arr, _, idx = read_frames(clip, stride=2, pick=[3, 0, 3], size=(8, 8))
     assert idx == [6, 0, 6] and arr.shape == (3, 8, 8, 3)
-    with pytest.raises(FastDMError, match="position 30 is past them"):
+    with pytest.raises(FastDMError, match="has 24 frames to pick from; position 30 is past them"):
         read_frames(clip, stride=2, pick=[30])
+    with pytest.raises(FastDMError, match="no frame positions to pick"):
+        read_frames(clip, pick=[])
 
 
 def test_an_input_too_large_for_memory_is_refused_with_the_arithmetic_before_decoding(tmp_path, monkeypatch, capsys):
@@ -299,6 +301,8 @@ def test_an_input_too_large_for_memory_is_refused_with_the_arithmetic_before_dec
     with pytest.raises(FastDMError, match="this machine has"):
         video.check_fits(10, (64, 64), available=10 * 64 * 64 * 3 * video.BYTES_PER_SAMPLE)
     video.check_fits(10, (64, 64), available=2 * 10 * 64 * 64 * 3 * video.BYTES_PER_SAMPLE)  # fits
+    # a latent model holds less per working sample on the host: the same read fits there
+    video.check_fits(10, (64, 64), available=10 * 64 * 64 * 3 * video.BYTES_PER_SAMPLE, space="latent")
 
 
 def test_fastdm_edit_edits_a_part_of_a_clip_given_in_seconds(tmp_path, capsys):
@@ -313,3 +317,14 @@ def test_fastdm_edit_edits_a_part_of_a_clip_given_in_seconds(tmp_path, capsys):
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["input"]["frame_indices"] == list(range(12, 24))
     assert read_frames(out)[0].shape[0] == 12 and read_frames(out.with_name("e_compare.mp4"))[0].shape == (12, 32, 64, 3)
+
+
+@pytest.mark.parametrize("flags", [["--end", "inf"], ["--start", "nan"], ["--start", "2", "--end", "1"]])
+def test_a_bad_span_is_one_line_exit_2(tmp_path, capsys, flags):
+    from fastdm.cli import main
+
+    clip = _numbered_clip(tmp_path / "n.mp4")
+    code = main([str(clip), "--source-prompt", "a red circle moving right", "--target-prompt", "a blue circle moving right",
+                 "--steps", "1", "--out", str(tmp_path / "e.mp4"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1 and ("end" in err or "start" in err)

@@ -260,25 +260,30 @@ class HunyuanVideoBackbone(ScaledLatent, VideoTransformer, FlowNoise, Backbone):
         out = {}
         for name, a in self._attentions().items():
             heads, scale = int(a.heads), (a.to_q.out_features // a.heads) ** -0.5
+            q = a.norm_q if a.norm_q is not None else a.to_q  # (no q/k norm: the projections)
             if self._single(name):
-                out[name] = CrossAttention(_Slice(a.norm_q, self._video_part), _Slice(a.norm_k, self._text_part), heads, scale)
+                k = a.norm_k if a.norm_k is not None else a.to_k
+                out[name] = CrossAttention(_Slice(q, self._video_part), _Slice(k, self._text_part), heads, scale)
             else:
-                out[name] = CrossAttention(_Slice(a.norm_q, _heads_merged), _Slice(a.norm_added_k, _heads_merged), heads, scale)
+                k = a.norm_added_k if a.norm_added_k is not None else a.add_k_proj
+                out[name] = CrossAttention(_Slice(q, _heads_merged), _Slice(k, _heads_merged), heads, scale)
         return out
 
     def word_token_positions(self, prompt: str) -> list[list[int]]:
-        """Positions of each word's tokens in the cropped Llama sequence: the prompt's tokens start at the crop."""
+        """Positions of each word's tokens in the cropped Llama sequence: the prompt's tokens start after the template's
+        prefix, which begins ``crop_start`` tokens earlier (0 when the crop is the prefix, as the pipeline's is)."""
         template = _template()["template"]
         words = prompt.split()
 
         def count(text: str) -> int:
-            return len(self.tokenizer(template.format(text), add_special_tokens=True, truncation=False).input_ids)
+            return len(self.tokenizer(text, add_special_tokens=True, truncation=False).input_ids)
 
-        empty, length = count(""), self.text_length()
+        empty, length = count(template.format("")), self.text_length()
+        first = count(template.split("{}")[0]) - self.crop_start  # where the prompt's first token sits after the crop
         out, prev = [], 0
         for k in range(1, len(words) + 1):
-            end = count(" ".join(words[:k])) - empty
-            out.append([i for i in range(prev, end) if i < length])
+            end = count(template.format(" ".join(words[:k]))) - empty
+            out.append([first + i for i in range(prev, end) if 0 <= first + i < length])
             prev = end
         return out
 

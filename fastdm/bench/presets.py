@@ -159,7 +159,7 @@ def _hunyuan(device, dtype, size, preset: str = "hunyuanvideo"):
     cfg = {n: json.loads((folder / f"{n}.json").read_text()) for n in
            ("transformer", "text_encoder", "text_encoder_2", "vae", "scheduler")}
     tok_dir = Path(tempfile.mkdtemp(prefix="fastdm-llamatok-"))
-    write_llama_tokenizer(tok_dir, DEFAULT_WORDS)
+    crop = write_llama_tokenizer(tok_dir, DEFAULT_WORDS)
     default = torch.get_default_dtype()
     with torch.device(device):  # built where they will run
         transformer = HunyuanVideoTransformer3DModel.from_config(cfg["transformer"])
@@ -171,10 +171,12 @@ def _hunyuan(device, dtype, size, preset: str = "hunyuanvideo"):
             text_2 = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in cfg["text_encoder_2"].items() if k != "architectures"}))
         finally:
             torch.set_default_dtype(default)
-    return from_components(transformer=transformer, text_encoder=text, tokenizer=PreTrainedTokenizerFast.from_pretrained(str(tok_dir)),
-                           scheduler=FlowMatchEulerDiscreteScheduler.from_config(cfg["scheduler"]), vae=vae,
-                           path=f"preset:{preset}", native_size=size, device=device, dtype=dtype, text_encoder_2=text_2,
-                           tokenizer_2=_tokenizer(77))
+    bb = from_components(transformer=transformer, text_encoder=text, tokenizer=PreTrainedTokenizerFast.from_pretrained(str(tok_dir)),
+                         scheduler=FlowMatchEulerDiscreteScheduler.from_config(cfg["scheduler"]), vae=vae,
+                         path=f"preset:{preset}", native_size=size, device=device, dtype=dtype, text_encoder_2=text_2,
+                         tokenizer_2=_tokenizer(77))
+    bb.settings = {"crop_start": crop}  # (this offline tokenizer's template prefix; the released one's is the pipeline's 95)
+    return bb
 
 
 def build_backbone(preset: str, device: str = "cpu", dtype: torch.dtype = torch.float32, size=None) -> Backbone:

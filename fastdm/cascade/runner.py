@@ -154,6 +154,7 @@ def run_cascade(args, *, pipe=None, on_step=None, tensor_inputs=("losses",), che
     args.check_outputs(out, compare, report_path, ckpt_dir, [inp, mask_file, args.boxes, args.cascade])
     infos = check_cascade(cascade, args)
     edit = cascade.stages[0]
+    config = args.config(model=edit.model)  # (again, with the edit stage's model: its folder's and family's defaults)
 
     # decoded frame by frame and none kept (checks, mask and boxes), then only the keyframes are read: a long or
     # large input never sits in memory whole

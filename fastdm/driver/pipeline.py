@@ -383,6 +383,9 @@ class EditRun:
                 raise FastDMError(f"mask {mask!r}: give an (F, H, W) array, \"auto\" (estimated from the model's cross-attention) or None")
             from ..automask import estimate_mask
 
+            if getattr(bb, "guidance_distilled", False):  # (the guidance input of this edit, not whatever the last call left there)
+                bb.embedded_guidance = config.guidance_scale
+
             with pipe.lock:  # hooks on the denoiser for one batch-2 call
                 self.auto_mask = estimate_mask(bb, self.x_src, self.text[[2, 0]], config.source_prompt, config.target_prompt,
                                                self.size, seed=config.seed, num_frames=self.num_frames, window=self.window)

@@ -181,7 +181,7 @@ def _kept_frames(path: str | os.PathLike, frames: int | None, stride: int, what:
                 first = fr.shape
                 seen["size"] = (fr.shape[1], fr.shape[0])
             elif fr.shape != first:
-                raise FastDMError(f"{what} '{path}': frame {i} is {fr.shape[1]}x{fr.shape[0]}, frame 0 {first[1]}x{first[0]}; all frames must have one size")
+                raise FastDMError(f"{what} '{path}': frame {i} is {fr.shape[1]}x{fr.shape[0]}, the first frame read {first[1]}x{first[0]}; all frames must have one size")
             kept += 1
             yield i, fr
         elif full and not to_end:
@@ -205,7 +205,11 @@ def read_frames(path: str | os.PathLike, *, frames: int | None = None, stride: i
     seen: dict = {}
     held, crop = {}, None
     want = None if pick is None else set(pick)
+    if pick is not None and not len(pick):
+        raise FastDMError(f"{what} '{path}': no frame positions to pick")
+    n_kept = 0
     for k, (i, fr) in enumerate(_kept_frames(path, frames, stride, what, with_total, seen, start, end)):
+        n_kept = k + 1
         if want is not None and k not in want:
             continue
         if size is not None and crop is None:
@@ -214,7 +218,7 @@ def read_frames(path: str | os.PathLike, *, frames: int | None = None, stride: i
     order = sorted(held) if pick is None else list(pick)
     missing = [k for k in order if k not in held]
     if missing:
-        raise FastDMError(f"{what} '{path}' has {len(held) and max(held) + 1} frames to pick from; position {missing[0]} is past them")
+        raise FastDMError(f"{what} '{path}' has {n_kept} frames to pick from; position {missing[0]} is past them")
     out, idx = np.stack([held[k][1] for k in order]), [held[k][0] for k in order]
     return (out, seen["fps"], idx, seen["total"]) if with_total else (out, seen["fps"], idx)
 
@@ -236,6 +240,9 @@ def probe_frames(path: str | os.PathLike, *, frames: int | None = None, stride: 
 # bundled pixel-space model (peak RSS, 64 against 1024 frames of 32x32, fastdm-edit --steps 1, AMD EPYC 2-core:
 # benchmarks/results/read-memory-cpu-amd-epyc-2core-x86_64.md); a latent model's working tensor is smaller. Rounded up.
 BYTES_PER_SAMPLE = 32
+# A latent model holds the frames in and out as uint8 and the float32 video tensor its VAE encodes on the host; its
+# working tensors are the latents (48x-192x fewer samples). Estimated, not measured: 2 + 4 B, rounded up.
+LATENT_BYTES_PER_SAMPLE = 8
 
 
 def source_info(path: str | os.PathLike) -> dict | None:
@@ -287,16 +294,17 @@ def available_memory() -> int | None:
 
 
 def check_fits(kept: int, size: tuple[int, int], *, what: str = "input video", detail: str = "",
-               available: int | None = None, share: float = 0.8) -> None:
+               available: int | None = None, share: float = 0.8, space: str = "pixel") -> None:
     """Refuse, with the arithmetic, a read whose ``kept`` frames at working ``size`` (W, H) need more host memory
-    than ``share`` of what is free (``BYTES_PER_SAMPLE`` per sample)."""
+    than ``share`` of what is free (``BYTES_PER_SAMPLE`` per sample; a latent model's ``LATENT_BYTES_PER_SAMPLE``)."""
     available = available_memory() if available is None else available
     if available is None:
         return
     w, h = size
-    need = kept * w * h * 3 * BYTES_PER_SAMPLE
+    per = LATENT_BYTES_PER_SAMPLE if space == "latent" else BYTES_PER_SAMPLE
+    need = kept * w * h * 3 * per
     if need > share * available:
-        raise FastDMError(f"{what}: {kept} frames{detail} at {w}x{h} need about {kept} x {w} x {h} x 3 x {BYTES_PER_SAMPLE} B = "
+        raise FastDMError(f"{what}: {kept} frames{detail} at {w}x{h} need about {kept} x {w} x {h} x 3 x {per} B = "
                           f"{need / 1e9:.1f} GB of memory and this machine has {available / 1e9:.1f} GB free; edit a part "
                           "(`start`/`end` in seconds, `frames`, `stride`) or a smaller `size`")
 
