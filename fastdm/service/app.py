@@ -16,6 +16,7 @@ tab was closed is told to stop and holds the model until its current step ends.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import queue
 import tempfile
@@ -28,7 +29,7 @@ import numpy as np
 from ..errors import BadInput, FastDMError, MissingDependency, flags_of, spell
 from ..io.video import enlarge as _enlarge
 from ..io.video import preview_strip
-from ..request import EditRequest
+from ..request import EditRequest, folder_defaults
 from ..version import __version__
 from .jobs import edit_request
 
@@ -292,6 +293,8 @@ def build_app(service: EditService, queue_size: int | None = None):
     from ..driver.plan import PLANS
 
     d = EditConfig("s", "t")
+    model_defaults, family_defaults, _ = folder_defaults(service.model)  # the form starts at this model's own defaults
+    d = dataclasses.replace(d, **{k: v for k, v in {**family_defaults, **model_defaults}.items() if hasattr(d, k)})
     clips = bundled_clips()
     with gr.Blocks(title="fastdm: DreamMotion video editing") as demo:
         gr.Markdown("## fastdm: DreamMotion zero-shot video editing\nChange a clip's appearance from a text prompt; "
