@@ -147,10 +147,15 @@ def test_the_full_suite_holds_every_colour_pair_and_two_halves_of_one_make_up():
     assert len(choose) == len(report) == 27 and not {c["id"] for c in choose} & {c["id"] for c in report}
 
     def make_up(half):
-        return (Counter(c["kind"] for c in half), {frozenset((c["colour"], c["target_colour"])) for c in half if c["kind"] == "colour"},
-                {frozenset((c["shape"], c["target_shape"])) for c in half if c["kind"] == "shape"})
+        colour_edits = [c for c in half if c["kind"] == "colour"]
+        return (Counter(c["kind"] for c in half), {frozenset((c["colour"], c["target_colour"])) for c in colour_edits},
+                {frozenset((c["shape"], c["target_shape"])) for c in half if c["kind"] == "shape"},
+                Counter(c["target_colour"] for c in colour_edits), Counter(c["colour"] for c in colour_edits),
+                Counter(c["target_shape"] for c in half if c["kind"] == "shape"))
 
-    assert make_up(choose) == make_up(report)  # every unordered pair once in each half, one direction each
+    # every unordered pair once in each half, one direction each; every colour 3 times a source and 3 times a target
+    assert make_up(choose) == make_up(report)
+    assert set(Counter(c["target_colour"] for c in choose if c["kind"] == "colour").values()) == {3}
     for key in ("direction", "shape", "radius", "speed"):  # the rotations cover every value
         assert len({c[key] for c in colour}) > 1
     assert render_case(cases[0]).shape == (8, 32, 32, 3)

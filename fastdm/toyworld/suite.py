@@ -37,9 +37,12 @@ def build_full_suite(size: int = 32, frames: int = 8, shape_colours: int = 2) ->
     """The suite settings are chosen and reported on, fixed (no random draw): every ordered pair of the seven colours
     once (42 colour edits) and every ordered pair of the three shapes in ``shape_colours`` colours (12 shape edits),
     shapes, directions, radii and speeds rotating over them (counters of co-prime lengths, so no two rotate
-    together). Each case carries its ``half`` (:func:`suite_half`): the rule is fixed and symmetric, so both halves
-    have the same make-up: a colour edit a -> b is in the *choose* half when a comes before b in ``COLOURS``, its
-    reverse b -> a in the *report* half (each half: all 21 colour pairs, in one direction each); shape edits alike."""
+    together). Each case carries its ``half`` (:func:`suite_half`): a fixed rule, a regular tournament on the colours,
+    so both halves have the same make-up: a colour edit a -> b is in the *choose* half when b follows a by 1, 2 or 3
+    places around ``COLOURS`` (mod 7), its reverse b -> a in the *report* half; each half holds all 21 colour pairs,
+    one direction each, and every colour is the source of 3 edits and the target of 3 in each half (ordering by
+    list position instead would put the later colours, magenta, cyan, white, mostly among the choose half's
+    targets). Shape edits alike (b follows a by 1 place mod 3: choose)."""
     colours, dirs = list(COLOURS), list(DIRECTIONS)
     cases = []
 
@@ -54,14 +57,15 @@ def build_full_suite(size: int = 32, frames: int = 8, shape_colours: int = 2) ->
     for a, ca in enumerate(colours):
         for b, cb in enumerate(colours):
             if a != b:
-                add("colour", i, ca, SHAPES[(a + b) % len(SHAPES)], cb, SHAPES[(a + b) % len(SHAPES)], HALVES[a > b])
+                add("colour", i, ca, SHAPES[(a + b) % len(SHAPES)], cb, SHAPES[(a + b) % len(SHAPES)],
+                    HALVES[(b - a) % len(colours) > len(colours) // 2])
                 i += 1
     for k in range(shape_colours):
         for a, sa in enumerate(SHAPES):
             for b, sb in enumerate(SHAPES):
                 if a != b:
                     colour = colours[(2 * k + a + b) % len(colours)]
-                    add("shape", i, colour, sa, colour, sb, HALVES[a > b])
+                    add("shape", i, colour, sa, colour, sb, HALVES[(b - a) % len(SHAPES) != 1])
                     i += 1
     return cases
 
