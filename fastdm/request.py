@@ -210,6 +210,24 @@ class EditRequest:
         return mask_raw, boxes
 
 
+def _folder_json(model: str | os.PathLike | None) -> tuple[Path, dict]:
+    """A model folder (``~`` expanded) and its ``fastdm.json`` as a dict (empty when absent or not an object), read
+    without loading the model; invalid JSON is a one-line error."""
+    import json
+
+    from .backbone import resolve_model
+
+    root = Path(resolve_model(model)).expanduser()
+    meta = root / "fastdm.json"
+    if not meta.is_file():
+        return root, {}
+    try:
+        info = json.loads(meta.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FastDMError(f"{meta} is not valid JSON ({e}); fix it or delete it") from None
+    return root, info if isinstance(info, dict) else {}
+
+
 def folder_defaults(path: str | os.PathLike | None) -> tuple[dict, dict, str]:
     """The edit defaults a model folder carries, read without loading it: ``(fastdm.json's "defaults", the family's
     fallback, the family's name)``; empty where the folder says nothing (or is not a folder the loader knows: the
@@ -217,19 +235,12 @@ def folder_defaults(path: str | os.PathLike | None) -> tuple[dict, dict, str]:
     import json
 
     from .backbone.components import _registry
-    from .backbone.loader import resolve_model
     from .driver.config import check_defaults
 
-    root = Path(resolve_model(path)).expanduser()
+    root, info = _folder_json(path)
     model, family, name = {}, {}, "family"
-    meta = root / "fastdm.json"
-    if meta.is_file():
-        try:
-            info = json.loads(meta.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise FastDMError(f"{meta} is not valid JSON ({e}); fix it or delete it") from None
-        if isinstance(info, dict) and "defaults" in info:
-            model = check_defaults(info["defaults"], str(meta))
+    if "defaults" in info:
+        model = check_defaults(info["defaults"], str(root / "fastdm.json"))
     try:
         index = json.loads((root / "model_index.json").read_text())
         cls = next(index[k][1] for k in ("unet", "transformer") if isinstance(index.get(k), list) and len(index[k]) == 2)
@@ -249,15 +260,12 @@ def _folder_space(model: str | None) -> str:
 
 
 def _folder_native_size(model: str | None) -> tuple[int, int] | None:
-    """The native size a model folder's ``fastdm.json`` gives (without loading the model), or None."""
-    import json
-
-    from .backbone import resolve_model
-
+    """The native size a model folder's ``fastdm.json`` gives (without loading the model), or None (the loader
+    reports a broken file)."""
     try:
-        size = json.loads((Path(resolve_model(model)) / "fastdm.json").read_text()).get("native_size")
+        size = _folder_json(model)[1].get("native_size")
         return (int(size[0]), int(size[1])) if size else None
-    except (OSError, ValueError, TypeError, AttributeError, IndexError):
+    except (FastDMError, OSError, ValueError, TypeError, IndexError):
         return None
 
 
