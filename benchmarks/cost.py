@@ -69,6 +69,10 @@ SCHEDULES = {
     "sgd-anneal-lr0.8-25": (25, dict(t_schedule="anneal", lr=0.8)),
     "momentum-cos-12": (12, dict(lr=0.16, momentum=0.9, lr_schedule="cosine")),
     "momentum-anneal-cos-16": (16, dict(t_schedule="anneal", lr=0.12, momentum=0.9, lr_schedule="cosine")),
+    # issue #30, tried on the full suite's choose half
+    "sgd-anneal-cos-lr2.4-12": (12, dict(t_schedule="anneal", lr=2.4, lr_schedule="cosine")),
+    "sgd-anneal-cos-lr0.8-g15-12": (12, dict(t_schedule="anneal", lr=0.8, lr_schedule="cosine", guidance_scale=15.0)),
+    "sgd-anneal-cos-lr1.6-16": (16, dict(t_schedule="anneal", lr=1.6, lr_schedule="cosine")),
 }
 PEERS = ("dds", "sdedit-0.5", "sdedit-0.7", "flowedit")
 DEFAULT_SCHEDULE = "sgd-anneal-cos-lr0.8-12"  # the schedule fastdm-edit runs by default (EditConfig's defaults; tested)
@@ -137,6 +141,35 @@ def run_paper(pipe, case, clip, snapshots=SNAPSHOTS, method="paper", **settings)
             out.append({**last, "method": f"{method}-auto(w{r[0]},tol{r[1]:g})"})
     for o in out:
         o["trace"] = trace[: o["steps"]] if o["method"] == f"{method}@{max(snapshots)}" else None
+    return out
+
+
+# name -> (steps, EditConfig settings with stop="extend"): the schedule and its continuation segments, simulated by one
+# run per clip that always continues to the cap and is scored at every segment's end (run_extended); the rule that
+# decides is then read off the recorded signals (benchmarks/extend.py)
+EXTENDED = {
+    "ext-lr0.8-12": (12, dict(t_schedule="anneal", lr=0.8, lr_schedule="cosine", extend_lr=0.5)),
+    "ext1-lr0.8-12": (12, dict(t_schedule="anneal", lr=0.8, lr_schedule="cosine", extend_lr=1.0)),
+    "ext1-lr1.6-12": (12, dict(t_schedule="anneal", lr=1.6, lr_schedule="cosine", extend_lr=1.0)),
+}
+
+
+def run_extended(pipe, case, clip, steps: int, settings: dict, method: str) -> list[dict]:
+    """One edit continued to the extension rule's cap, scored after the schedule and after every segment: the
+    run to a segment's end *is* the edit the rule would have stopped there (segments do not depend on later ones)."""
+    t0 = time.perf_counter()
+    run = pipe.prepare(clip, case["source_prompt"], case["target_prompt"], mask="auto", steps=steps, seed=0, stop="extend", **settings)
+    run.extension.force = True
+    cap, seg = run.extension.cap, run.extension.segment
+    out = []
+    while not run.done:
+        run.step()
+        k = run.step_index
+        if k >= steps and (k - steps) % seg == 0:
+            out.append({"method": f"{method}@{k}", "steps": k, "evaluations": dict(run.evaluations),
+                        "seconds": time.perf_counter() - t0, "frames": frames_of(pipe.backbone, run.x),
+                        "signals": run.extension.signals(k)})
+    out[-1]["trace"] = run.extension.records
     return out
 
 
@@ -352,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
             print("flowedit: skipped, the model is not flow-matching")
             continue
         for case in suite:
-            key_method = "paper@200" if method == "paper" else ("dds@200" if method == "dds" else method)
+            key_method = ("paper@200" if method == "paper" else "dds@200" if method == "dds" else
+                          f"{method}@{EXTENDED[method][0] + 3 * 4}" if method in EXTENDED else method)
             if (key_method, case["id"], model_hash) in done:
                 continue
             clip = render_case(case)
@@ -364,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
             elif method in SCHEDULES:
                 steps, settings = SCHEDULES[method]
                 got = run_schedule(pipe, case, clip, steps, settings, method)
+            elif method in EXTENDED:
+                steps, settings = EXTENDED[method]
+                got = run_extended(pipe, case, clip, steps, settings, method)
             elif method.startswith("sdedit-"):
                 got = run_sdedit(pipe, case, clip, float(method.split("-")[1]))
             elif method == "flowedit":

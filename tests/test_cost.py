@@ -243,3 +243,56 @@ def test_intervals_of_the_cost_tables():
     assert lo == 0.0 and abs(hi - 0.1546) < 1e-4 and wilson(0, 0) is None
     lo, hi = bootstrap([1.0, 2.0, 3.0, 4.0])
     assert 1.0 <= lo < 2.5 < hi <= 4.0 and bootstrap([2.0, 2.0]) == (2.0, 2.0)
+
+
+def test_extension_segments_repeat_the_schedules_last_strata_at_halving_rates():
+    from fastdm.driver.schedule import extension_lr_factor, extension_step, extension_timestep
+
+    assert [extension_step(k, 12, 4) for k in (0, 11, 12, 15, 16, 23)] == [(0, 0), (0, 11), (1, 0), (1, 3), (2, 0), (3, 3)]
+    cfg = VDDSConfig(7.5, 50, 950)
+    gen = torch.Generator().manual_seed(0)
+    width = (cfg.t_max - cfg.t_min) / 12
+    for k in range(12, 24):
+        t = extension_timestep(k, 12, 4, cfg, gen)
+        stratum = 8 + (k - 12) % 4  # the schedule's last four strata, in its order
+        assert cfg.t_max - (stratum + 1) * width - 1 <= t <= cfg.t_max - stratum * width + 1, (k, t)
+    first = [extension_lr_factor(k, 12, 4, 0.5) for k in range(12, 16)]
+    assert first == pytest.approx([0.5 * lr_factor("cosine", i, 4) for i in range(4)])
+    assert [extension_lr_factor(k, 12, 4, 0.5) for k in range(16, 20)] == pytest.approx([f / 2 for f in first])
+
+
+def test_an_extended_edit_runs_its_segments_reports_them_and_resumes_bit_identically(pipe, clip, tmp_path):
+    kw = dict(steps=4, stop="extend", extend_segment=2, extend_max=2, mask=None, seed=3)
+    always = pipe(clip, SRC, TGT, extend_tol=0.0, **kw)  # every segment: the residual is above 0
+    rep = always.report
+    assert rep["steps_run"] == 8 and rep["stop"]["extension"]["segments_run"] == 2
+    assert rep["evaluations"]["forward"] == 4 * 8 and rep["evaluations"]["backward"] == 8
+    never = pipe(clip, SRC, TGT, extend_tol=1e9, **kw)
+    assert never.report["steps_run"] == 4 and never.report["stop"]["extension"]["segments_run"] == 0
+    plain = pipe(clip, SRC, TGT, steps=4, mask=None, seed=3)  # the schedule's own steps are the plain edit's
+    assert np.array_equal(never.frames, plain.frames)
+
+    class Killed(Exception):
+        pass
+
+    def kill(p, i, t, kwargs):
+        if i == 6:  # in the second segment, after the step-6 checkpoint
+            raise Killed
+        return {}
+
+    ck = str(tmp_path / "ck")
+    with pytest.raises(Killed):
+        pipe(clip, SRC, TGT, extend_tol=0.0, checkpoint_dir=ck, checkpoint_every=1, callback_on_step_end=kill, **kw)
+    resumed = pipe(clip, SRC, TGT, extend_tol=0.0, checkpoint_dir=ck, resume=True, **kw)
+    assert resumed.report["resumed_from_step"] == 6 and resumed.report["steps_run"] == 2
+    assert np.array_equal(resumed.frames, always.frames)
+
+
+def test_extension_settings_are_checked():
+    from fastdm.errors import BadInput
+
+    for bad, match in ((dict(extend_segment=0), "extend_segment"), (dict(extend_max=-1), "extend_max"),
+                       (dict(extend_lr=0.0), "extend_lr"), (dict(extend_tol=-1.0), "extend_tol"),
+                       (dict(stop="extend", steps=3, extend_segment=4), "at most `steps=3`")):
+        with pytest.raises(BadInput, match=match):
+            EditConfig(SRC, TGT, **bad).validate()

@@ -20,7 +20,7 @@ FORMAT = 1
 
 
 def save_checkpoint(folder: str | Path, *, step: int, x: torch.Tensor, optimizer_state: dict,
-                    rng_state: torch.Tensor, fingerprint: str, input_fingerprint: str) -> None:
+                    rng_state: torch.Tensor, fingerprint: str, input_fingerprint: str, extension: torch.Tensor | None = None) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {
@@ -32,6 +32,8 @@ def save_checkpoint(folder: str | Path, *, step: int, x: torch.Tensor, optimizer
         "fingerprint": fingerprint,
         "input_fingerprint": input_fingerprint,
     }
+    if extension is not None:  # the extension rule's per-step records (stop="extend"), so a resumed edit decides the same
+        state["extension"] = extension
     with atomic_output(folder / STATE) as tmp:
         with open(tmp, "wb") as f:
             torch.save(state, f)

@@ -16,7 +16,9 @@ MASK_SCOPES = ("all", "vdds")
 # (each stratum once per N steps, in a random order)
 T_SCHEDULES = ("uniform", "anneal", "stratified")
 LR_SCHEDULES = ("constant", "cosine", "linear")  # the learning rate over the N steps (cosine/linear end near 0)
-STOP_RULES = ("steps", "converged")  # "converged": stop when the edit stops moving (driver/stopping.py); steps = cap
+# "steps": run them all; "converged": stop when the edit stops moving (steps = the cap); "extend": after the steps,
+# continue segment by segment while the edit is unfinished (driver/schedule.py ExtensionRule)
+STOP_RULES = ("steps", "converged", "extend")
 
 
 @dataclass
@@ -52,6 +54,12 @@ class EditConfig:
     stop: str = "steps"  # paper: run all the steps
     stop_window: int = 6  # "converged": steps over which progress is measured
     stop_tol: float = 0.15  # "converged": stop when the last window moved the edit less than this share of its peak window
+    # "extend": continuation segments of this many steps (repeating the annealed schedule's last strata), at most
+    # extend_max of them, the first at extend_lr x lr (each next one half that), while the rule says unfinished
+    extend_segment: int = 4
+    extend_max: int = 3
+    extend_lr: float = 0.5
+    extend_tol: float = 0.0
     # long clips: the model sees at most `window` working frames at once (None: the backbone's native
     # frame count; Wan: latent frames); windows overlap by this share (driver/windows.py)
     window: int | None = None
@@ -83,6 +91,17 @@ class EditConfig:
             raise BadInput(f"`stop_window` must be a positive integer, got {self.stop_window}", field="stop_window")
         if not 0 < self.stop_tol < 1:
             raise BadInput(f"`stop_tol` must be in (0, 1), got {self.stop_tol}", field="stop_tol")
+        for name in ("extend_segment", "extend_max"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < (1 if name == "extend_segment" else 0):
+                raise BadInput(f"`{name}` must be an integer >= {1 if name == 'extend_segment' else 0}, got {v}", field=name)
+        if self.stop == "extend" and self.extend_segment > self.steps:
+            raise BadInput(f"`extend_segment={self.extend_segment}` repeats the schedule's last strata and must be at most "
+                           f"`steps={self.steps}`", field="extend_segment")
+        if not self.extend_lr > 0:
+            raise BadInput(f"`extend_lr` must be positive, got {self.extend_lr}", field="extend_lr")
+        if not self.extend_tol >= 0:
+            raise BadInput(f"`extend_tol` must be >= 0, got {self.extend_tol}", field="extend_tol")
         if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
             raise BadInput(f"`window` must be a positive number of frames, got {self.window}", field="window")
         if self.guidance_scale_2 is not None and not (isinstance(self.guidance_scale_2, (int, float)) and self.guidance_scale_2 >= 0):
@@ -113,7 +132,8 @@ class EditConfig:
 # settings added after the first release, at the values every run had before they existed (the paper's):
 # a setting at this value is left out of the fingerprint, so earlier fingerprints stay valid
 _ADDED_DEFAULTS = {"t_schedule": "uniform", "lr_schedule": "constant", "momentum": 0.0, "stop": "steps", "stop_window": 6,
-                   "stop_tol": 0.15, "window": None, "window_overlap": 0.5, "guidance_scale_2": None}
+                   "stop_tol": 0.15, "window": None, "window_overlap": 0.5, "guidance_scale_2": None,
+                   "extend_segment": 4, "extend_max": 3, "extend_lr": 0.5, "extend_tol": 0.0}
 
 
 # Named settings. "paper": DreamMotion's own schedule (SGD, lr 0.4, t ~ U[50, 950], 200 steps), bit for

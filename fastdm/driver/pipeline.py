@@ -46,7 +46,7 @@ from ..taps import resolve_layers
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import EditConfig
 from .plan import FAST, PLANS, ExecutionPlan
-from .schedule import ConvergenceRule, draw_timestep, lr_factor, strata_order
+from .schedule import ConvergenceRule, ExtensionRule, draw_timestep, extension_lr_factor, extension_timestep, lr_factor, strata_order
 from .windows import coverage, window_starts, window_stride
 from .step import DreamMotionStep
 
@@ -400,6 +400,8 @@ class EditRun:
             self.opt = torch.optim.Adam([self.x], lr=config.lr)
         self.t_order = strata_order(config.steps, config.seed) if config.t_schedule == "stratified" else None
         self.convergence = ConvergenceRule(config.stop_window, config.stop_tol, self.mask) if config.stop == "converged" else None
+        self.extension = (ExtensionRule(config.steps, config.extend_segment, config.extend_max, config.extend_tol)
+                          if config.stop == "extend" else None)
         self.gen = torch.Generator("cpu").manual_seed(config.seed)
         self.fingerprint = hashlib.sha256(f"{config.fingerprint()}|{bb.info.path}|{bb.dtype}|{bb.device.type}".encode()).hexdigest()[:16]
         h = hashlib.sha256(np.ascontiguousarray(video).tobytes())
@@ -410,8 +412,15 @@ class EditRun:
         self.resumed = resume
         if resume:
             state = load_checkpoint(checkpoint_dir, fingerprint=self.fingerprint, input_fingerprint=self.input_fingerprint)
-            if state["step"] > config.steps:
+            cap = self.extension.cap if self.extension is not None else config.steps
+            if state["step"] > cap:
                 raise ResumeMismatch(f"`resume`: the checkpoint is at step {state['step']}, past `steps={config.steps}`; raise `steps`")
+            if self.extension is not None:
+                records = state.get("extension")
+                if records is None or len(records) != state["step"]:
+                    raise ResumeMismatch(f"`resume={checkpoint_dir}`: the checkpoint does not carry the extension rule's records; "
+                                         "start a new edit")
+                self.extension.records = [list(map(float, r)) for r in records.tolist()]
             with torch.no_grad():
                 self.x.copy_(state["x"].to(self.x.device))
             self.opt.load_state_dict(state["optimizer"])
@@ -499,38 +508,57 @@ class EditRun:
         return out
 
     @property
+    def planned_steps(self) -> int:
+        """Steps this edit runs as decided so far: ``steps``, or more where the extension rule continued it."""
+        return self.extension.planned if self.extension is not None else self.config.steps
+
+    @property
     def done(self) -> bool:
-        return self.step_index >= self.config.steps or self.stopped_early
+        return self.step_index >= self.planned_steps or self.stopped_early
 
     def step(self) -> dict[str, torch.Tensor]:
         """Run one step (under the pipeline's lock); returns the loss terms as 0-dim tensors."""
         bb, x = self.pipe.backbone, self.x
         t0 = time.perf_counter()
         cfg = self.config
+        extending = self.extension is not None and self.step_index >= cfg.steps
         with self.pipe.lock:
-            t = draw_timestep(cfg.t_schedule, self.step_index, cfg.steps, self.vcfg, self.gen, self.t_order)
+            if extending:  # a continuation segment (driver/schedule.py ExtensionRule)
+                t = extension_timestep(self.step_index, cfg.steps, cfg.extend_segment, self.vcfg, self.gen)
+            else:
+                t = draw_timestep(cfg.t_schedule, self.step_index, cfg.steps, self.vcfg, self.gen, self.t_order)
             noise = torch.randn(x.shape, generator=self.gen).to(bb.device, non_blocking=True)
             self.opt.zero_grad(set_to_none=True)
             if self.window is None:
                 self.losses = self.stepper(x, self.x_src, t, noise)
             else:
                 self.losses = self._windowed(t, noise)
-            if cfg.lr_schedule != "constant":
+            if extending:
+                for group in self.opt.param_groups:
+                    group["lr"] = cfg.lr * extension_lr_factor(self.step_index, cfg.steps, cfg.extend_segment, cfg.extend_lr)
+            elif cfg.lr_schedule != "constant":
                 for group in self.opt.param_groups:
                     group["lr"] = cfg.lr * lr_factor(cfg.lr_schedule, self.step_index, cfg.steps)
+            lr_used = self.opt.param_groups[0]["lr"]
+            if self.extension is not None:  # (the movement of this step, inside the mask, for the extension rule)
+                x_before = (x.detach() * self.mask if self.mask is not None else x.detach()).clone()
             self.opt.step()
             if bb.valid_range is not None:
                 with torch.no_grad():
                     x.clamp_(*bb.valid_range)
         self.step_index += 1
         self.last_t = t
+        if self.extension is not None:
+            with torch.no_grad():
+                moved = float(((x.detach() * self.mask if self.mask is not None else x.detach()) - x_before).float().norm())
+            self.extension.observe(t, float(self.losses["vdds"]), moved, lr_used)
         if self.convergence is not None and self.convergence.update(x) and self.step_index < cfg.steps:
             self.stopped_early = True
             self.converged_at = self.step_index
         done = self.step_index
-        checkpoint_now = self.checkpoint_every and (done % self.checkpoint_every == 0 or done == self.config.steps
-                                                    or self.converged_at == done)
-        due = checkpoint_now or done == self.config.steps or self.converged_at == done or bb.device.type == "cpu" or done % FINITE_CHECK_EVERY == 0
+        last = done >= self.planned_steps
+        checkpoint_now = self.checkpoint_every and (done % self.checkpoint_every == 0 or last or self.converged_at == done)
+        due = checkpoint_now or last or self.converged_at == done or bb.device.type == "cpu" or done % FINITE_CHECK_EVERY == 0
         if due and bb.device.type != "meta":  # (meta: FLOP counting, no values to check)
             self._check_finite()
         if checkpoint_now:
@@ -572,8 +600,9 @@ class EditRun:
                               f"S-SSM/T-SSM weights{kept}")
 
     def save_checkpoint(self) -> None:
+        extra = {} if self.extension is None else {"extension": torch.tensor(self.extension.records, dtype=torch.float64).reshape(-1, 4)}
         save_checkpoint(self.checkpoint_dir, step=self.step_index, x=self.x, optimizer_state=self.opt.state_dict(),
-                        rng_state=self.gen.get_state(), fingerprint=self.fingerprint, input_fingerprint=self.input_fingerprint)
+                        rng_state=self.gen.get_state(), fingerprint=self.fingerprint, input_fingerprint=self.input_fingerprint, **extra)
 
     def tensors(self, names) -> dict:
         """What a step-end callback asked for (see :meth:`DreamMotionPipeline.__call__`)."""
@@ -618,7 +647,8 @@ class EditRun:
             "stopped_early": self.stopped_early,
             "stop": {"rule": config.stop, "cap": config.steps, "stopped_at": self.step_index,
                      "converged": self.converged_at is not None,
-                     **(self.convergence.report() if self.convergence is not None else {})},
+                     **(self.convergence.report() if self.convergence is not None else {}),
+                     **({"extension": self.extension.report()} if self.extension is not None else {})},
             "evaluations": self.evaluations,
             "windows": None if self.window is None else {
                 "window": self.window, "working_frames": int(self.x.shape[2]), "windows_run": self.window_evaluations,

@@ -88,3 +88,87 @@ class ConvergenceRule:
     def report(self) -> dict:
         return {"window": self.window, "tol": self.tol, "last_progress": round(self.progress[-1], 4) if self.progress else None,
                 "progress": [round(p, 4) for p in self.progress]}
+
+
+def extension_step(step: int, steps: int, segment: int) -> tuple[int, int]:
+    """(j, i) of step ``step`` (0-based) of an extended edit: j = 0 in the ``steps`` of the schedule itself,
+    j >= 1 in the j-th continuation segment of ``segment`` steps; i = the step's place in its part."""
+    if step < steps:
+        return 0, step
+    j, i = divmod(step - steps, segment)
+    return j + 1, i
+
+
+def extension_timestep(step: int, steps: int, segment: int, cfg: VDDSConfig, gen: torch.Generator) -> int:
+    """t of a continuation step: segment step i draws from the annealed schedule's stratum ``steps - segment + i``,
+    so every segment repeats the schedule's last ``segment`` strata (the low-t end) and successive segments
+    are t-matched (their V-DDS residuals are comparable)."""
+    _, i = extension_step(step, steps, segment)
+    return draw_timestep("anneal", steps - segment + i, steps, cfg, gen)
+
+
+def extension_lr_factor(step: int, steps: int, segment: int, first: float) -> float:
+    """Learning-rate multiplier of a continuation step: segment j restarts at ``first * 0.5 ** (j - 1)`` of the
+    learning rate and decays on a cosine over its own steps."""
+    j, i = extension_step(step, steps, segment)
+    return first * 0.5 ** (j - 1) * lr_factor("cosine", i, segment)
+
+
+class ExtensionRule:
+    """``stop="extend"``: an edit that is still changing at the end of its schedule goes on, segment by segment.
+
+    After the schedule's ``steps`` and after every continuation segment of ``segment`` steps (at most
+    ``max_segments``) it decides from what the loop already computed: per step the timestep, the masked
+    V-DDS residual ``mean((e_tgt - e_src)^2)`` and the movement of the edit ``||dx||`` (inside the mask)
+    over the learning rate that made it. Its state is a plain list of per-step records, so a
+    checkpoint carries it and a resumed edit decides the same."""
+
+    def __init__(self, steps: int, segment: int, max_segments: int, tol: float):
+        self.steps, self.segment, self.max_segments, self.tol = steps, segment, max_segments, tol
+        self.records: list[list[float]] = []  # [t, vdds, moved, lr] per step
+        self.force: bool | None = None  # benchmarks: continue (True) or stop (False) whatever the signal says
+
+    @property
+    def planned(self) -> int:
+        """Steps the edit runs as decided so far (each decision is a pure function of the records)."""
+        n = self.steps
+        for j in range(self.max_segments):
+            if len(self.records) < n or not self.decide(n):
+                return n
+            n += self.segment
+        return n
+
+    @property
+    def cap(self) -> int:
+        return self.steps + self.max_segments * self.segment
+
+    def observe(self, t: int, vdds: float, moved: float, lr: float) -> None:
+        self.records.append([float(t), float(vdds), float(moved), float(lr)])
+
+    def signals(self, n: int) -> dict:
+        """What the decision after step ``n`` reads: the last ``segment`` steps' mean V-DDS residual and mean
+        movement per unit learning rate, and the same of the ``segment`` steps before them."""
+        s = self.segment
+        last, before = self.records[n - s:n], self.records[max(0, n - 2 * s):n - s]
+
+        def mean(rs, k):
+            return sum(r[k] for r in rs) / len(rs) if rs else float("nan")
+
+        def speed(rs):
+            lr = sum(r[3] for r in rs)
+            return sum(r[2] for r in rs) / lr if lr > 0 else float("nan")
+
+        return {"vdds": mean(last, 1), "vdds_before": mean(before, 1), "speed": speed(last), "speed_before": speed(before)}
+
+    def decide(self, n: int) -> bool:
+        """True: the edit after step ``n`` continues with one more segment."""
+        if self.force is not None:
+            return self.force
+        sig = self.signals(n)
+        return sig["vdds"] > self.tol
+
+    def report(self) -> dict:
+        n = len(self.records)
+        return {"segment": self.segment, "max_segments": self.max_segments, "tol": self.tol,
+                "segments_run": max(0, (n - self.steps) // self.segment) if n >= self.steps else 0,
+                "last_signals": {k: round(v, 6) for k, v in self.signals(n).items()} if n >= self.segment else None}
