@@ -151,7 +151,16 @@ EXTENDED = {
     "ext-lr0.8-12": (12, dict(t_schedule="anneal", lr=0.8, lr_schedule="cosine", extend_lr=0.5)),
     "ext1-lr0.8-12": (12, dict(t_schedule="anneal", lr=0.8, lr_schedule="cosine", extend_lr=1.0)),
     "ext1-lr1.6-12": (12, dict(t_schedule="anneal", lr=1.6, lr_schedule="cosine", extend_lr=1.0)),
+    "ext-lr2.4-12": (12, dict(t_schedule="anneal", lr=2.4, lr_schedule="cosine", extend_lr=0.5)),
+    "ext1-lr2.4-12": (12, dict(t_schedule="anneal", lr=2.4, lr_schedule="cosine", extend_lr=1.0)),
 }
+SCHEDULES |= {
+    "sgd-anneal-cos-lr3.2-12": (12, dict(t_schedule="anneal", lr=3.2, lr_schedule="cosine")),
+}
+
+
+EXTEND_MAX = 3  # segments simulated (EditConfig.extend_max's default)
+EXTEND_TOLS = (("speed", 0.5), ("speed", 0.75), ("speed", 1.0), ("vdds", 0.9), ("vdds", 1.1))  # ExtensionRule.continues rules
 
 
 def run_extended(pipe, case, clip, steps: int, settings: dict, method: str) -> list[dict]:
@@ -234,6 +243,7 @@ def summarize(runs: list[dict]) -> dict:
             "forward": float(np.mean([r["evaluations"]["forward"] for r in rs])),
             "backward": float(np.mean([r["evaluations"]["backward"] for r in rs])),
             "seconds": float(np.median([r["seconds"] for r in rs])),
+            "worst_evaluations": max(r["evaluations"]["forward"] + r["evaluations"]["backward"] for r in rs),
             "colour_success": sum(r["metrics"]["colour_ok"] for r in col) / len(col) if col else None,
             "shape_success": sum(r["metrics"]["shape_ok"] for r in shp) / len(shp) if shp else None,
             "mean_drift_px": float(np.mean(drifts)) if drifts else None,
@@ -336,6 +346,85 @@ def choose(machine: str, models=("shapes", "shapes-dit"), reference: str = "pape
     return {"meta": meta, "reference": reference, "rows": rows, "winner": winner and winner["schedule"]}, "\n".join(lines) + "\n"
 
 
+def extended_rows(runs: list[dict], tols=EXTEND_TOLS) -> list[dict]:
+    """The edits a continuation rule would have made, read off the simulated runs of :data:`EXTENDED` (scored at
+    every segment's end, each with the signals the rule reads there): per clip, the first segment end where
+    ``ExtensionRule.continues`` says stop (or the cap), as a run of method ``<schedule>+tol<tol>``."""
+    from fastdm.driver.schedule import ExtensionRule
+
+    by: dict[tuple, dict[int, dict]] = {}
+    for r in runs:
+        base, _, k = r["method"].rpartition("@")
+        if base in EXTENDED:
+            by.setdefault((base, r["case"]), {})[int(k)] = r
+    out = []
+    for (base, case), at in by.items():
+        ks = sorted(at)
+        if len(ks) != 1 + EXTEND_MAX:
+            continue  # (a run still in progress)
+        for on, tol in tols:
+            k = next((k for k in ks if k == ks[-1] or not ExtensionRule.continues(at[k]["signals"], tol, on)), ks[-1])
+            out.append({**at[k], "method": f"{base}+{on}{tol:g}", "trace": None})
+    return out
+
+
+def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), reference: str = "paper@200") -> tuple[dict, str]:
+    """ARCHITECTURE.md, "The rule that picks the default", applied to one half's tables of both bundled models."""
+    cap = 1002 / 12
+    out, lines = {}, [f"# The rule that picks the default, applied to the {half} half ({machine})", "",
+                      "ARCHITECTURE.md, \"The rule that picks the default\": a candidate qualifies on a model when, against "
+                      f"`{reference}` on the same clips, its colour success, shape success and area kept are at least the paper's, "
+                      "its mean drift at most 0.1 px above, and its mean evaluations (forward + backward) at most 1002 / 12 = 83.5; "
+                      "the cheapest qualifying candidate is the model's default (ties: lower drift, then fewer worst-case "
+                      "evaluations). Shortfall: clips below the paper's counts (colour + shape + area kept). "
+                      f"Written by `python -m benchmarks.cost --decide --half {half}`.", ""]
+    for model in models:
+        cache = RESULTS / f"cost-{model}-{half}-{machine}.runs.jsonl"
+        runs = [json.loads(line) for line in cache.read_text().splitlines()]
+        n_cases = len({r["case"] for r in runs})
+        runs = runs + extended_rows(runs)
+        table = summarize(runs)
+        ref = table[reference]
+        rows = []
+        for name, a in table.items():
+            if name == reference or a["edits"] != n_cases or "auto" in name or name.split("@")[0] in EXTENDED or \
+                    name.startswith(("paper@", "dds", "sdedit", "flowedit")):
+                continue
+            col = [r for r in runs if r["method"] == name]
+            cnt = lambda rs, k, kinds: sum(r["metrics"][k] for r in rs if r["kind"] in kinds)
+            refruns = [r for r in runs if r["method"] == reference]
+            short = {k: max(0, cnt(refruns, m, kinds) - cnt(col, m, kinds)) for k, m, kinds in
+                     (("colour", "colour_ok", ("colour", "both")), ("shape", "shape_ok", ("shape", "both")),
+                      ("area", "area_kept", ("colour", "shape", "both")))}
+            ev = a["forward"] + a["backward"]
+            why = [f"{k} {v} clip(s) short" for k, v in short.items() if v]
+            if a["mean_drift_px"] > ref["mean_drift_px"] + 0.1:
+                why.append(f"drift {a['mean_drift_px']:.2f} > {ref['mean_drift_px']:.2f} + 0.1")
+            if ev > cap:
+                why.append(f"{ev:.1f} evaluations > 83.5")
+            rows.append({"candidate": name, "evaluations": ev, "worst": a["worst_evaluations"], "drift": a["mean_drift_px"],
+                         "colour": a["colour_success"], "shape": a["shape_success"], "area": a["area_kept"],
+                         "shortfall": sum(short.values()), "qualifies": not why, "why_not": why})
+        rows.sort(key=lambda r: (not r["qualifies"], r["evaluations"] if r["qualifies"] else r["shortfall"],
+                                 r["evaluations"], r["drift"], r["worst"]))
+        qual = [r for r in rows if r["qualifies"]]
+        pick = qual[0] if qual else min((r for r in rows if r["evaluations"] <= cap),
+                                        key=lambda r: (r["shortfall"], r["evaluations"], r["drift"]), default=None)
+        out[model] = {"rows": rows, "default": pick and pick["candidate"], "qualified": bool(qual),
+                      "reference": {k: ref[k] for k in ("colour_success", "shape_success", "area_kept", "mean_drift_px")}}
+        lines += [f"## {model}", "",
+                  f"{reference}: colour {ref['colour_success']:.0%}, shape {ref['shape_success']:.0%}, area kept {ref['area_kept']:.0%}, "
+                  f"drift {ref['mean_drift_px']:.2f} px, {ref['forward'] + ref['backward']:.0f} evaluations.", "",
+                  "| candidate | mean evaluations | worst | colour | shape | area kept | drift (px) | qualifies | why not |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['candidate']} | {r['evaluations']:.1f} | {r['worst']} | {r['colour']:.0%} | {r['shape']:.0%} | "
+                         f"{r['area']:.0%} | {r['drift']:.2f} | {'yes' if r['qualifies'] else 'no'} | {'; '.join(r['why_not'])} |")
+        lines += ["", f"Default: **{out[model]['default']}**" + ("" if qual else " (none qualifies: the fewest clips short within 83.5 "
+                                                                  "evaluations; rule 4)"), ""]
+    return out, "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     from fastdm import DreamMotionPipeline
     from fastdm.backbone import resolve_model
@@ -350,10 +439,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--choose", action="store_true", help="from both models' tables: the cheapest schedule that holds "
                     "the paper's quality on every measure (writes results/cost-choice-<machine>.{json,md})")
+    ap.add_argument("--decide", action="store_true", help="apply ARCHITECTURE.md's rule that picks the default to --half's "
+                    "tables of both models (writes results/cost-decision-<half>-<machine>.{json,md})")
     ap.add_argument("--tables", action="store_true", help="rewrite the tables from the run caches, run nothing")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.decide:
+        data, md = decide(machine_name(), args.half or "choose")
+        write_results(f"cost-decision-{args.half or 'choose'}-{machine_name()}", data, md)
+        print(md)
+        return 0
     if args.choose:
         data, md = choose(machine_name())
         write_results(f"cost-choice-{machine_name()}", data, md)
@@ -386,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for case in suite:
             key_method = ("paper@200" if method == "paper" else "dds@200" if method == "dds" else
-                          f"{method}@{EXTENDED[method][0] + 3 * 4}" if method in EXTENDED else method)
+                          f"{method}@{EXTENDED[method][0] + EXTEND_MAX * 4}" if method in EXTENDED else method)
             if (key_method, case["id"], model_hash) in done:
                 continue
             clip = render_case(case)
@@ -428,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
 def write_tables(done: dict, suite: list[dict], name: str, model: str, denoiser: str, model_hash: str, machine: str) -> None:
     ids = {c["id"] for c in suite}
     runs = [r for (m, c, h), r in done.items() if h == model_hash and c in ids]
+    runs += extended_rows(runs)
     _, on = runs_machines(runs)  # names the cores, the CPU and the threads the runs had
     meta = {"machine": machine, "machine_description": on, "model": repo_relative(model), "denoiser": denoiser,
             "model_hash": model_hash, "cases": len(ids), "command": f"python -m benchmarks.cost --model {name} --methods ..."}

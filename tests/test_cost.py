@@ -296,3 +296,52 @@ def test_extension_settings_are_checked():
                        (dict(stop="extend", steps=3, extend_segment=4), "at most `steps=3`")):
         with pytest.raises(BadInput, match=match):
             EditConfig(SRC, TGT, **bad).validate()
+
+
+def _run(method, case, kind, colour=True, shape=True, area=True, drift=0.5, evals=(50, 12), **extra):
+    return {"method": method, "case": case, "kind": kind, "steps": 12, "seconds": 1.0, "model_hash": "h",
+            "evaluations": {"forward": evals[0], "backward": evals[1]},
+            "metrics": {"colour_ok": colour, "shape_ok": shape, "area_kept": area, "drift_px": drift, "background_change": 0.0,
+                        "motion_fidelity": 1.0, "frame_consistency": 1.0}, **extra}
+
+
+def test_the_rule_that_picks_the_default(tmp_path, monkeypatch):
+    """ARCHITECTURE.md's rule on made-up tables: the cheapest candidate at the paper's success, area and drift (+0.1)
+    within 83.5 evaluations; a continuation rule's rows read off the simulated segment ends; none qualifying: the
+    fewest clips short."""
+    import json
+
+    import benchmarks.cost as cost
+
+    monkeypatch.setattr(cost, "RESULTS", tmp_path)
+    cases = [(f"c{i}", "colour") for i in range(4)] + [("s0", "shape")]
+    runs = []
+    for case, kind in cases:
+        runs.append(_run("paper@200", case, kind, drift=0.5, evals=(802, 200)))
+        runs.append(_run("cheap", case, kind, colour=case != "c0", drift=0.3))  # one colour edit short
+        runs.append(_run("drifty", case, kind, drift=0.7))  # 0.2 px above the paper
+        runs.append(_run("slow", case, kind, evals=(70, 16)))  # 86 evaluations
+        runs.append(_run("good", case, kind, drift=0.55, evals=(66, 16)))
+        # a continuation simulated to the cap: c0 is unfinished at 12 and done at 16; the rule must continue there
+        sig_moving = {"speed": 1.0, "speed_before": 1.0, "vdds": 1.0, "vdds_before": 1.0}
+        sig_settled = {"speed": 0.1, "speed_before": 1.0, "vdds": 0.5, "vdds_before": 1.0}
+        for k in (12, 16, 20, 24):
+            finished = case != "c0" or k >= 16
+            runs.append(_run(f"ext-lr0.8-12@{k}", case, kind, colour=finished, drift=0.5, evals=(50 + 4 * (k - 12), k),
+                             signals=sig_moving if (case == "c0" and k == 12) else sig_settled))
+    for model in ("shapes", "shapes-dit"):
+        (tmp_path / f"cost-{model}-choose-m.runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    data, md = cost.decide("m")
+    rows = {r["candidate"]: r for r in data["shapes"]["rows"]}
+    assert not rows["cheap"]["qualifies"] and rows["cheap"]["why_not"] == ["colour 1 clip(s) short"]
+    assert not rows["drifty"]["qualifies"] and not rows["slow"]["qualifies"] and rows["good"]["qualifies"]
+    ext = rows["ext-lr0.8-12+speed0.5"]  # continues c0 once (speed ratio 1 >= 0.5), stops the others at 12
+    assert ext["qualifies"] and ext["evaluations"] == (4 * 62 + 82) / 5 and ext["worst"] == 82
+    assert data["shapes"]["default"] == "ext-lr0.8-12+speed0.5" and "Default: **ext-lr0.8-12+speed0.5**" in md
+    # nothing qualifies without the continuation and "good": the fewest clips short within 83.5 evaluations (drift
+    # and cost are not clips: "drifty" is none short, "slow" is over the cost)
+    runs = [r for r in runs if not r["method"].startswith(("ext", "good", "drifty"))]
+    for model in ("shapes", "shapes-dit"):
+        (tmp_path / f"cost-{model}-choose-m.runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    data, md = cost.decide("m")
+    assert data["shapes"]["default"] == "cheap" and not data["shapes"]["qualified"] and "rule 4" in md

@@ -160,12 +160,18 @@ class ExtensionRule:
 
         return {"vdds": mean(last, 1), "vdds_before": mean(before, 1), "speed": speed(last), "speed_before": speed(before)}
 
+    @staticmethod
+    def continues(signals: dict, tol: float, on: str = "speed") -> bool:
+        """The rule: continue while the last segment's ``on`` (``speed`` or ``vdds``) is at least ``tol`` times the
+        segment's before it (the edit has not slowed down / the residual has not fallen)."""
+        ratio = signals[on] / signals[f"{on}_before"] if signals[f"{on}_before"] > 0 else float("inf")
+        return ratio >= tol
+
     def decide(self, n: int) -> bool:
         """True: the edit after step ``n`` continues with one more segment."""
         if self.force is not None:
             return self.force
-        sig = self.signals(n)
-        return sig["vdds"] > self.tol
+        return self.continues(self.signals(n), self.tol)
 
     def report(self) -> dict:
         n = len(self.records)
