@@ -148,14 +148,16 @@ def run_paper(pipe, case, clip, snapshots=SNAPSHOTS, method="paper", **settings)
 # run per clip that always continues to the cap and is scored at every segment's end (run_extended); the rule that
 # decides is then read off the recorded signals (benchmarks/extend.py)
 EXTENDED = {
-    "ext-lr0.8-12": (12, dict(t_schedule="anneal", lr=0.8, lr_schedule="cosine", extend_lr=0.5)),
-    "ext1-lr0.8-12": (12, dict(t_schedule="anneal", lr=0.8, lr_schedule="cosine", extend_lr=1.0)),
-    "ext1-lr1.6-12": (12, dict(t_schedule="anneal", lr=1.6, lr_schedule="cosine", extend_lr=1.0)),
-    "ext-lr2.4-12": (12, dict(t_schedule="anneal", lr=2.4, lr_schedule="cosine", extend_lr=0.5)),
-    "ext1-lr2.4-12": (12, dict(t_schedule="anneal", lr=2.4, lr_schedule="cosine", extend_lr=1.0)),
+    # segments repeating the schedule's low-t end (extend_span="low"): tried on the UNet, they do not finish colour
+    # edits (10 clips run, 0 of the 3 unfinished ones finished after 3 segments); abandoned
+    "ext-lr2.4-12": (12, dict(t_schedule="anneal", lr=2.4, lr_schedule="cosine", extend_lr=0.5, extend_span="low")),
+    # segments restarting the whole annealed schedule (extend_span="full")
+    "extf-lr2.4-12": (12, dict(t_schedule="anneal", lr=2.4, lr_schedule="cosine", extend_lr=0.5)),
+    "extf-lr2.4-8": (8, dict(t_schedule="anneal", lr=2.4, lr_schedule="cosine", extend_lr=0.5)),
 }
 SCHEDULES |= {
     "sgd-anneal-cos-lr3.2-12": (12, dict(t_schedule="anneal", lr=3.2, lr_schedule="cosine")),
+    "sgd-anneal-cos-lr2.4-16": (16, dict(t_schedule="anneal", lr=2.4, lr_schedule="cosine")),
 }
 
 

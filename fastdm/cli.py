@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from .backbone.loader import DTYPES
-from .driver.config import LR_SCHEDULES, MASK_SCOPES, OPTIMIZERS, PRESETS, T_SCHEDULES, EditConfig, config_from_preset
+from .driver.config import LR_SCHEDULES, MASK_SCOPES, OPTIMIZERS, PRESETS, STOP_RULES, T_SCHEDULES, EditConfig, config_from_preset
 from .driver.engines import ENGINES
 from .driver.plan import PLANS
 from .errors import FastDMError, flags_of, spell
@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_steps, default=None,
                    help=f"optimization steps, or auto: stop when the edit has converged, at most --max-steps (default "
                         f"{_DEFAULTS.steps})")
+    p.add_argument("--stop", choices=STOP_RULES, default=None,
+                   help=f"steps: run --steps; converged: what --steps auto does; extend: after --steps, continue an unfinished "
+                        f"edit segment by segment, at most --extend-max segments (default {_DEFAULTS.stop})")
+    p.add_argument("--extend-max", type=int, default=None, metavar="N",
+                   help=f"--stop extend: continuation segments at most (default {_DEFAULTS.extend_max})")
     p.add_argument("--max-steps", type=int, default=None, help="the cap of --steps auto (default: the preset's step count)")
     p.add_argument("--lr", type=float, default=None, help=f"learning rate (default {_DEFAULTS.lr:g})")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help=f"default {_DEFAULTS.optimizer}")

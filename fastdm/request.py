@@ -27,7 +27,7 @@ from .errors import BadInput, FastDMError, Unsupported
 
 # request fields that map to EditConfig fields (None: the preset's value)
 CONFIG_FIELDS = ("steps", "lr", "optimizer", "seed", "guidance_scale", "guidance_scale_2", "s_ssm_weight", "t_ssm_weight", "mask_scope",
-                 "t_schedule", "lr_schedule", "momentum", "window", "window_overlap")
+                 "t_schedule", "lr_schedule", "momentum", "window", "window_overlap", "stop", "extend_max")
 
 
 @dataclass
@@ -58,6 +58,8 @@ class EditRequest:
     momentum: float | None = None
     window: int | None = None  # long clips: working frames the model sees at once (None: the model's own length)
     window_overlap: float | None = None
+    stop: str | None = None  # "steps", "converged" (what steps=auto sets) or "extend" (continue unfinished edits)
+    extend_max: int | None = None  # stop="extend": continuation segments at most
     settings: dict = field(default_factory=dict)  # any other EditConfig field by name
     # what is read and how it runs
     frames: int | None = None
@@ -121,6 +123,8 @@ class EditRequest:
                 except ValueError:
                     raise BadInput(f"`steps` must be a positive integer or auto, got {steps!r}", field="steps") from None
             else:
+                if values.get("stop", "converged") != "converged":
+                    raise BadInput(f"`steps=auto` stops a converged edit; it does not go with `stop={values['stop']}`", field="stop")
                 values["stop"] = "converged"
                 values.pop("steps")
                 if self.max_steps is not None:
@@ -343,6 +347,8 @@ def run(request: EditRequest, *, pipe=None, on_step=None, tensor_inputs: tuple[s
         t = report["timings"]
         ev = report["evaluations"]
         stop = f", converged at step {report['stop']['stopped_at']}" if report["stop"]["converged"] else ""
+        if "extension" in report["stop"]:
+            stop = f", {report['stop']['extension']['segments_run']} continuation segment(s)"
         print(f"wrote {', '.join(written)} ({report['steps_run']} steps{stop}, {ev['forward']} forward + {ev['backward']} "
               f"backward model evaluations, {t['step_mean_s']} s/step, plan {report['plan']['name']}, engine {report['backend']}, "
               f"peak memory {report['peak_memory_bytes'] / 2**20:.0f} MiB)")

@@ -253,9 +253,12 @@ def test_extension_segments_repeat_the_schedules_last_strata_at_halving_rates():
     gen = torch.Generator().manual_seed(0)
     width = (cfg.t_max - cfg.t_min) / 12
     for k in range(12, 24):
-        t = extension_timestep(k, 12, 4, cfg, gen)
+        t = extension_timestep(k, 12, 4, cfg, gen, span="low")
         stratum = 8 + (k - 12) % 4  # the schedule's last four strata, in its order
         assert cfg.t_max - (stratum + 1) * width - 1 <= t <= cfg.t_max - stratum * width + 1, (k, t)
+        t = extension_timestep(k, 12, 4, cfg, gen)  # "full": the schedule restarted in four strata over the range
+        stratum, wide = (k - 12) % 4, (cfg.t_max - cfg.t_min) / 4
+        assert cfg.t_max - (stratum + 1) * wide - 1 <= t <= cfg.t_max - stratum * wide + 1, (k, t)
     first = [extension_lr_factor(k, 12, 4, 0.5) for k in range(12, 16)]
     assert first == pytest.approx([0.5 * lr_factor("cosine", i, 4) for i in range(4)])
     assert [extension_lr_factor(k, 12, 4, 0.5) for k in range(16, 20)] == pytest.approx([f / 2 for f in first])
@@ -292,7 +295,7 @@ def test_extension_settings_are_checked():
     from fastdm.errors import BadInput
 
     for bad, match in ((dict(extend_segment=0), "extend_segment"), (dict(extend_max=-1), "extend_max"),
-                       (dict(extend_lr=0.0), "extend_lr"), (dict(extend_tol=-1.0), "extend_tol"),
+                       (dict(extend_lr=0.0), "extend_lr"), (dict(extend_span="mid"), "extend_span"), (dict(extend_tol=-1.0), "extend_tol"),
                        (dict(stop="extend", steps=3, extend_segment=4), "at most `steps=3`")):
         with pytest.raises(BadInput, match=match):
             EditConfig(SRC, TGT, **bad).validate()
@@ -327,7 +330,7 @@ def test_the_rule_that_picks_the_default(tmp_path, monkeypatch):
         sig_settled = {"speed": 0.1, "speed_before": 1.0, "vdds": 0.5, "vdds_before": 1.0}
         for k in (12, 16, 20, 24):
             finished = case != "c0" or k >= 16
-            runs.append(_run(f"ext-lr0.8-12@{k}", case, kind, colour=finished, drift=0.5, evals=(50 + 4 * (k - 12), k),
+            runs.append(_run(f"extf-lr2.4-12@{k}", case, kind, colour=finished, drift=0.5, evals=(50 + 4 * (k - 12), k),
                              signals=sig_moving if (case == "c0" and k == 12) else sig_settled))
     for model in ("shapes", "shapes-dit"):
         (tmp_path / f"cost-{model}-choose-m.runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
@@ -335,9 +338,9 @@ def test_the_rule_that_picks_the_default(tmp_path, monkeypatch):
     rows = {r["candidate"]: r for r in data["shapes"]["rows"]}
     assert not rows["cheap"]["qualifies"] and rows["cheap"]["why_not"] == ["colour 1 clip(s) short"]
     assert not rows["drifty"]["qualifies"] and not rows["slow"]["qualifies"] and rows["good"]["qualifies"]
-    ext = rows["ext-lr0.8-12+speed0.5"]  # continues c0 once (speed ratio 1 >= 0.5), stops the others at 12
+    ext = rows["extf-lr2.4-12+speed0.5"]  # continues c0 once (speed ratio 1 >= 0.5), stops the others at 12
     assert ext["qualifies"] and ext["evaluations"] == (4 * 62 + 82) / 5 and ext["worst"] == 82
-    assert data["shapes"]["default"] == "ext-lr0.8-12+speed0.5" and "Default: **ext-lr0.8-12+speed0.5**" in md
+    assert data["shapes"]["default"] == "extf-lr2.4-12+speed0.5" and "Default: **extf-lr2.4-12+speed0.5**" in md
     # nothing qualifies without the continuation and "good": the fewest clips short within 83.5 evaluations (drift
     # and cost are not clips: "drifty" is none short, "slow" is over the cost)
     runs = [r for r in runs if not r["method"].startswith(("ext", "good", "drifty"))]

@@ -60,6 +60,7 @@ class EditConfig:
     extend_max: int = 3
     extend_lr: float = 0.5
     extend_tol: float = 0.0
+    extend_span: str = "full"  # a segment's t: "full" (the schedule restarted over t_max..t_min) or "low" (its last strata)
     # long clips: the model sees at most `window` working frames at once (None: the backbone's native
     # frame count; Wan: latent frames); windows overlap by this share (driver/windows.py)
     window: int | None = None
@@ -98,6 +99,8 @@ class EditConfig:
         if self.stop == "extend" and self.extend_segment > self.steps:
             raise BadInput(f"`extend_segment={self.extend_segment}` repeats the schedule's last strata and must be at most "
                            f"`steps={self.steps}`", field="extend_segment")
+        if self.extend_span not in ("full", "low"):
+            raise BadInput(f"`extend_span={self.extend_span}` is unknown; choose full or low", field="extend_span")
         if not self.extend_lr > 0:
             raise BadInput(f"`extend_lr` must be positive, got {self.extend_lr}", field="extend_lr")
         if not self.extend_tol >= 0:
@@ -133,7 +136,7 @@ class EditConfig:
 # a setting at this value is left out of the fingerprint, so earlier fingerprints stay valid
 _ADDED_DEFAULTS = {"t_schedule": "uniform", "lr_schedule": "constant", "momentum": 0.0, "stop": "steps", "stop_window": 6,
                    "stop_tol": 0.15, "window": None, "window_overlap": 0.5, "guidance_scale_2": None,
-                   "extend_segment": 4, "extend_max": 3, "extend_lr": 0.5, "extend_tol": 0.0}
+                   "extend_segment": 4, "extend_max": 3, "extend_lr": 0.5, "extend_tol": 0.0, "extend_span": "full"}
 
 
 # Named settings. "paper": DreamMotion's own schedule (SGD, lr 0.4, t ~ U[50, 950], 200 steps), bit for

@@ -524,7 +524,7 @@ class EditRun:
         extending = self.extension is not None and self.step_index >= cfg.steps
         with self.pipe.lock:
             if extending:  # a continuation segment (driver/schedule.py ExtensionRule)
-                t = extension_timestep(self.step_index, cfg.steps, cfg.extend_segment, self.vcfg, self.gen)
+                t = extension_timestep(self.step_index, cfg.steps, cfg.extend_segment, self.vcfg, self.gen, cfg.extend_span)
             else:
                 t = draw_timestep(cfg.t_schedule, self.step_index, cfg.steps, self.vcfg, self.gen, self.t_order)
             noise = torch.randn(x.shape, generator=self.gen).to(bb.device, non_blocking=True)

@@ -99,11 +99,14 @@ def extension_step(step: int, steps: int, segment: int) -> tuple[int, int]:
     return j + 1, i
 
 
-def extension_timestep(step: int, steps: int, segment: int, cfg: VDDSConfig, gen: torch.Generator) -> int:
-    """t of a continuation step: segment step i draws from the annealed schedule's stratum ``steps - segment + i``,
-    so every segment repeats the schedule's last ``segment`` strata (the low-t end) and successive segments
-    are t-matched (their V-DDS residuals are comparable)."""
+def extension_timestep(step: int, steps: int, segment: int, cfg: VDDSConfig, gen: torch.Generator, span: str = "full") -> int:
+    """t of a continuation step. ``span="full"``: the segment anneals over the whole range in its own ``segment``
+    strata (a warm restart of the schedule, t_max down to t_min); ``"low"``: segment step i draws from the
+    schedule's stratum ``steps - segment + i``, repeating its low-t end. Either way successive segments draw
+    from the same strata (their signals are t-matched)."""
     _, i = extension_step(step, steps, segment)
+    if span == "full":
+        return draw_timestep("anneal", i, segment, cfg, gen)
     return draw_timestep("anneal", steps - segment + i, steps, cfg, gen)
 
 
