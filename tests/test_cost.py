@@ -183,6 +183,24 @@ def test_cli_steps_auto_and_preset(tiny_model, clip_file, tmp_path):
     assert rep["evaluations"]["forward"] == 4 * rep["steps_run"]
 
 
+def test_cli_stop_extend(tiny_model, clip_file, tmp_path, capsys):
+    import json
+
+    from fastdm.cli import main
+
+    out = tmp_path / "o.gif"
+    base = [str(clip_file), "--model", tiny_model, "--source-prompt", SRC, "--target-prompt", TGT, "--mask", "none",
+            "--quiet", "--no-compare", "--steps", "4"]
+    assert main(base + ["--stop", "extend", "--extend-max", "1", "--out", str(out)]) == 0
+    rep = json.loads(out.with_suffix(".json").read_text())
+    assert rep["config"]["stop"] == "extend" and rep["config"]["extend_max"] == 1 and rep["settings_source"]["stop"] == "given"
+    assert rep["stop"]["extension"]["segments_run"] in (0, 1) and rep["steps_run"] == 4 + 4 * rep["stop"]["extension"]["segments_run"]
+    bad = tmp_path / "bad.gif"
+    assert main(base[:-1] + ["auto", "--stop", "extend", "--out", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "--steps auto" in err and "--stop extend" in err and len(err.strip().splitlines()) == 1 and not bad.exists()
+
+
 def _clip_tensor(seed: int, lo: float = -0.4, hi: float = 0.4) -> tuple[np.ndarray, torch.Tensor]:
     """A random 2-frame 8x8 clip as uint8 frames and as the exact working tensor they decode to."""
     rng = np.random.default_rng(seed)
