@@ -158,6 +158,8 @@ EXTENDED = {
 SCHEDULES |= {
     "sgd-anneal-cos-lr3.2-12": (12, dict(t_schedule="anneal", lr=3.2, lr_schedule="cosine")),
     "sgd-anneal-cos-lr2.4-16": (16, dict(t_schedule="anneal", lr=2.4, lr_schedule="cosine")),
+    "sgd-anneal-cos-lr4.0-12": (12, dict(t_schedule="anneal", lr=4.0, lr_schedule="cosine")),
+    "sgd-anneal-cos-lr4.8-12": (12, dict(t_schedule="anneal", lr=4.8, lr_schedule="cosine")),
 }
 
 

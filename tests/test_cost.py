@@ -287,9 +287,11 @@ def test_an_extended_edit_runs_its_segments_reports_them_and_resumes_bit_identic
     always = pipe(clip, SRC, TGT, extend_tol=0.0, **kw)  # every segment: the residual is above 0
     rep = always.report
     assert rep["steps_run"] == 8 and rep["stop"]["extension"]["segments_run"] == 2
+    assert rep["stop"]["extension"]["why"] == "cap: 2 segment(s) run"
     assert rep["evaluations"]["forward"] == 4 * 8 and rep["evaluations"]["backward"] == 8
     never = pipe(clip, SRC, TGT, extend_tol=1e9, **kw)
     assert never.report["steps_run"] == 4 and never.report["stop"]["extension"]["segments_run"] == 0
+    assert never.report["stop"]["extension"]["why"].startswith("settled: the last 2 steps moved the edit")
     plain = pipe(clip, SRC, TGT, steps=4, mask=None, seed=3)  # the schedule's own steps are the plain edit's
     assert np.array_equal(never.frames, plain.frames)
 

@@ -177,7 +177,18 @@ class ExtensionRule:
         return self.continues(self.signals(n), self.tol)
 
     def report(self) -> dict:
+        """Segments run and why the edit stopped where it did (the decision at its last step, in numbers)."""
         n = len(self.records)
-        return {"segment": self.segment, "max_segments": self.max_segments, "tol": self.tol,
-                "segments_run": max(0, (n - self.steps) // self.segment) if n >= self.steps else 0,
-                "last_signals": {k: round(v, 6) for k, v in self.signals(n).items()} if n >= self.segment else None}
+        segments = max(0, (n - self.steps) // self.segment) if n >= self.steps else 0
+        sig = self.signals(n) if n >= self.segment else None
+        if n < self.steps or (n - self.steps) % self.segment:
+            why = "cut short (a callback stopped it)"
+        elif self.force is not None:
+            why = "forced" + (" to the cap" if self.force else "")
+        elif segments >= self.max_segments:
+            why = f"cap: {self.max_segments} segment(s) run"
+        else:
+            ratio = sig["speed"] / sig["speed_before"] if sig["speed_before"] > 0 else float("inf")
+            why = f"settled: the last {self.segment} steps moved the edit {ratio:.2f}x as fast as the {self.segment} before (< {self.tol:g})"
+        return {"segment": self.segment, "max_segments": self.max_segments, "tol": self.tol, "segments_run": segments,
+                "why": why, "last_signals": {k: round(v, 6) for k, v in sig.items()} if sig else None}
