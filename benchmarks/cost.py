@@ -75,7 +75,10 @@ SCHEDULES = {
     "sgd-anneal-cos-lr1.6-16": (16, dict(t_schedule="anneal", lr=1.6, lr_schedule="cosine")),
 }
 PEERS = ("dds", "sdedit-0.5", "sdedit-0.7", "flowedit")
-DEFAULT_SCHEDULE = "sgd-anneal-cos-lr0.8-12"  # the schedule fastdm-edit runs by default (EditConfig's defaults; tested)
+DEFAULT_SCHEDULE = "sgd-anneal-cos-lr0.8-12"  # EditConfig's built-in defaults: models without measured defaults (tested)
+# what fastdm-edit runs on each bundled model by default: the built-in defaults under the folder's fastdm.json
+# defaults, picked by ARCHITECTURE.md's rule on the choose half (results/cost-decision-choose-*.md; tested)
+MODEL_DEFAULTS = {"shapes": "sgd-anneal-cos-lr3.2-12", "shapes-dit": "sgd-anneal-cos-lr3.2-12"}
 METRICS = ("colour_ok", "shape_ok", "drift_px", "area_kept", "background_change", "motion_fidelity", "frame_consistency")
 
 
@@ -154,10 +157,12 @@ EXTENDED = {
     # segments restarting the whole annealed schedule (extend_span="full")
     "extf-lr2.4-12": (12, dict(t_schedule="anneal", lr=2.4, lr_schedule="cosine", extend_lr=0.5)),
     "extf-lr2.4-8": (8, dict(t_schedule="anneal", lr=2.4, lr_schedule="cosine", extend_lr=0.5)),
+    "extf-lr3.2-12-r0.25": (12, dict(t_schedule="anneal", lr=3.2, lr_schedule="cosine", extend_lr=0.25)),
 }
 SCHEDULES |= {
     "sgd-anneal-cos-lr3.2-12": (12, dict(t_schedule="anneal", lr=3.2, lr_schedule="cosine")),
     "sgd-anneal-cos-lr2.4-16": (16, dict(t_schedule="anneal", lr=2.4, lr_schedule="cosine")),
+    "sgd-anneal-cos-lr3.6-12": (12, dict(t_schedule="anneal", lr=3.6, lr_schedule="cosine")),
     "sgd-anneal-cos-lr4.0-12": (12, dict(t_schedule="anneal", lr=4.0, lr_schedule="cosine")),
     "sgd-anneal-cos-lr4.8-12": (12, dict(t_schedule="anneal", lr=4.8, lr_schedule="cosine")),
 }
@@ -537,9 +542,10 @@ def write_tables(done: dict, suite: list[dict], name: str, model: str, denoiser:
             meta["suite"] = (f"cases of the full suite's {half} half (`fastdm/toyworld/suite.py`: every ordered colour pair and "
                              "shape pair, split by a fixed rule)")
             meta["command"] = f"python -m benchmarks.cost --model {name[:-len(half) - 1]} --half {half} --methods ..."
+    default = MODEL_DEFAULTS.get(name.rsplit("-", 1)[0] if name.endswith(("-choose", "-report")) else name, DEFAULT_SCHEDULE)
     peers = [r for r in runs if r["method"].split("@")[0].split("-")[0] in ("dds", "sdedit", "flowedit")
-             or r["method"] in ("paper@200", DEFAULT_SCHEDULE)]
-    ours = [r for r in runs if r not in peers or r["method"] in ("paper@200", DEFAULT_SCHEDULE)]
+             or r["method"] in ("paper@200", default)]
+    ours = [r for r in runs if r not in peers or r["method"] in ("paper@200", default)]
 
     def order(rs):
         return sorted(rs, key=lambda r: (r["evaluations"]["forward"] + r["evaluations"]["backward"], r["method"]))
@@ -553,7 +559,7 @@ def write_tables(done: dict, suite: list[dict], name: str, model: str, denoiser:
         peer = summarize(order(peers))
         write_results(f"peers-{name}-{machine}", {"meta": meta, "summary": peer},
                       markdown("fastdm beside the editors a user would pick instead", peer, meta,
-                               f"{DEFAULT_SCHEDULE}: fastdm-edit's default; paper@200: --preset paper; "
+                               f"{default}: fastdm-edit's default on this model; paper@200: --preset paper; "
                                "dds@k: V-DDS alone (fastdm vdds_only, automatic mask); sdedit-S: source noised to strength S of "
                                "50 DDIM steps, sampled with the target prompt (no mask); flowedit: T 50, n_max 33, guidance 3.5/13.5 "
                                "(no mask)."))

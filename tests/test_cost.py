@@ -245,10 +245,20 @@ def test_sdedit_with_an_exact_denoiser_lands_on_the_guided_target():
 
 def test_the_benchmarks_default_row_is_fastdm_edits_default():
     """benchmarks/cost.py names the schedule the defaults were chosen from; it must be what EditConfig runs."""
-    from benchmarks.cost import DEFAULT_SCHEDULE, SCHEDULES
+    from benchmarks.cost import DEFAULT_SCHEDULE, MODEL_DEFAULTS, SCHEDULES
+    from fastdm.backbone import resolve_model
+    from fastdm.request import folder_defaults
+    from fastdm.driver.config import resolve_config
 
     steps, settings = SCHEDULES[DEFAULT_SCHEDULE]
     assert EditConfig(SRC, TGT, steps=steps, **settings) == EditConfig(SRC, TGT)
+    for model, name in MODEL_DEFAULTS.items():  # the bundled models: built-in defaults under their fastdm.json's
+        steps, settings = SCHEDULES[name]
+        model_defaults, family_defaults, family = folder_defaults(resolve_model(model))
+        config, source = resolve_config(None, SRC, TGT, {}, model_defaults=model_defaults, family_defaults=family_defaults,
+                                        family=family)
+        assert config == EditConfig(SRC, TGT, steps=steps, **settings), model
+        assert source["lr"] == "fastdm.json"
 
 
 def test_intervals_of_the_cost_tables():
