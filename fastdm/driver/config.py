@@ -59,7 +59,7 @@ class EditConfig:
     extend_segment: int = 4
     extend_max: int = 3
     extend_lr: float = 0.5
-    extend_tol: float = 0.0
+    extend_tol: float = 1.0  # continue while the last segment moved the edit at least this many times as fast as the one before
     extend_span: str = "full"  # a segment's t: "full" (the schedule restarted over t_max..t_min) or "low" (its last strata)
     # long clips: the model sees at most `window` working frames at once (None: the backbone's native
     # frame count; Wan: latent frames); windows overlap by this share (driver/windows.py)
@@ -136,7 +136,7 @@ class EditConfig:
 # a setting at this value is left out of the fingerprint, so earlier fingerprints stay valid
 _ADDED_DEFAULTS = {"t_schedule": "uniform", "lr_schedule": "constant", "momentum": 0.0, "stop": "steps", "stop_window": 6,
                    "stop_tol": 0.15, "window": None, "window_overlap": 0.5, "guidance_scale_2": None,
-                   "extend_segment": 4, "extend_max": 3, "extend_lr": 0.5, "extend_tol": 0.0, "extend_span": "full"}
+                   "extend_segment": 4, "extend_max": 3, "extend_lr": 0.5, "extend_tol": 1.0, "extend_span": "full"}
 
 
 # Named settings. "paper": DreamMotion's own schedule (SGD, lr 0.4, t ~ U[50, 950], 200 steps), bit for
