@@ -203,13 +203,17 @@ def test_settings_change_the_update(latent_pipe, clip):
 
 
 def test_pipeline_matches_the_cli_defaults():
-    """fastdm-edit without options edits with EditConfig's defaults; --preset paper with the paper's."""
+    """fastdm-edit without options edits with EditConfig's defaults under the default model's measured ones (the
+    bundled UNet's fastdm.json: lr 3.2); --preset paper with the paper's."""
+    from fastdm.backbone import resolve_model
     from fastdm.cli import build_parser
     from fastdm.driver.config import PRESETS, EditConfig
-    from fastdm.request import EditRequest
+    from fastdm.request import EditRequest, folder_defaults
 
     args = build_parser().parse_args(["in.gif", "--source-prompt", "a", "--target-prompt", "b"])
-    assert EditRequest.from_args(args).config() == EditConfig("a", "b")
+    measured = folder_defaults(resolve_model(None))[0]
+    assert measured == {"lr": 3.2}
+    assert EditRequest.from_args(args).config() == EditConfig("a", "b", **measured)
     args = build_parser().parse_args(["in.gif", "--source-prompt", "a", "--target-prompt", "b", "--preset", "paper", "--lr", "0.3"])
     got = EditRequest.from_args(args).config()
     assert got == EditConfig("a", "b", **{**PRESETS["paper"], "lr": 0.3})
