@@ -429,8 +429,12 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
         for r in rows:
             lines.append(f"| {r['candidate']} | {r['evaluations']:.1f} | {r['worst']} | {r['colour']:.0%} | {r['shape']:.0%} | "
                          f"{r['area']:.0%} | {r['drift']:.2f} | {'yes' if r['qualifies'] else 'no'} | {'; '.join(r['why_not'])} |")
-        lines += ["", f"Default: **{out[model]['default']}**" + ("" if qual else " (none qualifies: the fewest clips short within 83.5 "
-                                                                  "evaluations; rule 4)"), ""]
+        if half == "report":  # nothing is chosen here (rule 5): the table says whether the chosen default holds
+            out[model]["default"] = None
+            lines += ["", "The report half chooses nothing (rule 5); `qualifies` is the issue's test on clips the choice never saw.", ""]
+        else:
+            lines += ["", f"Default: **{out[model]['default']}**" + ("" if qual else " (none qualifies: the fewest clips short within "
+                                                                      "83.5 evaluations; rule 4)"), ""]
     return out, "\n".join(lines) + "\n"
 
 
