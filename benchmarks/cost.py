@@ -176,6 +176,7 @@ def run_extended(pipe, case, clip, steps: int, settings: dict, method: str) -> l
     """One edit continued to the extension rule's cap, scored after the schedule and after every segment: the
     run to a segment's end *is* the edit the rule would have stopped there (segments do not depend on later ones)."""
     t0 = time.perf_counter()
+    settings = {"extend_segment": 4, "extend_max": EXTEND_MAX, **settings}  # (the cache key assumes these)
     run = pipe.prepare(clip, case["source_prompt"], case["target_prompt"], mask="auto", steps=steps, seed=0, stop="extend", **settings)
     run.extension.force = True
     cap, seg = run.extension.cap, run.extension.segment
@@ -377,8 +378,10 @@ def extended_rows(runs: list[dict], tols=EXTEND_TOLS) -> list[dict]:
     return out
 
 
-def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), reference: str = "paper@200") -> tuple[dict, str]:
-    """ARCHITECTURE.md, "The rule that picks the default", applied to one half's tables of both bundled models."""
+def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), reference: str = "paper@200",
+           hashes: dict | None = None) -> tuple[dict, str]:
+    """ARCHITECTURE.md, "The rule that picks the default", applied to one half's tables of both bundled models
+    (``hashes``: model -> denoiser hash, to read only runs of those weights)."""
     cap = 1002 / 12
     out, lines = {}, [f"# The rule that picks the default, applied to the {half} half ({machine})", "",
                       "ARCHITECTURE.md, \"The rule that picks the default\": a candidate qualifies on a model when, against "
@@ -389,7 +392,10 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
                       f"Written by `python -m benchmarks.cost --decide --half {half}`.", ""]
     for model in models:
         cache = RESULTS / f"cost-{model}-{half}-{machine}.runs.jsonl"
-        runs = [json.loads(line) for line in cache.read_text().splitlines()]
+        loaded = [json.loads(line) for line in cache.read_text().splitlines()]
+        if hashes is not None:  # only runs of the model as it is now (a cache may hold runs of earlier weights)
+            loaded = [r for r in loaded if r["model_hash"] == hashes[model]]
+        runs = list({(r["method"], r["case"]): r for r in loaded}.values())  # one run per method and clip: the last
         n_cases = len({r["case"] for r in runs})
         runs = runs + extended_rows(runs)
         table = summarize(runs)
@@ -459,7 +465,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.decide:
-        data, md = decide(machine_name(), args.half or "choose")
+        from fastdm.backbone import resolve_model
+
+        hashes = {m: denoiser_hash(resolve_model(m))[1] for m in ("shapes", "shapes-dit")}
+        data, md = decide(machine_name(), args.half or "choose", hashes=hashes)
         write_results(f"cost-decision-{args.half or 'choose'}-{machine_name()}", data, md)
         print(md)
         return 0

@@ -131,6 +131,8 @@ class EditRequest:
                     values["steps"] = self.max_steps
         elif self.max_steps is not None:
             raise BadInput("`max_steps` is the cap of `steps=auto`; give `steps=auto` with it", field="max_steps")
+        if values.get("extend_max") is not None and values.get("stop") != "extend":
+            raise BadInput("`extend_max` caps the segments of `stop=extend`; give `stop=extend` with it", field="extend_max")
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(EditConfig)})
         if unknown:
             raise BadInput(f"unknown setting(s) {', '.join(unknown)}; settings are EditConfig fields", field="settings")

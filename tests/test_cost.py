@@ -190,15 +190,19 @@ def test_cli_stop_extend(tiny_model, clip_file, tmp_path, capsys):
 
     out = tmp_path / "o.gif"
     base = [str(clip_file), "--model", tiny_model, "--source-prompt", SRC, "--target-prompt", TGT, "--mask", "none",
-            "--quiet", "--no-compare", "--steps", "4"]
+            "--quiet", "--no-compare", "--steps", "8"]
     assert main(base + ["--stop", "extend", "--extend-max", "1", "--out", str(out)]) == 0
     rep = json.loads(out.with_suffix(".json").read_text())
     assert rep["config"]["stop"] == "extend" and rep["config"]["extend_max"] == 1 and rep["settings_source"]["stop"] == "given"
-    assert rep["stop"]["extension"]["segments_run"] in (0, 1) and rep["steps_run"] == 4 + 4 * rep["stop"]["extension"]["segments_run"]
+    assert rep["stop"]["extension"]["segments_run"] in (0, 1) and rep["steps_run"] == 8 + 4 * rep["stop"]["extension"]["segments_run"]
+    assert rep["stop"]["cap"] == 12
     bad = tmp_path / "bad.gif"
     assert main(base[:-1] + ["auto", "--stop", "extend", "--out", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "--steps auto" in err and "--stop extend" in err and len(err.strip().splitlines()) == 1 and not bad.exists()
+    assert main(base + ["--extend-max", "2", "--out", str(bad)]) == 2  # a cap of a rule not asked for
+    err = capsys.readouterr().err
+    assert "--extend-max" in err and "--stop extend" in err and not bad.exists()
 
 
 def _clip_tensor(seed: int, lo: float = -0.4, hi: float = 0.4) -> tuple[np.ndarray, torch.Tensor]:
@@ -326,7 +330,7 @@ def test_extension_settings_are_checked():
 
     for bad, match in ((dict(extend_segment=0), "extend_segment"), (dict(extend_max=-1), "extend_max"),
                        (dict(extend_lr=0.0), "extend_lr"), (dict(extend_span="mid"), "extend_span"), (dict(extend_tol=-1.0), "extend_tol"),
-                       (dict(stop="extend", steps=3, extend_segment=4), "at most `steps=3`")):
+                       (dict(stop="extend", steps=7, extend_segment=4), "at most half of `steps=7`")):
         with pytest.raises(BadInput, match=match):
             EditConfig(SRC, TGT, **bad).validate()
 
@@ -378,3 +382,26 @@ def test_the_rule_that_picks_the_default(tmp_path, monkeypatch):
         (tmp_path / f"cost-{model}-choose-m.runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
     data, md = cost.decide("m")
     assert data["shapes"]["default"] == "cheap" and not data["shapes"]["qualified"] and "rule 4" in md
+
+
+def test_extension_rule_decisions_and_reasons():
+    """Continue while the last segment moved at least tol x as fast as the one before; nothing before: only if it
+    moves now; the report's reason (cap, settled, cut short) and planned never past the cap."""
+    from fastdm.driver.schedule import ExtensionRule
+
+    assert ExtensionRule.continues({"speed": 1.0, "speed_before": 1.0}, 1.0)
+    assert not ExtensionRule.continues({"speed": 0.5, "speed_before": 1.0}, 0.75)
+    assert ExtensionRule.continues({"speed": 0.1, "speed_before": 0.0}, 1.0)
+    assert not ExtensionRule.continues({"speed": 0.0, "speed_before": 0.0}, 1.0)
+    rule = ExtensionRule(steps=4, segment=2, max_segments=2, tol=1.0)
+    for k in range(4):  # the schedule: steps moving at a steady pace
+        rule.observe(t=900 - 200 * k, vdds=1.0, moved=1.0, lr=1.0)
+    assert rule.planned == 6  # steady: continue
+    assert rule.report()["why"] == "cut short (a callback stopped it)"  # (stopped here, where the rule continued)
+    for k in range(2):
+        rule.observe(t=500, vdds=1.0, moved=0.2, lr=1.0)  # slowed to a fifth
+    assert rule.planned == 6 and rule.report()["why"].startswith("settled: the last 2 steps moved the edit 0.20x")
+    fast = ExtensionRule(steps=4, segment=2, max_segments=2, tol=0.0)
+    for k in range(8):
+        fast.observe(t=500, vdds=1.0, moved=1.0, lr=1.0)
+    assert fast.planned == fast.cap == 8 and fast.report()["why"] == "cap: 2 segment(s) run"

@@ -97,9 +97,9 @@ class EditConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < (1 if name == "extend_segment" else 0):
                 raise BadInput(f"`{name}` must be an integer >= {1 if name == 'extend_segment' else 0}, got {v}", field=name)
-        if self.stop == "extend" and self.extend_segment > self.steps:
-            raise BadInput(f"`extend_segment={self.extend_segment}` repeats the schedule's last strata and must be at most "
-                           f"`steps={self.steps}`", field="extend_segment")
+        if self.stop == "extend" and 2 * self.extend_segment > self.steps:
+            raise BadInput(f"`extend_segment={self.extend_segment}` must be at most half of `steps={self.steps}` (the first decision "
+                           "compares the schedule's last segment-length of steps with the ones before)", field="extend_segment")
         if self.extend_span not in ("full", "low"):
             raise BadInput(f"`extend_span={self.extend_span}` is unknown; choose full or low", field="extend_span")
         if not self.extend_lr > 0:
@@ -125,7 +125,10 @@ class EditConfig:
         the removed ``extra`` field is hashed as it always was (``{}``): fingerprints of earlier
         checkpoints and benchmark runs stay valid."""
         d = self.to_dict()
-        d.pop("steps")
+        if d["stop"] != "extend":  # (steps: resume may extend a plain edit; an extended edit's segments follow its steps)
+            d.pop("steps")
+            for name in [k for k in d if k.startswith("extend_")]:
+                d.pop(name)
         for name, default in _ADDED_DEFAULTS.items():
             if d.get(name) == default:
                 d.pop(name)

@@ -414,7 +414,8 @@ class EditRun:
             state = load_checkpoint(checkpoint_dir, fingerprint=self.fingerprint, input_fingerprint=self.input_fingerprint)
             cap = self.extension.cap if self.extension is not None else config.steps
             if state["step"] > cap:
-                raise ResumeMismatch(f"`resume`: the checkpoint is at step {state['step']}, past `steps={config.steps}`; raise `steps`")
+                raise ResumeMismatch(f"`resume`: the checkpoint is at step {state['step']}, past this edit's last step ({cap}); "
+                                     "raise `steps`" + (" or `extend_max`" if self.extension is not None else ""))
             if self.extension is not None:
                 records = state.get("extension")
                 if records is None or len(records) != state["step"]:
@@ -548,7 +549,7 @@ class EditRun:
                     x.clamp_(*bb.valid_range)
         self.step_index += 1
         self.last_t = t
-        if self.extension is not None:
+        if self.extension is not None and bb.device.type != "meta":
             with torch.no_grad():
                 moved = float(((x.detach() * self.mask if self.mask is not None else x.detach()) - x_before).float().norm())
             self.extension.observe(t, float(self.losses["vdds"]), moved, lr_used)
@@ -645,7 +646,8 @@ class EditRun:
             "compile_grad": bool(self.compile_grad),
             "steps_run": len(times),
             "stopped_early": self.stopped_early,
-            "stop": {"rule": config.stop, "cap": config.steps, "stopped_at": self.step_index,
+            "stop": {"rule": config.stop, "cap": self.extension.cap if self.extension is not None else config.steps,
+                     "stopped_at": self.step_index,
                      "converged": self.converged_at is not None,
                      **(self.convergence.report() if self.convergence is not None else {}),
                      **({"extension": self.extension.report()} if self.extension is not None else {})},

@@ -102,8 +102,9 @@ def extension_step(step: int, steps: int, segment: int) -> tuple[int, int]:
 def extension_timestep(step: int, steps: int, segment: int, cfg: VDDSConfig, gen: torch.Generator, span: str = "full") -> int:
     """t of a continuation step. ``span="full"``: the segment anneals over the whole range in its own ``segment``
     strata (a warm restart of the schedule, t_max down to t_min); ``"low"``: segment step i draws from the
-    schedule's stratum ``steps - segment + i``, repeating its low-t end. Either way successive segments draw
-    from the same strata (their signals are t-matched)."""
+    schedule's stratum ``steps - segment + i``, repeating its low-t end. Segments draw from the same strata as
+    each other, so decisions after the second segment compare t-matched steps; the first decisions compare the
+    schedule's tail with the steps before it (``"full"``: the first segment with that tail), which are not."""
     _, i = extension_step(step, steps, segment)
     if span == "full":
         return draw_timestep("anneal", i, segment, cfg, gen)
@@ -167,8 +168,10 @@ class ExtensionRule:
     def continues(signals: dict, tol: float, on: str = "speed") -> bool:
         """The rule: continue while the last segment's ``on`` (``speed`` or ``vdds``) is at least ``tol`` times the
         segment's before it (the edit has not slowed down / the residual has not fallen)."""
-        ratio = signals[on] / signals[f"{on}_before"] if signals[f"{on}_before"] > 0 else float("inf")
-        return ratio >= tol
+        last, before = signals[on], signals[f"{on}_before"]
+        if not before > 0:  # (nothing moved before: continue only if it moves now)
+            return last > 0
+        return last / before >= tol
 
     def decide(self, n: int) -> bool:
         """True: the edit after step ``n`` continues with one more segment."""
@@ -181,14 +184,14 @@ class ExtensionRule:
         n = len(self.records)
         segments = max(0, (n - self.steps) // self.segment) if n >= self.steps else 0
         sig = self.signals(n) if n >= self.segment else None
-        if n < self.steps or (n - self.steps) % self.segment:
+        if n < self.planned:
             why = "cut short (a callback stopped it)"
         elif self.force is not None:
             why = "forced" + (" to the cap" if self.force else "")
         elif segments >= self.max_segments:
             why = f"cap: {self.max_segments} segment(s) run"
         else:
-            ratio = sig["speed"] / sig["speed_before"] if sig["speed_before"] > 0 else float("inf")
+            ratio = sig["speed"] / sig["speed_before"] if sig["speed_before"] > 0 else 0.0
             why = f"settled: the last {self.segment} steps moved the edit {ratio:.2f}x as fast as the {self.segment} before (< {self.tol:g})"
         return {"segment": self.segment, "max_segments": self.max_segments, "tol": self.tol, "segments_run": segments,
                 "why": why, "last_signals": {k: round(v, 6) for k, v in sig.items()} if sig else None}
