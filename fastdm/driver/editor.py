@@ -42,7 +42,7 @@ class Editor(DreamMotionPipeline):
         (it reads the losses as floats, which synchronizes with the device)."""
 
         def on_step_end(pipe, step, t, tensors):
-            callback(StepInfo(step, config.steps, t, {k: float(v) for k, v in tensors["losses"].items()}, tensors["seconds"]))
+            callback(StepInfo(step, max(config.steps, step), t, {k: float(v) for k, v in tensors["losses"].items()}, tensors["seconds"]))
 
         return self(frames, config=config, mask=mask, plan=plan, callback_on_step_end=on_step_end if callback else None,
                     callback_on_step_end_tensor_inputs=("losses", "seconds"), **kwargs)

@@ -37,6 +37,8 @@ def progress(total: int, quiet: bool):
     bar = tqdm(total=total, desc="fastdm-edit", unit="step", dynamic_ncols=True)
 
     def on_step(_pipe, step, t, tensors):
+        if step > bar.total:  # an extended edit (stop="extend") runs segments past its steps
+            bar.total = step
         bar.n = step
         bar.set_postfix({k: f"{float(v):.3g}" for k, v in tensors["losses"].items()} | {"t": t}, refresh=True)
 
