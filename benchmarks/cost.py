@@ -73,6 +73,11 @@ SCHEDULES = {
     "sgd-anneal-cos-lr2.4-12": (12, dict(t_schedule="anneal", lr=2.4, lr_schedule="cosine")),
     "sgd-anneal-cos-lr0.8-g15-12": (12, dict(t_schedule="anneal", lr=0.8, lr_schedule="cosine", guidance_scale=15.0)),
     "sgd-anneal-cos-lr1.6-16": (16, dict(t_schedule="anneal", lr=1.6, lr_schedule="cosine")),
+    "sgd-anneal-cos-lr3.2-12": (12, dict(t_schedule="anneal", lr=3.2, lr_schedule="cosine")),
+    "sgd-anneal-cos-lr2.4-16": (16, dict(t_schedule="anneal", lr=2.4, lr_schedule="cosine")),
+    "sgd-anneal-cos-lr3.6-12": (12, dict(t_schedule="anneal", lr=3.6, lr_schedule="cosine")),
+    "sgd-anneal-cos-lr4.0-12": (12, dict(t_schedule="anneal", lr=4.0, lr_schedule="cosine")),
+    "sgd-anneal-cos-lr4.8-12": (12, dict(t_schedule="anneal", lr=4.8, lr_schedule="cosine")),
 }
 PEERS = ("dds", "sdedit-0.5", "sdedit-0.7", "flowedit")
 DEFAULT_SCHEDULE = "sgd-anneal-cos-lr0.8-12"  # EditConfig's built-in defaults: models without measured defaults (tested)
@@ -149,7 +154,7 @@ def run_paper(pipe, case, clip, snapshots=SNAPSHOTS, method="paper", **settings)
 
 # name -> (steps, EditConfig settings with stop="extend"): the schedule and its continuation segments, simulated by one
 # run per clip that always continues to the cap and is scored at every segment's end (run_extended); the rule that
-# decides is then read off the recorded signals (benchmarks/extend.py)
+# decides is then read off the recorded signals (extended_rows)
 EXTENDED = {
     # segments repeating the schedule's low-t end (extend_span="low"): tried on the UNet, they do not finish colour
     # edits (10 clips run, 0 of the 3 unfinished ones finished after 3 segments); abandoned
@@ -159,16 +164,7 @@ EXTENDED = {
     "extf-lr2.4-8": (8, dict(t_schedule="anneal", lr=2.4, lr_schedule="cosine", extend_lr=0.5)),
     "extf-lr3.2-12-r0.25": (12, dict(t_schedule="anneal", lr=3.2, lr_schedule="cosine", extend_lr=0.25)),
 }
-SCHEDULES |= {
-    "sgd-anneal-cos-lr3.2-12": (12, dict(t_schedule="anneal", lr=3.2, lr_schedule="cosine")),
-    "sgd-anneal-cos-lr2.4-16": (16, dict(t_schedule="anneal", lr=2.4, lr_schedule="cosine")),
-    "sgd-anneal-cos-lr3.6-12": (12, dict(t_schedule="anneal", lr=3.6, lr_schedule="cosine")),
-    "sgd-anneal-cos-lr4.0-12": (12, dict(t_schedule="anneal", lr=4.0, lr_schedule="cosine")),
-    "sgd-anneal-cos-lr4.8-12": (12, dict(t_schedule="anneal", lr=4.8, lr_schedule="cosine")),
-}
-
-
-EXTEND_MAX = 3  # segments simulated (EditConfig.extend_max's default)
+EXTEND_SEGMENT, EXTEND_MAX = 4, 3  # segment length and segments simulated (EditConfig's defaults)
 EXTEND_TOLS = (("speed", 0.5), ("speed", 0.75), ("speed", 1.0), ("vdds", 0.9), ("vdds", 1.1))  # ExtensionRule.continues rules
 
 
@@ -176,10 +172,10 @@ def run_extended(pipe, case, clip, steps: int, settings: dict, method: str) -> l
     """One edit continued to the extension rule's cap, scored after the schedule and after every segment: the
     run to a segment's end *is* the edit the rule would have stopped there (segments do not depend on later ones)."""
     t0 = time.perf_counter()
-    settings = {"extend_segment": 4, "extend_max": EXTEND_MAX, **settings}  # (the cache key assumes these)
+    settings = {"extend_segment": EXTEND_SEGMENT, "extend_max": EXTEND_MAX, **settings}  # (the cache key assumes these)
     run = pipe.prepare(clip, case["source_prompt"], case["target_prompt"], mask="auto", steps=steps, seed=0, stop="extend", **settings)
     run.extension.force = True
-    cap, seg = run.extension.cap, run.extension.segment
+    seg = run.extension.segment
     out = []
     while not run.done:
         run.step()
@@ -359,7 +355,7 @@ def choose(machine: str, models=("shapes", "shapes-dit"), reference: str = "pape
 def extended_rows(runs: list[dict], tols=EXTEND_TOLS) -> list[dict]:
     """The edits a continuation rule would have made, read off the simulated runs of :data:`EXTENDED` (scored at
     every segment's end, each with the signals the rule reads there): per clip, the first segment end where
-    ``ExtensionRule.continues`` says stop (or the cap), as a run of method ``<schedule>+tol<tol>``."""
+    ``ExtensionRule.continues`` says stop (or the cap), as a run of method ``<schedule>+<signal><tol>``."""
     from fastdm.driver.schedule import ExtensionRule
 
     by: dict[tuple, dict[int, dict]] = {}
@@ -400,17 +396,20 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
         runs = runs + extended_rows(runs)
         table = summarize(runs)
         ref = table[reference]
+
+        def counts(method):  # clips a method finished: colour and shape edits, area kept
+            rs = [r for r in runs if r["method"] == method]
+            return {k: sum(r["metrics"][m] for r in rs if r["kind"] in kinds) for k, m, kinds in
+                    (("colour", "colour_ok", ("colour", "both")), ("shape", "shape_ok", ("shape", "both")),
+                     ("area", "area_kept", ("colour", "shape", "both")))}
+
+        ref_counts = counts(reference)
         rows = []
         for name, a in table.items():
             if name == reference or a["edits"] != n_cases or "auto" in name or name.split("@")[0] in EXTENDED or \
                     name.startswith(("paper@", "dds", "sdedit", "flowedit")):
                 continue
-            col = [r for r in runs if r["method"] == name]
-            cnt = lambda rs, k, kinds: sum(r["metrics"][k] for r in rs if r["kind"] in kinds)
-            refruns = [r for r in runs if r["method"] == reference]
-            short = {k: max(0, cnt(refruns, m, kinds) - cnt(col, m, kinds)) for k, m, kinds in
-                     (("colour", "colour_ok", ("colour", "both")), ("shape", "shape_ok", ("shape", "both")),
-                      ("area", "area_kept", ("colour", "shape", "both")))}
+            short = {k: max(0, ref_counts[k] - v) for k, v in counts(name).items()}
             ev = a["forward"] + a["backward"]
             why = [f"{k} {v} clip(s) short" for k, v in short.items() if v]
             if a["mean_drift_px"] > ref["mean_drift_px"] + 0.1:
@@ -465,8 +464,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.decide:
-        from fastdm.backbone import resolve_model
-
         hashes = {m: denoiser_hash(resolve_model(m))[1] for m in ("shapes", "shapes-dit")}
         data, md = decide(machine_name(), args.half or "choose", hashes=hashes)
         write_results(f"cost-decision-{args.half or 'choose'}-{machine_name()}", data, md)
@@ -504,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for case in suite:
             key_method = ("paper@200" if method == "paper" else "dds@200" if method == "dds" else
-                          f"{method}@{EXTENDED[method][0] + EXTEND_MAX * 4}" if method in EXTENDED else method)
+                          f"{method}@{EXTENDED[method][0] + EXTEND_MAX * EXTEND_SEGMENT}" if method in EXTENDED else method)
             if (key_method, case["id"], model_hash) in done:
                 continue
             clip = render_case(case)

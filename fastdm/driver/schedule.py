@@ -136,7 +136,7 @@ class ExtensionRule:
     def planned(self) -> int:
         """Steps the edit runs as decided so far (each decision is a pure function of the records)."""
         n = self.steps
-        for j in range(self.max_segments):
+        for _ in range(self.max_segments):
             if len(self.records) < n or not self.decide(n):
                 return n
             n += self.segment
