@@ -21,6 +21,8 @@ is measured by the CUDA-only tests (test_full_size_on_gpu), not here.
 | bf16 | G_B native bf16 dot, D products tf32x3     | GPU only (bound: 8 x fp16) | < 1e-2 | < 2e-2 (bf16 out) |
 """
 
+import math
+
 import pytest
 import torch
 
@@ -136,13 +138,17 @@ def test_full_size_on_gpu(n, c, noise, dtype):
     k, kr = make((16, n, c), noise, dtype=dtype)
     tol_loss, tol_grad = (TOL[noise] * 10, TOL[noise] * 100) if dtype == torch.float32 else HALF_TOL[dtype]
     for fn, ref in ((spatial_ssm_loss, ref_spatial), (temporal_ssm_loss, ref_temporal)):
-        loss, grad = grads(fn, k, kr, backend="triton")
         want_loss, want_grad = grads(ref, k.double(), kr.double())
         if want_loss.item() == 0:  # half keys + 1e-5 noise can round to keys_ref exactly
-            assert loss.item() < 1e-12
+            assert fn(k, kr, backend="triton").item() < 1e-12
             continue
+        # fp16: at these sizes the gradient (1e-8 .. 1e-16, a mean over F x N x N) is under fp16's smallest
+        # subnormal, so an fp16 caller scales the loss (as the driver does, see DreamMotionStep) by a power of two
+        scale = 2.0 ** (-math.floor(math.log2(want_grad.abs().max().item())) - 1) if dtype == torch.float16 else 1.0
+        loss, grad = grads(lambda a, b, **kw: scale * fn(a, b, **kw), k, kr, backend="triton")
+        loss, grad = loss / scale, grad.float() / scale
         assert rel(loss, want_loss.cpu()) < tol_loss, (fn.__name__, rel(loss, want_loss.cpu()))
-        assert rel(grad.float(), want_grad.cpu()) < tol_grad, (fn.__name__, rel(grad.float(), want_grad.cpu()))
+        assert rel(grad, want_grad.cpu()) < tol_grad, (fn.__name__, rel(grad, want_grad.cpu()))
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA only")
@@ -280,7 +286,12 @@ def test_edit_with_triton_losses_matches_torch(editor, clip):
         cfg = EditConfig("a red circle moving right", "a blue circle moving right", steps=2, seed=1, loss_backend=backend)
         return editor.edit(clip, cfg)
 
-    a, b = run("triton"), run("torch")
+    if CUDA:  # the compiled kernels take CUDA keys: the model goes to the GPU (the interpreter runs on the CPU)
+        editor.to("cuda")
+    try:
+        a, b = run("triton"), run("torch")
+    finally:
+        editor.to("cpu")
     for name in ("s_ssm", "t_ssm", "vdds"):
         assert a.report["final_losses"][name] == pytest.approx(b.report["final_losses"][name], rel=1e-4, abs=1e-12)
     assert abs(a.frames.astype(int) - b.frames.astype(int)).max() <= 1

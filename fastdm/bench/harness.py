@@ -345,7 +345,7 @@ def _markdown(rows: list[dict], meta: dict) -> str:
                 return "-", "-"
             tp, btp = r.get("tensor_working_peak_bytes"), b.get("tensor_working_peak_bytes")
             return (f"{b['median_step_s'] / r['median_step_s']:.2f}x",
-                    f"{btp / tp:.2f}x less" if tp and btp else f"{b['working_peak_bytes'] / max(r['working_peak_bytes'], 1):.2f}x less (RSS)")
+                    f"{btp / tp:.2f}x less" if tp and btp else f"{b['working_peak_bytes'] / max(r['working_peak_bytes'], 1):.2f}x less (working)")
 
         (sp, mem), (sp_p, mem_p) = ratios("naive"), ratios("plain")
         tp = r.get("tensor_working_peak_bytes")

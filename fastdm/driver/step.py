@@ -35,6 +35,8 @@ class DreamMotionStep:
     :attr:`grad_parts` (S-SSM/T-SSM at unit weight, masked as applied); costs a second backward.
     """
 
+    rescale_fp16 = True  # fp16 models: structure gradients through fp32 keys and a power-of-two scale (tests turn it off)
+
     def __init__(self, backbone: Backbone, config: EditConfig, plan: ExecutionPlan, vdds: VDDSConfig,
                  layers: list[str], num_frames: int, text: torch.Tensor, mask: torch.Tensor | None, engine=None,
                  grad_engine=None, split_gradients: bool = False):
@@ -54,6 +56,7 @@ class DreamMotionStep:
         self.engine, self.grad_engine = engine, grad_engine
         self.split_gradients = split_gradients
         self.grad_parts: dict[str, torch.Tensor] = {}
+        self.fp16_dropped = 0  # fp16 models: steps whose structure gradient overflowed (see _fp16_structure_gradients)
         # denoiser work, counted where it is done: forward batch elements (eager, engine or compiled)
         # and backward passes through the model (autograd into the tapped prefix)
         self.evaluations = {"forward": 0, "backward": 0}
@@ -96,27 +99,74 @@ class DreamMotionStep:
             if self.split_gradients:
                 self.grad_parts = {"vdds": g}
             return losses
-        pairs = [ssm_losses(keys_edit[n], keys_src[n], self.loss_backend) for n in self.layers]
-        l_s = sum(p[0] for p in pairs) / len(self.layers)
-        l_t = sum(p[1] for p in pairs) / len(self.layers)
         cfg = self.config
         masked = self.mask is not None and cfg.mask_scope == "all"
-        if self.split_gradients:  # each SSM term's gradient at unit weight, then combined as applied
-            g_s = torch.autograd.grad(l_s, x, retain_graph=True, allow_unused=True, materialize_grads=True)[0]
-            g_t = torch.autograd.grad(l_t, x, allow_unused=True, materialize_grads=True)[0]
-            self.evaluations["backward"] += 2
+        if self.rescale_fp16 and self.bb.dtype == torch.float16:
+            l_s, l_t, g_s, g_t = self._fp16_structure_gradients(x, keys_edit, keys_src)
+        else:
+            l_s, l_t = self._structure_losses(keys_edit, keys_src)
+            if self.split_gradients:  # each SSM term's gradient at unit weight, then combined as applied
+                g_s = torch.autograd.grad(l_s, x, retain_graph=True, allow_unused=True, materialize_grads=True)[0]
+                g_t = torch.autograd.grad(l_t, x, allow_unused=True, materialize_grads=True)[0]
+            else:
+                g_s = g_t = None
+                (cfg.s_ssm_weight * l_s + cfg.t_ssm_weight * l_t).backward()
+        self.evaluations["backward"] += 2 if self.split_gradients else 1
+        if self.split_gradients:
             if masked:
                 g_s, g_t = g_s * self.mask, g_t * self.mask
             self.grad_parts = {"vdds": g, "s_ssm": g_s, "t_ssm": g_t}
             x.grad = cfg.s_ssm_weight * g_s + cfg.t_ssm_weight * g_t
         else:
-            (cfg.s_ssm_weight * l_s + cfg.t_ssm_weight * l_t).backward()
-            self.evaluations["backward"] += 1
+            if g_s is not None:  # fp16: the weighted gradient, already combined
+                x.grad = g_s if x.grad is None else x.grad + g_s
             if masked:
                 x.grad.mul_(self.mask)  # the structure/motion gradient stays inside the mask too
         x.grad.add_(g)
         losses["s_ssm"], losses["t_ssm"] = l_s.detach(), l_t.detach()
         return losses
+
+    def _structure_losses(self, keys_edit, keys_src):
+        pairs = [ssm_losses(keys_edit[n], keys_src[n], self.loss_backend) for n in self.layers]
+        return sum(p[0] for p in pairs) / len(self.layers), sum(p[1] for p in pairs) / len(self.layers)
+
+    def _fp16_structure_gradients(self, x, keys_edit, keys_src):
+        """S-SSM / T-SSM gradients of an fp16 model, which would underflow in fp16.
+
+        The loss is a mean over F x N x N similarities: near the source its gradient in the keys is
+        1e-9 to 1e-16 at ZeroScope's sizes, under fp16's smallest subnormal (6e-8), so a plain
+        backward hands the model zeros. Here the losses run on fp32 copies of the keys, their
+        gradients stay fp32, and the backward through the model starts from them scaled by a power
+        of two S that brings their largest entry into [0.5, 1) (fp16's range leaves 65504x headroom
+        for the model's backward); the result, fp32 in ``x``, is divided by S. A gradient that still
+        overflows is dropped for this step (counted in :attr:`fp16_dropped`). Nothing is synchronized
+        with the host: S and the check stay on the device. Returns (l_s, l_t, g_s, g_t); without
+        ``split_gradients`` g_s is the weighted sum and g_t None.
+        """
+        cfg = self.config
+        names = list(self.layers)
+        kf = {n: keys_edit[n].detach().float().requires_grad_(True) for n in names}
+        l_s, l_t = self._structure_losses(kf, {n: keys_src[n].float() for n in names})
+        leaves = [kf[n] for n in names]
+        if self.split_gradients:
+            gk_s = torch.autograd.grad(l_s, leaves, retain_graph=True, allow_unused=True, materialize_grads=True)
+            gk_t = torch.autograd.grad(l_t, leaves, allow_unused=True, materialize_grads=True)
+            g_s = self._through_model(x, names, keys_edit, gk_s, retain_graph=True)
+            return l_s, l_t, g_s, self._through_model(x, names, keys_edit, gk_t, retain_graph=False)
+        gk = torch.autograd.grad(cfg.s_ssm_weight * l_s + cfg.t_ssm_weight * l_t, leaves, allow_unused=True,
+                                 materialize_grads=True)
+        return l_s, l_t, self._through_model(x, names, keys_edit, gk, retain_graph=False), None
+
+    def _through_model(self, x, names, keys_edit, grads, retain_graph):
+        peak = torch.stack([g.abs().amax() for g in grads]).amax()
+        scale = torch.where(peak > 0, torch.exp2(-torch.floor(torch.log2(peak)) - 1), torch.ones_like(peak))
+        scale = scale.clamp(1.0, 2.0**100)
+        outs = [keys_edit[n] for n in names]
+        gx = torch.autograd.grad(outs, x, [(g * scale).to(o.dtype) for g, o in zip(grads, outs)], retain_graph=retain_graph,
+                                 allow_unused=True, materialize_grads=True)[0] / scale
+        finite = torch.isfinite(gx).all()
+        self.fp16_dropped = self.fp16_dropped + (~finite).to(torch.int32)
+        return torch.where(finite, gx, torch.zeros_like(gx))
 
     # -- evaluation forms ---------------------------------------------------------------------
     def _keys(self, keys: list[torch.Tensor]) -> dict[str, torch.Tensor]:
