@@ -78,6 +78,13 @@ SCHEDULES = {
     "sgd-anneal-cos-lr3.6-12": (12, dict(t_schedule="anneal", lr=3.6, lr_schedule="cosine")),
     "sgd-anneal-cos-lr4.0-12": (12, dict(t_schedule="anneal", lr=4.0, lr_schedule="cosine")),
     "sgd-anneal-cos-lr4.8-12": (12, dict(t_schedule="anneal", lr=4.8, lr_schedule="cosine")),
+    # issue #30, second round (ARCHITECTURE rule 6), choose half: more lr with a stronger S-SSM to keep the area
+    # (lr >= 3.6 lost it at the default weight), and the 16 steps the evaluation cap allows
+    "sgd-anneal-cos-lr3.2-16": (16, dict(t_schedule="anneal", lr=3.2, lr_schedule="cosine")),
+    "sgd-anneal-cos-lr3.6-s2x-12": (12, dict(t_schedule="anneal", lr=3.6, lr_schedule="cosine", s_ssm_weight=6000.0)),
+    "sgd-anneal-cos-lr4.0-s2x-12": (12, dict(t_schedule="anneal", lr=4.0, lr_schedule="cosine", s_ssm_weight=6000.0)),
+    "sgd-anneal-cos-lr4.0-s4x-12": (12, dict(t_schedule="anneal", lr=4.0, lr_schedule="cosine", s_ssm_weight=12000.0)),
+    "sgd-anneal-cos-lr4.8-s2x-12": (12, dict(t_schedule="anneal", lr=4.8, lr_schedule="cosine", s_ssm_weight=6000.0)),
 }
 PEERS = ("dds", "sdedit-0.5", "sdedit-0.7", "flowedit")
 DEFAULT_SCHEDULE = "sgd-anneal-cos-lr0.8-12"  # EditConfig's built-in defaults: models without measured defaults (tested)
