@@ -90,7 +90,7 @@ PEERS = ("dds", "sdedit-0.5", "sdedit-0.7", "flowedit")
 DEFAULT_SCHEDULE = "sgd-anneal-cos-lr0.8-12"  # EditConfig's built-in defaults: models without measured defaults (tested)
 # what fastdm-edit runs on each bundled model by default: the built-in defaults under the folder's fastdm.json
 # defaults, picked by ARCHITECTURE.md's rule on the choose half (results/cost-decision-choose-*.md; tested)
-MODEL_DEFAULTS = {"shapes": "sgd-anneal-cos-lr3.2-12", "shapes-dit": "sgd-anneal-cos-lr3.2-12"}
+MODEL_DEFAULTS = {"shapes": "sgd-anneal-cos-lr3.2-16", "shapes-dit": "sgd-anneal-cos-lr3.2-12"}  # (UNet: second round)
 METRICS = ("colour_ok", "shape_ok", "drift_px", "area_kept", "background_change", "motion_fidelity", "frame_consistency")
 
 

@@ -65,7 +65,7 @@ def test_edit_under_inference_mode_turns_the_circle_blue(pipeline, frames):
     edited, used, text = out["result"]
     assert edited.shape == image.shape and used.shape == (count, 32, 32)
     report = json.loads(text)
-    assert out["ui"]["text"] == [text] and report["steps_run"] == 12 and report["auto_mask"]["fallback"] is None
+    assert out["ui"]["text"] == [text] and report["steps_run"] == 16 and report["auto_mask"]["fallback"] is None
     assert 0 < float(used.mean()) < 1  # the automatic mask: a region, not the whole frame
     src_u8 = (image.numpy() * 255).round().astype(np.uint8)
     frames_u8 = (edited.numpy() * 255).round().astype(np.uint8)
