@@ -130,3 +130,32 @@ def test_batch_report_is_written_from_the_runs_own_files(tmp_path, monkeypatch):
     assert "Machine: Some CPU, 2 cores." in text  # the run's own machine, not this process's
     assert "| 3 | done | 2 | 1 | 4 | 8 | 34 | 8 | 5.5 | a.mp4 |" in text
     assert "| 2 | failed |" in text and "could not be read" in text and "360.0 edits/hour" in text
+
+
+def test_cuda_profile_sorts_kernels_by_kind_and_reaches_the_table(tmp_path, monkeypatch):
+    """--cuda-profile: device time by kind of kernel and the top kernels (events as the profiler's key_averages
+    gives them), passed to the case subprocess and written under the table."""
+    from types import SimpleNamespace
+
+    import fastdm.bench.harness as harness
+
+    ev = lambda key, n, us: SimpleNamespace(key=key, count=n, self_device_time_total=us)
+    prof = harness.kernel_profile([ev("sm90_xmma_gemm_bf16", 40, 120_000.0), ev("flash_fwd_kernel", 30, 60_000.0),
+                                   ev("_gram3_kernel", 2, 9_000.0), ev("vectorized_elementwise_kernel", 500, 11_000.0),
+                                   ev("sm90_xmma_fprop_implicit_gemm_bf16", 4, 2_000.0), ev("aten::mm", 40, 0.0)], top=2)
+    assert prof["step_device_ms"] == 202.0
+    assert list(prof["by_kind_ms"]) == ["matmul", "attention", "other", "ssm loss (triton)", "convolution"]
+    assert [t["kernel"] for t in prof["top"]] == ["sm90_xmma_gemm_bf16", "flash_fwd_kernel"]
+
+    cmds = []
+
+    def fake_run(cmd, **kw):
+        cmds.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps({**_fake_case(0.25), "cuda_profile": prof}) + "\n", stderr="")
+
+    monkeypatch.setattr(harness.subprocess, "run", fake_run)
+    main(["--preset", "tiny", "--frames", "2", "--modes", "fast", "--no-flops", "--peak-tflops", "1", "--cuda-profile",
+          "--out", str(tmp_path)])
+    assert "--cuda-profile" in cmds[0]
+    md = next(tmp_path.glob("edit-tiny-*.md")).read_text()
+    assert "| matmul | 120.0 | 59% |" in md and "| `flash_fwd_kernel` | 30 | 60.00 |" in md

@@ -120,4 +120,5 @@ def test_torch_form_in_frame_chunks(monkeypatch, shape):
     loss, grad = loss_and_grad(spatial_ssm_loss, k, kr, backend="torch")
     want_loss, want_grad = loss_and_grad(ref_spatial, k.double(), kr.double())
     assert len(ssm._chunks(*shape)) > 2
+    assert ssm._chunks(16, 2880, 320, "cuda") == [(0, 16)]  # a GPU takes ZeroScope's largest layer in one chunk
     assert rel(loss, want_loss) < 1e-4 and rel(grad, want_grad) < 1e-3

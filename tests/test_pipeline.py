@@ -231,19 +231,25 @@ def test_fp16_model_keeps_the_structure_gradients(tiny_latent_model, clip):
     Measured (CPU): S-SSM 11 %, T-SSM 7 % off with the scaling; T-SSM 92 % off without it."""
     from fastdm.driver.step import DreamMotionStep
 
-    def parts(dtype):
+    def step(dtype, split=True):
         pipe = DreamMotionPipeline.from_pretrained(tiny_latent_model, dtype=dtype)
-        run = pipe.prepare(clip, SRC, SRC, steps=1, seed=4, plan="fast", split_gradients=True, t_schedule="uniform")
+        run = pipe.prepare(clip, SRC, SRC, steps=1, seed=4, plan="fast", split_gradients=split, t_schedule="uniform")
         with torch.no_grad():
             run.x.add_(1e-2 * torch.randn(run.x.shape, generator=torch.Generator().manual_seed(7)))
         run.step()
         assert run.stepper.fp16_dropped == 0
-        return {k: v.detach().float() for k, v in run.tensors(("grad_parts",))["grad_parts"].items()}
+        return run
+
+    def parts(dtype):
+        return {k: v.detach().float() for k, v in step(dtype).tensors(("grad_parts",))["grad_parts"].items()}
 
     want = parts("fp32")
     err = lambda got: {k: float((got[k] - want[k]).norm() / want[k].norm()) for k in ("s_ssm", "t_ssm")}
     scaled = err(parts("fp16"))
     assert max(scaled.values()) < 0.2, scaled
+    # the edit's own path (no split): the weighted sum in one scaled backward, the same update as the parts give
+    split, joint = step("fp16").x.grad, step("fp16", split=False).x.grad
+    assert float((joint - split).norm() / split.norm()) < 1e-3
     DreamMotionStep.rescale_fp16 = False
     try:
         plain = err(parts("fp16"))

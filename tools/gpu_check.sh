@@ -20,7 +20,8 @@
 #   versions         the same after the install, GPU name and capability
 #   kernel-tests     tests/test_kernels.py on the compiled kernels, full ZeroScope key sizes (-n 4 with xdist, -rA)
 #   bench-ssm        benchmarks.bench_ssm --device cuda --quick: materialized vs torch vs Triton, roofline fractions
-#   bench-16         fastdm-bench zeroscope-576w bf16, 16 frames: fast, lean, plain
+#   bench-16         fastdm-bench zeroscope-576w bf16, 16 frames: fast, lean, plain; each with one extra step under
+#                    the CUDA profiler (device time by kind of kernel, the top kernels)
 #   bench-24         the same at 24 frames
 #   bench-compile-16 fast:compile+grad at 16 frames (a ZeroScope compile takes minutes: it gets what is left)
 #   bench-naive-16   naive at 16 frames (projected 74.9 GiB; at 24 frames 110 GiB, not run)
@@ -54,7 +55,7 @@ STEPS=(
   "versions|20|-|$ENVFILE $PY -c 'import torch, transformers, fastdm, fastdm.kernels; i = torch.cuda.current_device(); print(\"transformers\", transformers.__version__); print(torch.cuda.get_device_name(i), \"sm%d%d\" % torch.cuda.get_device_capability(i), round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1), \"GiB\")'; $PY -c 'import diffusers; print(\"diffusers\", diffusers.__version__)'"
   "kernel-tests|120|-|$ENVFILE X=; $PY -c 'import xdist' 2>/dev/null && X='-n 4'; TRITON_INTERPRET=0 $PY -m pytest -q -rA -p no:cacheprovider \$X tests/test_kernels.py"
   "bench-ssm|60|-|$ENVFILE $PY -m benchmarks.bench_ssm --device cuda --quick --repeats 3 --out \$WORK"
-  "bench-16|100|diffusers|$ENVFILE $PY $BENCH --frames 16 --modes fast,lean,plain --out \$WORK/bench-16"
+  "bench-16|120|diffusers|$ENVFILE $PY $BENCH --frames 16 --modes fast,lean,plain --cuda-profile --out \$WORK/bench-16"
   "bench-24|100|diffusers|$ENVFILE $PY $BENCH --frames 24 --modes fast,lean,plain --out \$WORK/bench-24"
   "bench-compile-16|150|diffusers|$ENVFILE $PY $BENCH --frames 16 --modes fast:compile+grad --out \$WORK/bench-compile-16"
   "bench-naive-16|60|diffusers|$ENVFILE $PY $BENCH --frames 16 --modes naive --out \$WORK/bench-naive-16"

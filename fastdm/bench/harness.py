@@ -80,8 +80,35 @@ def count_step_flops(preset: str, frames: int, mode: str, dtype: torch.dtype = t
     return int(fc.get_total_flops())
 
 
-def run_case(preset: str, frames: int, mode: str, steps: int, device: str, dtype: str, size=None) -> dict:
-    """Measure one case in this process."""
+KERNEL_KINDS = (  # (kind, substrings of a CUDA kernel's name), first match wins; the rest is "other"
+    ("attention", ("flash", "fmha", "attention", "sdpa", "efficient_attention")),
+    ("ssm loss (triton)", ("_gram3", "_grad_gram", "_tiles_", "_row_stats", "_row_fixup", "_pair_stats", "_frame_sums")),
+    ("convolution", ("fprop", "dgrad", "wgrad", "conv", "implicit", "winograd", "cudnn")),  # (before matmul: cuDNN's
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_", "wgmma")),  # are xmma/cutlass too)
+    ("normalization", ("norm", "welford")),
+)
+
+
+def kernel_profile(events, top: int = 15) -> dict:
+    """Device time of one profiled step by kernel: ``events`` is ``prof.key_averages()`` (or any list of objects
+    with ``key``, ``count`` and ``self_device_time_total`` in microseconds). Returns the step's total device
+    milliseconds, the milliseconds per kind of kernel (:data:`KERNEL_KINDS`) and the ``top`` kernels."""
+    rows = [(e.key, int(e.count), float(getattr(e, "self_device_time_total", 0.0) or 0.0) / 1e3) for e in events]
+    rows = [r for r in rows if r[2] > 0]
+    by_kind: dict[str, float] = {}
+    for name, _, ms in rows:
+        low = name.lower()
+        kind = next((k for k, subs in KERNEL_KINDS if any(s in low for s in subs)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + ms
+    rows.sort(key=lambda r: -r[2])
+    return {"step_device_ms": round(sum(r[2] for r in rows), 3),
+            "by_kind_ms": {k: round(v, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "top": [{"kernel": n[:120], "calls": c, "ms": round(ms, 3)} for n, c, ms in rows[:top]]}
+
+
+def run_case(preset: str, frames: int, mode: str, steps: int, device: str, dtype: str, size=None,
+             cuda_profile: bool = False) -> dict:
+    """Measure one case in this process (``cuda_profile``: one extra, untimed step under the CUDA profiler)."""
     from ..driver.pipeline import DreamMotionPipeline
     from .presets import PRESETS, build_backbone
 
@@ -98,7 +125,7 @@ def run_case(preset: str, frames: int, mode: str, steps: int, device: str, dtype
     clip = _clip(preset, frames, size or PRESETS[preset]["size"])
     times: list[float] = []
 
-    profiled = device == "cpu"  # one extra step under the profiler's memory tracking
+    profiled = device == "cpu" or (cuda_profile and device == "cuda")  # one extra step under the profiler (CPU: memory)
     prof = None
 
     def on_step(_pipe, step, _t, tensors):
@@ -110,7 +137,10 @@ def run_case(preset: str, frames: int, mode: str, steps: int, device: str, dtype
             return
         times.append(tensors["seconds"])
         if profiled and step == steps + 1:
-            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+            if device == "cuda":  # kernel time by kernel
+                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            else:
+                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
             prof.start()
 
     pipe = DreamMotionPipeline(bb)
@@ -118,8 +148,10 @@ def run_case(preset: str, frames: int, mode: str, steps: int, device: str, dtype
                callback_on_step_end=on_step, callback_on_step_end_tensor_inputs=("seconds",),
                engine_cache=os.path.join(tempfile.gettempdir(), "fastdm-bench-engines"), **_mode(mode))
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss_bytes()
-    tensor_peak = None
-    if prof is not None:
+    tensor_peak = kernels = None
+    if prof is not None and device == "cuda":
+        kernels = kernel_profile(prof.key_averages())
+    elif prof is not None:
         from ..driver.budget import trace_tensor_peak
 
         tensor_peak = trace_tensor_peak(prof)
@@ -137,6 +169,7 @@ def run_case(preset: str, frames: int, mode: str, steps: int, device: str, dtype
         "working_peak_bytes": int(max(0, peak - base)),
         "tensor_working_peak_bytes": tensor_peak,
         "params": sum(p.numel() for p in bb.denoiser.parameters()),
+        **({"cuda_profile": kernels} if kernels else {}),
     }
 
 
@@ -201,11 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", default=None,
                     help="name part of the result files: edit-TAG-<machine> (default: the preset when one is given)")
     ap.add_argument("--size", default=None, help="WxH instead of the preset's size (e.g. 256x256 for zeroscope-576w)")
+    ap.add_argument("--cuda-profile", action="store_true",
+                    help="CUDA: one extra, untimed step under the profiler; device time by kind of kernel and the top kernels")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
         preset, frames, mode = args.one.split(",")
-        print(json.dumps(run_case(preset, int(frames), mode, args.steps, args.device, args.dtype, _size(args.size))))
+        print(json.dumps(run_case(preset, int(frames), mode, args.steps, args.device, args.dtype, _size(args.size),
+                                  cuda_profile=args.cuda_profile)))
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("fastdm-bench: error: --device cuda but no CUDA GPU is available", file=sys.stderr)
@@ -253,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:  # one round over every case, so slow drift of the machine hits all modes alike
             cmd = [sys.executable, "-m", "fastdm.bench.harness", "--one", f"{row['preset']},{row['frames']},{row['mode']}",
                    "--steps", str(args.steps), "--device", args.device, "--dtype", args.dtype,
-                   *(["--size", args.size] if args.size else [])]
+                   *(["--size", args.size] if args.size else []), *(["--cuda-profile"] if args.cuda_profile else [])]
             p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             if p.returncode == 0:
                 got = json.loads(p.stdout.strip().splitlines()[-1])
@@ -361,6 +397,17 @@ def _markdown(rows: list[dict], meta: dict) -> str:
               "memory vs naive/plain compares the step tensor peak where measured (CPU), else the working peak (RSS / CUDA).",
               "engine build = torch.compile / ONNX export / TensorRT build, done once before the first step.",
               "200-step edit = setup + engine build + 200 x median step + decode, each measured."]
+    for r in rows:
+        prof = r.get("cuda_profile")
+        if not prof:
+            continue
+        lines += ["", f"## Where one step's device time goes: {r['preset']}, {r['frames']} frames, {r['mode']}", "",
+                  f"One extra, untimed step under the CUDA profiler: {prof['step_device_ms']:.1f} ms of kernel time "
+                  f"(the step's wall time: {1e3 * r['median_step_s']:.1f} ms).", "",
+                  "| kind | ms | share |", "|---|---|---|"]
+        lines += [f"| {k} | {v:.1f} | {v / max(prof['step_device_ms'], 1e-9):.0%} |" for k, v in prof["by_kind_ms"].items()]
+        lines += ["", "| kernel | calls | ms |", "|---|---|---|"]
+        lines += [f"| `{t['kernel'].replace('|', '/')}` | {t['calls']} | {t['ms']:.2f} |" for t in prof["top"]]
     return "\n".join(lines) + "\n"
 
 

@@ -673,7 +673,8 @@ class EditRun:
         if self.auto_mask is not None:
             report["auto_mask"] = self.auto_mask.report()
             report["timings"]["auto_mask_s"] = round(self.auto_mask.seconds, 4)
-        if self.pipe.backbone.dtype == torch.float16:  # steps of this run whose structure gradient overflowed fp16
-            report["fp16_structure_dropped_steps"] = int(sum(int(s.fp16_dropped) for s in self.steppers))
+        if self.pipe.backbone.dtype == torch.float16:  # step calls of this run (one per window in windowed edits,
+            # budget probes left out) whose structure gradient overflowed fp16 and was dropped
+            report["fp16_structure_drops"] = int(self.stepper.fp16_dropped)
         self.memory.close()
         return EditResult(out, report, self.x.detach().cpu(), self.pixel_mask)

@@ -138,35 +138,38 @@ class DreamMotionStep:
         backward hands the model zeros. Here the losses run on fp32 copies of the keys, their
         gradients stay fp32, and the backward through the model starts from them scaled by a power
         of two S that brings their largest entry into [0.5, 1) (fp16's range leaves 65504x headroom
-        for the model's backward); the result, fp32 in ``x``, is divided by S. A gradient that still
-        overflows is dropped for this step (counted in :attr:`fp16_dropped`). Nothing is synchronized
-        with the host: S and the check stay on the device. Returns (l_s, l_t, g_s, g_t); without
-        ``split_gradients`` g_s is the weighted sum and g_t None.
+        for the model's backward); the result, fp32 in ``x``, is divided by S. A call whose gradient
+        still overflows drops it (counted in :attr:`fp16_dropped`, once per call). Nothing is
+        synchronized with the host: S and the check stay on the device. Returns (l_s, l_t, g_s, g_t);
+        without ``split_gradients`` g_s is the weighted sum and g_t None.
         """
         cfg = self.config
         names = list(self.layers)
-        kf = {n: keys_edit[n].detach().float().requires_grad_(True) for n in names}
-        l_s, l_t = self._structure_losses(kf, {n: keys_src[n].float() for n in names})
-        leaves = [kf[n] for n in names]
+        kf = [keys_edit[n].detach().float().requires_grad_(True) for n in names]
+        l_s, l_t = self._structure_losses(dict(zip(names, kf)), {n: keys_src[n].float() for n in names})
         if self.split_gradients:
-            gk_s = torch.autograd.grad(l_s, leaves, retain_graph=True, allow_unused=True, materialize_grads=True)
-            gk_t = torch.autograd.grad(l_t, leaves, allow_unused=True, materialize_grads=True)
-            g_s = self._through_model(x, names, keys_edit, gk_s, retain_graph=True)
-            return l_s, l_t, g_s, self._through_model(x, names, keys_edit, gk_t, retain_graph=False)
-        gk = torch.autograd.grad(cfg.s_ssm_weight * l_s + cfg.t_ssm_weight * l_t, leaves, allow_unused=True,
-                                 materialize_grads=True)
-        return l_s, l_t, self._through_model(x, names, keys_edit, gk, retain_graph=False), None
-
-    def _through_model(self, x, names, keys_edit, grads, retain_graph):
-        peak = torch.stack([g.abs().amax() for g in grads]).amax()
-        scale = torch.where(peak > 0, torch.exp2(-torch.floor(torch.log2(peak)) - 1), torch.ones_like(peak))
-        scale = scale.clamp(1.0, 2.0**100)
+            grads = [torch.autograd.grad(l_s, kf, retain_graph=True, allow_unused=True, materialize_grads=True),
+                     torch.autograd.grad(l_t, kf, allow_unused=True, materialize_grads=True)]
+        else:
+            grads = [torch.autograd.grad(cfg.s_ssm_weight * l_s + cfg.t_ssm_weight * l_t, kf, allow_unused=True,
+                                         materialize_grads=True)]
+        l_s, l_t = l_s.detach(), l_t.detach()
+        del kf  # (the fp32 copies and the losses' graph are not held through the model's backward)
         outs = [keys_edit[n] for n in names]
-        gx = torch.autograd.grad(outs, x, [(g * scale).to(o.dtype) for g, o in zip(grads, outs)], retain_graph=retain_graph,
-                                 allow_unused=True, materialize_grads=True)[0] / scale
-        finite = torch.isfinite(gx).all()
-        self.fp16_dropped = self.fp16_dropped + (~finite).to(torch.int32)
-        return torch.where(finite, gx, torch.zeros_like(gx))
+        parts, ok = [], None
+        for i, gk in enumerate(grads):
+            peak = torch.stack([g.abs().amax() for g in gk]).amax()
+            scale = torch.where(peak > 0, torch.exp2(-torch.floor(torch.log2(peak)) - 1), torch.ones_like(peak))
+            scale = scale.clamp(2.0**-100, 2.0**100)  # (powers of two: the division below is exact)
+            scaled = [(g * scale).to(o.dtype) for g, o in zip(gk, outs)]
+            grads[i] = gk = None
+            gx = torch.autograd.grad(outs, x, scaled, retain_graph=i + 1 < len(grads), allow_unused=True,
+                                     materialize_grads=True)[0] / scale
+            finite = torch.isfinite(gx).all()
+            ok = finite if ok is None else ok & finite
+            parts.append(torch.where(finite, gx, torch.zeros_like(gx)))
+        self.fp16_dropped = self.fp16_dropped + (~ok).to(torch.int32)
+        return (l_s, l_t, *parts) if self.split_gradients else (l_s, l_t, parts[0], None)
 
     # -- evaluation forms ---------------------------------------------------------------------
     def _keys(self, keys: list[torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -94,11 +94,15 @@ def normalized_difference(
     return a, b, d
 
 
-_CHUNK_ELEMS = 1 << 20  # frames are processed in chunks of about this many key elements
+_CHUNK_ELEMS = 1 << 20  # frames are processed in chunks of about this many key elements (4 MB of fp32 a temporary)
+# on a GPU one frame per chunk makes the loss launch-bound (a ZeroScope layer is 0.9M elements a frame): chunks
+# of up to 16M elements (64 MB a temporary; all 16 frames of ZeroScope's largest layer at once)
+_CHUNK_ELEMS_CUDA = 1 << 24
 
 
-def _chunks(g: int, n: int, c: int):
-    step = max(1, _CHUNK_ELEMS // max(1, n * c))
+def _chunks(g: int, n: int, c: int, device: torch.device | str = "cpu"):
+    budget = _CHUNK_ELEMS_CUDA if torch.device(device).type == "cuda" else _CHUNK_ELEMS
+    step = max(1, budget // max(1, n * c))
     return [(i, min(g, i + step)) for i in range(0, g, step)]
 
 
@@ -118,7 +122,7 @@ class _SpatialSSMTorch(torch.autograd.Function):
         if gram:
             ga = torch.empty(g, c, c, dtype=torch.float32, device=keys.device)
             p = torch.empty_like(ga)
-        for i, j in _chunks(g, n, c):
+        for i, j in _chunks(g, n, c, keys.device):
             a, b, d = normalized_difference(keys[i:j].float(), keys_ref[i:j].float())
             if gram:
                 dt = d.transpose(1, 2)
@@ -139,7 +143,7 @@ class _SpatialSSMTorch(torch.autograd.Function):
         g, n, c = keys.shape
         scale = grad_out.float() * (4.0 / (g * n * n))
         grad = torch.empty_like(keys)
-        for i, j in _chunks(g, n, c):
+        for i, j in _chunks(g, n, c, keys.device):
             k = keys[i:j].float()
             a, b, d = normalized_difference(k, keys_ref[i:j].float())
             if mats:  # dL/dA = 4 (D G_A + B P) / (G N^2)
