@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -97,6 +98,10 @@ def run_one(loss: str, backend: str, n: int, c: int, f: int, device: str, repeat
     from fastdm.losses import spatial_ssm_loss, temporal_ssm_loss
 
     fn = spatial_ssm_loss if loss == "spatial" else temporal_ssm_loss
+    tuned = backend == "triton-autotune"  # the Triton kernels under @triton.autotune over launch.AUTOTUNE_CONFIGS
+    if tuned:
+        os.environ["FASTDM_TRITON_AUTOTUNE"] = "1"
+        backend = "triton"
     gen = torch.Generator().manual_seed(0)
     kr = torch.randn(f, n, c, generator=gen).to(device)
     k = (kr + 1e-3 * torch.randn(f, n, c, generator=gen).to(device)).requires_grad_(True)
@@ -124,6 +129,10 @@ def run_one(loss: str, backend: str, n: int, c: int, f: int, device: str, repeat
     if device == "cuda" and backend == "triton":
         res["device_name"] = torch.cuda.get_device_name()
         res["kernels"] = kernel_rooflines(step, n, c, f, res["device_name"])
+    if tuned:  # what the autotuner chose, per kernel
+        from fastdm.kernels import launch as L
+
+        res["autotuned"] = {name: str(getattr(fn_, "best_config", None)) for name, fn_ in L._AUTOTUNED.items()}
     return res
 
 
@@ -153,7 +162,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--frames", default="8,16,24")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--backends", default=None, help="default: naive,torch (+triton on cuda)")
+    ap.add_argument("--backends", default=None, help="default: naive,torch (+triton on cuda); also triton-autotune "
+                    "(FASTDM_TRITON_AUTOTUNE=1: the best of launch.AUTOTUNE_CONFIGS, the choice recorded)")
     ap.add_argument("--quick", action="store_true", help="only (2880, 320) at F = 16")
     ap.add_argument("--out", default=None, help="folder for ssm-<machine>.{json,md} (default: benchmarks/results)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -197,7 +207,7 @@ def main() -> None:
                     else:
                         res = json.loads(p.stdout.strip().splitlines()[-1])
                     row = {"loss": loss, "backend": b, "N": n, "C": c, "F": f, **res}
-                    if "copy_tbps" in meta and loss == "spatial" and b == "triton" and "median_s" in row:
+                    if "copy_tbps" in meta and loss == "spatial" and b.startswith("triton") and "median_s" in row:
                         row["roofline_s"] = roofline_s(n, c, f, meta["fp32_matmul_tflops"], meta["copy_tbps"])
                     rows.append(row)
                     print(json.dumps(row), flush=True)
@@ -242,8 +252,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
                   "| loss | N | C | F | kernel | calls | device ms | roofline ms | bound | fraction of roofline |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r, k in kern_rows:
-            lines.append(f"| {r['loss']} | {r['N']} | {r['C']} | {r['F']} | {k['kernel']} | {k['calls']} | {k['time_s'] * 1e3:.3f} | "
-                         f"{k['roofline_s'] * 1e3:.3f} | {k['bound']} | {100 * k['fraction']:.0f}% |")
+            lines.append(f"| {r['loss']} | {r['N']} | {r['C']} | {r['F']} | {r['backend']}: {k['kernel']} | {k['calls']} | "
+                         f"{k['time_s'] * 1e3:.3f} | {k['roofline_s'] * 1e3:.3f} | {k['bound']} | {100 * k['fraction']:.0f}% |")
+    tuned = [r for r in rows if r.get("autotuned")]
+    if tuned:
+        lines += ["", "triton-autotune chose (per kernel, over fastdm.kernels.launch.AUTOTUNE_CONFIGS):", ""]
+        lines += [f"- {r['loss']} N={r['N']} C={r['C']} F={r['F']}: " + "; ".join(f"{k}: {v}" for k, v in r["autotuned"].items())
+                  for r in tuned]
     return "\n".join(lines) + "\n"
 
 

@@ -159,3 +159,18 @@ def test_cuda_profile_sorts_kernels_by_kind_and_reaches_the_table(tmp_path, monk
     assert "--cuda-profile" in cmds[0]
     md = next(tmp_path.glob("edit-tiny-*.md")).read_text()
     assert "| matmul | 120.0 | 59% |" in md and "| `flash_fwd_kernel` | 30 | 60.00 |" in md
+
+
+def test_bench_ssm_records_what_autotune_chose():
+    """triton-autotune rows carry the autotuner's choice per kernel into the table; on the CPU (interpreter) the
+    backend runs untuned, so nothing is claimed there."""
+    import benchmarks.bench_ssm as bench_ssm
+
+    row = {"loss": "spatial", "backend": "triton-autotune", "N": 2880, "C": 320, "F": 16, "median_s": 0.002,
+           "extra_peak_bytes": 2**20, "autotuned": {"gram3": "BN: 32, BC: 64, num_warps: 8, num_stages: 2"}}
+    md = bench_ssm.markdown([row], {"machine": "m", "machine_description": "d", "repeats": 3})
+    assert "triton-autotune chose" in md and "gram3: BN: 32, BC: 64, num_warps: 8, num_stages: 2" in md
+    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_ssm", "--one", "spatial,triton-autotune,40,8,2", "--repeats", "1"],
+                         capture_output=True, text=True, check=True, env={**__import__("os").environ, "TRITON_INTERPRET": "1"})
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["median_s"] > 0 and r["autotuned"] == {}

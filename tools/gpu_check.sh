@@ -19,7 +19,8 @@
 #   install          fastdm (editable, no deps) + the carried wheel(s)
 #   versions         the same after the install, GPU name and capability
 #   kernel-tests     tests/test_kernels.py on the compiled kernels, full ZeroScope key sizes (-n 4 with xdist, -rA)
-#   bench-ssm        benchmarks.bench_ssm --device cuda --quick: materialized vs torch vs Triton, roofline fractions
+#   bench-ssm        benchmarks.bench_ssm --device cuda --quick: materialized vs torch vs Triton (its configs, and
+#                    autotuned over launch.AUTOTUNE_CONFIGS with the choice recorded), roofline fractions
 #   bench-16         fastdm-bench zeroscope-576w bf16, 16 frames: fast, lean, plain; each with one extra step under
 #                    the CUDA profiler (device time by kind of kernel, the top kernels)
 #   bench-24         the same at 24 frames
@@ -54,7 +55,7 @@ STEPS=(
   "install|60|-|$PY -m pip install -q --no-index --no-deps --no-build-isolation -e . || { echo 'pip could not install fastdm: a copy on PYTHONPATH instead'; rm -rf \$WORK/site; mkdir -p \$WORK/site && cp -rL fastdm \$WORK/site/ && echo \"export PYTHONPATH=\$WORK/site\" >\$WORK/.env; }; if ls $WHEELS_DIR/*.whl >/dev/null 2>&1; then $PY -m pip install -q --no-index --no-deps --find-links $WHEELS_DIR $WHEELS_DIR/*.whl; else echo 'no wheels in $WHEELS_DIR/: the steps that need diffusers are skipped (run tools/gpu_check.sh --fetch-wheels and carry $WHEELS_DIR)'; fi; $ENVFILE $PY -c 'import fastdm.kernels' || exit 1; $PY -c 'import diffusers' 2>/dev/null && touch \$WORK/.diffusers; $PY -m pip show diffusers fastdm 2>/dev/null | grep -E '^(Name|Version|Location)'; exit 0"
   "versions|20|-|$ENVFILE $PY -c 'import torch, transformers, fastdm, fastdm.kernels; i = torch.cuda.current_device(); print(\"transformers\", transformers.__version__); print(torch.cuda.get_device_name(i), \"sm%d%d\" % torch.cuda.get_device_capability(i), round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1), \"GiB\")'; $PY -c 'import diffusers; print(\"diffusers\", diffusers.__version__)'"
   "kernel-tests|120|-|$ENVFILE X=; $PY -c 'import xdist' 2>/dev/null && X='-n 4'; TRITON_INTERPRET=0 $PY -m pytest -q -rA -p no:cacheprovider \$X tests/test_kernels.py"
-  "bench-ssm|60|-|$ENVFILE $PY -m benchmarks.bench_ssm --device cuda --quick --repeats 3 --out \$WORK"
+  "bench-ssm|80|-|$ENVFILE $PY -m benchmarks.bench_ssm --device cuda --quick --repeats 3 --backends naive,torch,triton,triton-autotune --out \$WORK"
   "bench-16|120|diffusers|$ENVFILE $PY $BENCH --frames 16 --modes fast,lean,plain --cuda-profile --out \$WORK/bench-16"
   "bench-24|100|diffusers|$ENVFILE $PY $BENCH --frames 24 --modes fast,lean,plain --out \$WORK/bench-24"
   "bench-compile-16|150|diffusers|$ENVFILE $PY $BENCH --frames 16 --modes fast:compile+grad --out \$WORK/bench-compile-16"
