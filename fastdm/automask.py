@@ -112,8 +112,10 @@ class _CrossAttentionMaps:
     whose item ``b`` should look at token positions ``positions[b]``, :attr:`maps` holds per layer
     ``(B, F, N)``: the attention of each video token to those tokens (summed), averaged over heads."""
 
-    def __init__(self, backbone: Backbone, layers: dict, positions: list[list[int]], num_frames: int):
+    def __init__(self, backbone: Backbone, layers: dict, positions: list[list[int]], num_frames: int,
+                 key_mask: torch.Tensor | None = None):
         self.backbone, self.layers, self.positions, self.num_frames = backbone, layers, positions, num_frames
+        self.key_mask = key_mask  # (B, L) bool: the text positions the model attends to (None: all)
         self.maps: dict[str, torch.Tensor] = {}
         self._q: dict[str, torch.Tensor] = {}
         self._handles = []
@@ -137,7 +139,10 @@ class _CrossAttentionMaps:
         h = ca.heads
         q = q.reshape(*q.shape[:3], h, -1)
         k = k.reshape(b, k.shape[1], h, -1)
-        probs = torch.einsum("bfnhd,blhd->bfhnl", q, k).mul_(ca.scale).softmax(-1)  # (B, F, H, N, L)
+        logits = torch.einsum("bfnhd,blhd->bfhnl", q, k).mul_(ca.scale)  # (B, F, H, N, L)
+        if self.key_mask is not None:  # padding the model masks out gets no share of the softmax here either
+            logits.masked_fill_(~self.key_mask.to(logits.device)[:, None, None, None, :], float("-inf"))
+        probs = logits.softmax(-1)
         maps = []
         for i in range(b):
             pos = self.positions[i]
@@ -197,6 +202,7 @@ def estimate_mask(backbone: Backbone, x_src: torch.Tensor, text: torch.Tensor, s
     used = [i for i, pos in enumerate((sp, tp)) if pos and (prompts == "both" or i == (prompts == "target"))]
     used = used or [i for i, pos in enumerate((sp, tp)) if pos]
     T = backbone.info.num_train_timesteps
+    key_mask = backbone.text_key_mask(text)
     fw = x_src.shape[2]
     n = fw if not window or window >= fw else window
     starts = sorted({min(s, fw - n) for s in range(0, fw, n)})
@@ -206,7 +212,7 @@ def estimate_mask(backbone: Backbone, x_src: torch.Tensor, text: torch.Tensor, s
         result.timesteps.append(t)
         if n == fw:  # the whole clip in one call (the form every clip had before windows)
             x_t = (a * x_src + b * noise).expand(2, *x_src.shape[1:])
-            with _CrossAttentionMaps(backbone, chosen, [sp, tp], nf) as cap:
+            with _CrossAttentionMaps(backbone, chosen, [sp, tp], nf, key_mask) as cap:
                 backbone.predict_noise(x_t, t, text)
             result.denoiser_calls += 1
             for m in cap.maps.values():
@@ -219,7 +225,7 @@ def estimate_mask(backbone: Backbone, x_src: torch.Tensor, text: torch.Tensor, s
         for s in starts:  # window by window; frames two windows share get the mean of both
             v0, v1 = backbone.working_to_video_range(s, s + n)
             x_t = (a * x_src[:, :, s:s + n] + b * noise[:, :, s:s + n]).expand(2, -1, -1, -1, -1)
-            with _CrossAttentionMaps(backbone, chosen, [sp, tp], v1 - v0) as cap:
+            with _CrossAttentionMaps(backbone, chosen, [sp, tp], v1 - v0, key_mask) as cap:
                 backbone.predict_noise(x_t, t, text)
             result.denoiser_calls += 1
             for m in cap.maps.values():

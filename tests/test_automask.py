@@ -190,3 +190,52 @@ def test_wan_backbone_mask_over_latent_frames(tmp_path):
     assert am.fallback is None and am.mask.shape == (5, 32, 48)
     res = pipe(clip, src, tgt, mask="auto", steps=1)
     assert res.report["auto_mask"]["denoiser_calls"] == 1 and res.frames.shape == clip.shape
+
+
+def test_cross_attention_maps_leave_out_the_padding_the_model_masks():
+    """Where the model masks padded text rows (LTX-Video, HunyuanVideo), the maps' softmax runs over the real rows
+    only: the same maps as a text without the padding. Unmasked, the padding takes a share and the maps differ."""
+    from fastdm.automask import _CrossAttentionMaps
+    from fastdm.backbone.base import CrossAttention
+
+    class Frames:  # UNet3D's layout: (B*F, N, C) queries, text keys repeated per frame
+        def keys_to_frames(self, k, f):
+            return k.reshape(-1, f, *k.shape[1:])
+
+    q_mod, k_mod = torch.nn.Identity(), torch.nn.Identity()
+    ca = CrossAttention(q_mod, k_mod, 2, 0.5)
+    gen = torch.Generator().manual_seed(0)
+    b, f, n, length, c, real = 2, 3, 5, 7, 8, 4
+    q = torch.randn(b * f, n, c, generator=gen)
+    k = torch.randn(b * f, length, c, generator=gen)
+    mask = torch.zeros(b, length, dtype=torch.bool)
+    mask[:, :real] = True
+
+    def maps(keys, key_mask):
+        cap = _CrossAttentionMaps(Frames(), {"a": ca}, [[1], [0, 2]], f, key_mask)
+        with cap:
+            q_mod(q)
+            k_mod(keys)
+        return cap.maps["a"]
+
+    want = maps(k[:, :real], None)
+    assert torch.allclose(maps(k, mask), want, atol=1e-6)
+    assert not torch.allclose(maps(k, None), want, atol=1e-3)
+
+
+def test_text_key_masks_are_the_ones_the_models_are_given():
+    """LTX-Video: the non-zero rows; HunyuanVideo: the non-zero Llama rows (the last row is the pooled CLIP vector);
+    the first row always (as their denoiser_forward builds the mask); UNet3D: none (it attends to every row)."""
+    from fastdm.backbone.base import Backbone
+    from fastdm.backbone.hunyuan import HunyuanVideoBackbone
+    from fastdm.backbone.ltx import LTXBackbone
+
+    text = torch.zeros(2, 6, 4)
+    text[0, :3] = 1.0
+    text[1, 1:2] = 1.0
+    text[:, 5] = 2.0  # (Hunyuan: the pooled row)
+    ltx = LTXBackbone.text_key_mask(None, text)
+    assert ltx.tolist() == [[True, True, True, False, False, True], [True, True, False, False, False, True]]
+    hy = HunyuanVideoBackbone.text_key_mask(None, text)
+    assert hy.tolist() == [[True, True, True, False, False], [True, True, False, False, False]]
+    assert Backbone.text_key_mask(None, text) is None

@@ -295,6 +295,12 @@ class Backbone(abc.ABC):
         order; their queries map to frames with :meth:`keys_to_frames`. Default: none."""
         return {}
 
+    def text_key_mask(self, text: torch.Tensor) -> torch.Tensor | None:
+        """``(B, L)`` bool: the text positions of ``text`` (as :meth:`predict_noise` takes it) that the model's
+        cross-attention attends to, where it masks padding; None where it attends to every position (the
+        automatic mask's softmax then runs over all of them too). Default: None."""
+        return None
+
     def word_token_positions(self, prompt: str) -> list[list[int]]:
         """Token positions of each word of ``prompt`` in the text embedding (automatic mask)."""
         raise FastDMError(f"{type(self).__name__} cannot map prompt words to tokens; give `mask` or `boxes`")

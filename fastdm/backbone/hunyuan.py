@@ -269,6 +269,12 @@ class HunyuanVideoBackbone(ScaledLatent, VideoTransformer, FlowNoise, Backbone):
                 out[name] = CrossAttention(_Slice(q, _heads_merged), _Slice(k, _heads_merged), heads, scale)
         return out
 
+    def text_key_mask(self, text: torch.Tensor) -> torch.Tensor:
+        """The mask :meth:`denoiser_forward` gives the transformer: the Llama rows that are not zero (and the first)."""
+        mask = text[:, :text.shape[1] - 1].abs().amax(-1) > 0
+        mask[:, 0] = True
+        return mask
+
     def word_token_positions(self, prompt: str) -> list[list[int]]:
         """Positions of each word's tokens in the cropped Llama sequence: the prompt's tokens start after the template's
         prefix, which begins ``crop_start`` tokens earlier (0 when the crop is the prefix, as the pipeline's is)."""

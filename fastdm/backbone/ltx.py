@@ -193,6 +193,12 @@ class LTXBackbone(VideoTransformer, FlowNoise, Backbone):
                                                                  (b.attn2.to_q.out_features // b.attn2.heads) ** -0.5)
                 for i, b in enumerate(self.transformer.transformer_blocks)}
 
+    def text_key_mask(self, text: torch.Tensor) -> torch.Tensor:
+        """The mask :meth:`denoiser_forward` gives the transformer: the non-zero rows (and the first)."""
+        mask = text.abs().amax(-1) > 0
+        mask[:, 0] = True
+        return mask
+
     def word_token_positions(self, prompt: str) -> list[list[int]]:
         from .base import word_token_positions
 
