@@ -16,7 +16,6 @@ tab was closed is told to stop and holds the model until its current step ends.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import queue
 import tempfile
@@ -285,16 +284,24 @@ class EditService:
             ev.set()
 
 
+def form_defaults(model: str | None, preset: str | None = None):
+    """The settings the form shows for ``model`` under ``preset`` (None: the default): the built-in defaults, the
+    family's fallback, the model folder's measured defaults, then the preset, as an edit resolves them."""
+    from ..driver.config import resolve_config
+
+    model_defaults, family_defaults, family = folder_defaults(model)
+    return resolve_config(preset, "s", "t", {}, model_defaults=model_defaults, family_defaults=family_defaults,
+                          family=family)[0]
+
+
 def build_app(service: EditService, queue_size: int | None = None):
     import gradio as gr
 
     from ..automask import DEFAULT_MODE
-    from ..driver.config import PRESETS, EditConfig, config_from_preset
+    from ..driver.config import PRESETS
     from ..driver.plan import PLANS
 
-    d = EditConfig("s", "t")
-    model_defaults, family_defaults, _ = folder_defaults(service.model)  # the form starts at this model's own defaults
-    d = dataclasses.replace(d, **{k: v for k, v in {**family_defaults, **model_defaults}.items() if hasattr(d, k)})
+    d = form_defaults(service.model)  # the form starts at this model's own defaults
     clips = bundled_clips()
     with gr.Blocks(title="fastdm: DreamMotion video editing") as demo:
         gr.Markdown("## fastdm: DreamMotion zero-shot video editing\nChange a clip's appearance from a text prompt; "
@@ -341,8 +348,8 @@ def build_app(service: EditService, queue_size: int | None = None):
         def on_run(up, bu, so, ta, bx, ma, st, l, g, se, pl, fr, am, pr, request: gr.Request):
             yield from service.edit(request.session_hash, up, bu, so, ta, bx, ma, st, l, g, se, pl, fr, am, pr)
 
-        def on_preset(name):
-            c = config_from_preset(name, "s", "t")
+        def on_preset(name):  # (the model's own defaults under the preset, as the edit will resolve them)
+            c = form_defaults(service.model, name)
             return gr.update(value=c.steps), gr.update(value=c.lr)
 
         def on_stop(request: gr.Request):
