@@ -381,6 +381,16 @@ def extended_rows(runs: list[dict], tols=EXTEND_TOLS) -> list[dict]:
     return out
 
 
+def mcnemar(won: int, lost: int) -> float:
+    """Exact two-sided McNemar p-value of paired successes: ``won`` clips the candidate finished and the paper did
+    not, ``lost`` the reverse (a binomial test of the discordant pairs at 1/2)."""
+    n = won + lost
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(won, lost) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
 def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), reference: str = "paper@200",
            hashes: dict | None = None) -> tuple[dict, str]:
     """ARCHITECTURE.md, "The rule that picks the default", applied to one half's tables of both bundled models
@@ -411,6 +421,15 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
                      ("area", "area_kept", ("colour", "shape", "both")))}
 
         ref_counts = counts(reference)
+        ok_ref = {(r["case"], m): r["metrics"][m] for r in runs if r["method"] == reference
+                  for m in ("colour_ok", "area_kept")}
+
+        def paired(method, metric, kinds):  # clips won and lost against the reference, one by one
+            rs = [r for r in runs if r["method"] == method and r["kind"] in kinds and (r["case"], metric) in ok_ref]
+            won = sum(bool(r["metrics"][metric]) and not ok_ref[(r["case"], metric)] for r in rs)
+            lost = sum(not r["metrics"][metric] and bool(ok_ref[(r["case"], metric)]) for r in rs)
+            return won, lost
+
         rows = []
         for name, a in table.items():
             if name == reference or a["edits"] != n_cases or "auto" in name or name.split("@")[0] in EXTENDED or \
@@ -423,9 +442,11 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
                 why.append(f"drift {a['mean_drift_px']:.2f} > {ref['mean_drift_px']:.2f} + 0.1")
             if ev > cap:
                 why.append(f"{ev:.1f} evaluations > 83.5")
+            pc, pa = paired(name, "colour_ok", ("colour", "both")), paired(name, "area_kept", ("colour", "shape", "both"))
             rows.append({"candidate": name, "evaluations": ev, "worst": a["worst_evaluations"], "drift": a["mean_drift_px"],
                          "colour": a["colour_success"], "shape": a["shape_success"], "area": a["area_kept"],
-                         "shortfall": sum(short.values()), "qualifies": not why, "why_not": why})
+                         "shortfall": sum(short.values()), "qualifies": not why, "why_not": why,
+                         "paired_colour": [*pc, mcnemar(*pc)], "paired_area": [*pa, mcnemar(*pa)]})
         rows.sort(key=lambda r: (not r["qualifies"], r["evaluations"] if r["qualifies"] else r["shortfall"],
                                  r["evaluations"], r["drift"], r["worst"]))
         qual = [r for r in rows if r["qualifies"]]
@@ -436,11 +457,16 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
         lines += [f"## {model}", "",
                   f"{reference}: colour {ref['colour_success']:.0%}, shape {ref['shape_success']:.0%}, area kept {ref['area_kept']:.0%}, "
                   f"drift {ref['mean_drift_px']:.2f} px, {ref['forward'] + ref['backward']:.0f} evaluations.", "",
-                  "| candidate | mean evaluations | worst | colour | shape | area kept | drift (px) | qualifies | why not |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| candidate | mean evaluations | worst | colour | shape | area kept | drift (px) | qualifies | why not "
+                  "| colour won / lost vs paper (p) | area won / lost (p) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
+            pc, pa = r["paired_colour"], r["paired_area"]
             lines.append(f"| {r['candidate']} | {r['evaluations']:.1f} | {r['worst']} | {r['colour']:.0%} | {r['shape']:.0%} | "
-                         f"{r['area']:.0%} | {r['drift']:.2f} | {'yes' if r['qualifies'] else 'no'} | {'; '.join(r['why_not'])} |")
+                         f"{r['area']:.0%} | {r['drift']:.2f} | {'yes' if r['qualifies'] else 'no'} | {'; '.join(r['why_not'])} "
+                         f"| {pc[0]} / {pc[1]} ({pc[2]:.2f}) | {pa[0]} / {pa[1]} ({pa[2]:.2f}) |")
+        lines += ["", "won / lost: clips the candidate finished and the paper did not, and the reverse, clip by clip; p: exact "
+                  "two-sided McNemar test of those pairs (context for the counts; the rule above counts clips)."]
         if half == "report":  # nothing is chosen here (rule 5): the table says whether the chosen default holds
             out[model]["default"] = None
             lines += ["", "The report half chooses nothing (rule 5); `qualifies` is the issue's test on clips the choice never saw.", ""]

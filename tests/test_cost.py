@@ -371,6 +371,9 @@ def test_the_rule_that_picks_the_default(tmp_path, monkeypatch):
     data, md = cost.decide("m")
     rows = {r["candidate"]: r for r in data["shapes"]["rows"]}
     assert not rows["cheap"]["qualifies"] and rows["cheap"]["why_not"] == ["colour 1 clip(s) short"]
+    assert rows["cheap"]["paired_colour"] == [0, 1, 1.0] and rows["good"]["paired_area"] == [0, 0, 1.0]
+    assert "| 0 / 1 (1.00) |" in md
+    assert cost.mcnemar(1, 3) == 0.625 and cost.mcnemar(0, 6) == 2 / 64 and cost.mcnemar(7, 7) == 1.0
     assert not rows["drifty"]["qualifies"] and not rows["slow"]["qualifies"] and rows["good"]["qualifies"]
     ext = rows["extf-lr2.4-12+speed0.5"]  # continues c0 once (speed ratio 1 >= 0.5), stops the others at 12
     assert ext["qualifies"] and ext["evaluations"] == (4 * 62 + 82) / 5 and ext["worst"] == 82
