@@ -80,12 +80,13 @@ def test_dry_run_plan_fits_one_call_in_priority_order(tmp_path):
     assert all(by[n]["worst"] == "fits" for n in names[: names.index("bench-24") + 1])
     assert "TRITON_INTERPRET=0" in by["kernel-tests"]["cmd"] and "-rA" in by["kernel-tests"]["cmd"]
     assert "-n 4" in by["kernel-tests"]["cmd"] and "tests/test_kernels.py" in by["kernel-tests"]["cmd"]
-    assert "--device cuda" in by["bench-ssm"]["cmd"]
+    assert "--device cuda" in by["bench-ssm"]["cmd"] and "triton-autotune" in by["bench-ssm"]["cmd"]
+    assert "--cuda-profile" in by["bench-16"]["cmd"]
     for n, frames in (("bench-16", 16), ("bench-24", 24)):
         assert f"--frames {frames} --modes fast,lean,plain" in by[n]["cmd"]
         assert "--device cuda --dtype bf16" in by[n]["cmd"] and "--no-flops" in by[n]["cmd"]
         assert by[n]["needs"] == "diffusers"
-    assert "fast:compile+grad" in by["bench-compile-16"]["cmd"] and "--modes naive" in by["bench-naive-16"]["cmd"]
+    assert "--modes fast:compile " in by["bench-compile-16"]["cmd"] and "--modes naive" in by["bench-naive-16"]["cmd"]
     assert by["kernel-tests"]["needs"] == "-" and by["bench-ssm"]["needs"] == "-"
     # the device call to make: what to carry, the time limit to ask for (budget + margin, within 600 s)
     m = re.search(r'^device call: .*carry \["(.+)"\], timeout_s (\d+)$', p.stdout, re.M)
