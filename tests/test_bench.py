@@ -174,3 +174,19 @@ def test_bench_ssm_records_what_autotune_chose():
                          capture_output=True, text=True, check=True, env={**__import__("os").environ, "TRITON_INTERPRET": "1"})
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["median_s"] > 0 and r["autotuned"] == {}
+
+
+def test_fp16_grad_range_writes_its_table(tmp_path, monkeypatch):
+    """benchmarks/fp16_grad_range.py at a small size: the float64 gradients' largest and median entries and the share
+    under fp16's smallest subnormal (near the source, all of it)."""
+    import benchmarks.fp16_grad_range as fgr
+
+    monkeypatch.setattr(fgr, "SIZES", [(40, 8)])
+    assert fgr.main(["--frames", "2", "--out", str(tmp_path)]) == 0
+    rows = json.loads(next(tmp_path.glob("fp16-grad-range-*.json")).read_text())["rows"]
+    assert len(rows) == 6 and all(r["max"] >= r["median"] > 0 for r in rows)
+    by = {(r["keys"], r["loss_kind"]): r for r in rows}
+    for loss in ("spatial", "temporal"):  # the closer to the source, the smaller, and more of it under fp16's range
+        far, near = by[("unrelated", loss)], by[("source + 1e-05 noise", loss)]
+        assert near["max"] < 1e-3 * far["max"] and near["below_fp16_subnormal"] >= far["below_fp16_subnormal"]
+    assert "| 40 | 8 | unrelated | spatial |" in next(tmp_path.glob("fp16-grad-range-*.md")).read_text()

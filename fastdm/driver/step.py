@@ -134,7 +134,7 @@ class DreamMotionStep:
         """S-SSM / T-SSM gradients of an fp16 model, which would underflow in fp16.
 
         The loss is a mean over F x N x N similarities: near the source its gradient in the keys is
-        3e-7 to 1e-15 at ZeroScope's sizes, mostly under fp16's smallest subnormal (6e-8), so a plain
+        3e-7 to 6e-16 at ZeroScope's sizes, mostly under fp16's smallest subnormal (6e-8), so a plain
         backward hands the model zeros. Here the losses run on fp32 copies of the keys, their
         gradients stay fp32, and the backward through the model starts from them scaled by a power
         of two S that brings their largest entry into [0.5, 1) (fp16's range leaves 65504x headroom
