@@ -81,8 +81,9 @@ def config_for(kernel: str, n: int, c: int, dtype: torch.dtype = torch.float32) 
 SPLIT_ALIGN = 64
 AUTOTUNE_CONFIGS = {  # measured spill-free at sm_86 fp32 (python -m fastdm.kernels.aot checks config_for's choice)
     # gram3's last three: Hopper candidates after the H100 run (gram3 at 2 % of its roofline with the first): ptxas
-    # at sm_90a fp32 / bf16, ZeroScope's N, C: no spills, wgmma for the first two (29-54 KB shared); at sm_80-89 they
-    # spill 12-1348 B, so they stay out of config_for until a GPU run measures them (bench_ssm's triton-autotune row)
+    # at sm_90a (fp32 / fp16 / bf16, ZeroScope's N, C): no spills, wgmma for the first two (16-54 KB shared); at
+    # sm_80-89 each spills somewhere (12 B to 2.4 KB), so they stay out of config_for until a GPU run measures them
+    # (bench_ssm's triton-autotune row). benchmarks/results/kernels-aot-gram3-*.md (python -m fastdm.kernels.aot --config)
     "gram3": [KernelConfig({"BN": 16, "BC": 32}, 8, 1), KernelConfig({"BN": 16, "BC": 32}, 8, 2),
               KernelConfig({"BN": 32, "BC": 64}, 8, 2), KernelConfig({"BN": 16, "BC": 64}, 8, 2),
               KernelConfig({"BN": 32, "BC": 32}, 8, 3)],
