@@ -136,13 +136,8 @@ class EditRequest:
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(EditConfig)})
         if unknown:
             raise BadInput(f"unknown setting(s) {', '.join(unknown)}; settings are EditConfig fields", field="settings")
-        from .backbone import resolve_model
-
-        folder = model or self.model
-        model_defaults, family_defaults, family = folder_defaults(folder) \
-            if Path(resolve_model(folder)).expanduser().is_dir() else ({}, {}, "family")
-        config, self.settings_source = resolve_config(self.preset, self.source_prompt, self.target_prompt, values,
-                                                      model_defaults=model_defaults, family_defaults=family_defaults, family=family)
+        config, self.settings_source = model_config(model or self.model, self.preset, self.source_prompt, self.target_prompt,
+                                                    values)
         need_keys = config.s_ssm_weight > 0 or config.t_ssm_weight > 0
         if self.plan is not None and self.plan not in PLANS:
             raise BadInput(f"unknown plan {self.plan!r}; choose one of {', '.join(PLANS)}", field="plan")
@@ -232,6 +227,19 @@ def _folder_json(model: str | os.PathLike | None) -> tuple[Path, dict]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FastDMError(f"{meta} is not valid JSON ({e}); fix it or delete it") from None
     return root, info if isinstance(info, dict) else {}
+
+
+def model_config(model: str | None, preset: str | None, source_prompt: str, target_prompt: str,
+                 given: dict) -> tuple[EditConfig, dict[str, str]]:
+    """:func:`~fastdm.driver.config.resolve_config` under the defaults ``model``'s folder carries (its fastdm.json,
+    its family's fallback; none where the folder does not exist): the settings an edit of that model runs with,
+    and where each came from."""
+    from .backbone import resolve_model
+
+    model_defaults, family_defaults, family = folder_defaults(model) \
+        if Path(resolve_model(model)).expanduser().is_dir() else ({}, {}, "family")
+    return resolve_config(preset, source_prompt, target_prompt, given, model_defaults=model_defaults,
+                          family_defaults=family_defaults, family=family)
 
 
 def folder_defaults(path: str | os.PathLike | None) -> tuple[dict, dict, str]:

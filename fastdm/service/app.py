@@ -28,7 +28,7 @@ import numpy as np
 from ..errors import BadInput, FastDMError, MissingDependency, flags_of, spell
 from ..io.video import enlarge as _enlarge
 from ..io.video import preview_strip
-from ..request import EditRequest, folder_defaults
+from ..request import EditRequest, model_config
 from ..version import __version__
 from .jobs import edit_request
 
@@ -285,13 +285,8 @@ class EditService:
 
 
 def form_defaults(model: str | None, preset: str | None = None):
-    """The settings the form shows for ``model`` under ``preset`` (None: the default): the built-in defaults, the
-    family's fallback, the model folder's measured defaults, then the preset, as an edit resolves them."""
-    from ..driver.config import resolve_config
-
-    model_defaults, family_defaults, family = folder_defaults(model)
-    return resolve_config(preset, "s", "t", {}, model_defaults=model_defaults, family_defaults=family_defaults,
-                          family=family)[0]
+    """The settings the form shows for ``model`` under ``preset`` (None: the default), as an edit resolves them."""
+    return model_config(model, preset, "s", "t", {})[0]
 
 
 def build_app(service: EditService, queue_size: int | None = None):
