@@ -27,8 +27,8 @@ class EditConfig:
     target_prompt: str
     # The default schedule (benchmarks/cost.py; ARCHITECTURE.md, "What an edit costs"): SGD decaying on a
     # cosine, t annealed from high to low, 12 steps: 1/16 of the paper's denoiser evaluations. lr 0.8 is the
-    # built-in value for models nobody has measured; the bundled models carry their measured lr 3.2 in their
-    # fastdm.json (picked on the suite's choose half). The paper's: PRESETS["paper"].
+    # built-in value for models nobody has measured; the bundled models carry their measured defaults in their
+    # fastdm.json (picked on the suite's choose half: lr 3.2; the UNet also 16 steps). The paper's: PRESETS["paper"].
     steps: int = 12
     lr: float = 0.8
     optimizer: str = "sgd"  # "sgd" or "adam"
