@@ -34,6 +34,7 @@ import contextlib
 import json
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -95,6 +96,8 @@ METRICS = ("colour_ok", "shape_ok", "drift_px", "area_kept", "background_change"
 
 
 RULE_HEADING = "## The rule that picks the default"
+# fresh report suites (build_full_suite(variant=N)'s report half) and the ARCHITECTURE.md rule that must name them first
+FRESH_SUITE_RULE = {1: "7. A third round"}
 
 
 def held_out_suite() -> list[dict]:
@@ -402,7 +405,7 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
                       "its mean drift at most 0.1 px above, and its mean evaluations (forward + backward) at most 1002 / 12 = 83.5; "
                       "the cheapest qualifying candidate is the model's default (ties: lower drift, then fewer worst-case "
                       "evaluations). Shortfall: clips below the paper's counts (colour + shape + area kept). "
-                      f"Written by `python -m benchmarks.cost --decide --half {half}`.", ""]
+                      f"Written by `python -m benchmarks.cost --decide --half {half.replace('-v', ' --variant ')}`.", ""]
     for model in models:
         cache = RESULTS / f"cost-{model}-{half}-{machine}.runs.jsonl"
         loaded = [json.loads(line) for line in cache.read_text().splitlines()]
@@ -435,7 +438,8 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
             if name == reference or a["edits"] != n_cases or "auto" in name or name.split("@")[0] in EXTENDED or \
                     name.startswith(("paper@", "dds", "sdedit", "flowedit")):
                 continue
-            short = {k: max(0, ref_counts[k] - v) for k, v in counts(name).items()}
+            got = counts(name)
+            short = {k: max(0, ref_counts[k] - v) for k, v in got.items()}
             ev = a["forward"] + a["backward"]
             why = [f"{k} {v} clip(s) short" for k, v in short.items() if v]
             if a["mean_drift_px"] > ref["mean_drift_px"] + 0.1:
@@ -445,34 +449,41 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
             pc, pa = paired(name, "colour_ok", ("colour", "both")), paired(name, "area_kept", ("colour", "shape", "both"))
             rows.append({"candidate": name, "evaluations": ev, "worst": a["worst_evaluations"], "drift": a["mean_drift_px"],
                          "colour": a["colour_success"], "shape": a["shape_success"], "area": a["area_kept"],
-                         "shortfall": sum(short.values()), "qualifies": not why, "why_not": why,
+                         "shortfall": sum(short.values()), "margin": sum(got.values()) - sum(ref_counts.values()),
+                         "qualifies": not why, "why_not": why,
                          "paired_colour": [*pc, mcnemar(*pc)], "paired_area": [*pa, mcnemar(*pa)]})
         rows.sort(key=lambda r: (not r["qualifies"], r["evaluations"] if r["qualifies"] else r["shortfall"],
                                  r["evaluations"], r["drift"], r["worst"]))
         qual = [r for r in rows if r["qualifies"]]
         pick = qual[0] if qual else min((r for r in rows if r["evaluations"] <= cap),
                                         key=lambda r: (r["shortfall"], r["evaluations"], r["drift"]), default=None)
+        # rule 7c (third round): the qualifying candidate with the largest margin over the paper, ties as rule 3
+        wide = min(qual, key=lambda r: (-r["margin"], r["evaluations"], r["drift"], r["worst"]), default=None)
         out[model] = {"rows": rows, "default": pick and pick["candidate"], "qualified": bool(qual),
+                      "widest_margin": wide and wide["candidate"],
                       "reference": {k: ref[k] for k in ("colour_success", "shape_success", "area_kept", "mean_drift_px")}}
         lines += [f"## {model}", "",
                   f"{reference}: colour {ref['colour_success']:.0%}, shape {ref['shape_success']:.0%}, area kept {ref['area_kept']:.0%}, "
                   f"drift {ref['mean_drift_px']:.2f} px, {ref['forward'] + ref['backward']:.0f} evaluations.", "",
                   "| candidate | mean evaluations | worst | colour | shape | area kept | drift (px) | qualifies | why not "
-                  "| colour won / lost vs paper (p) | area won / lost (p) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| margin (clips) | colour won / lost vs paper (p) | area won / lost (p) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             pc, pa = r["paired_colour"], r["paired_area"]
             lines.append(f"| {r['candidate']} | {r['evaluations']:.1f} | {r['worst']} | {r['colour']:.0%} | {r['shape']:.0%} | "
                          f"{r['area']:.0%} | {r['drift']:.2f} | {'yes' if r['qualifies'] else 'no'} | {'; '.join(r['why_not'])} "
-                         f"| {pc[0]} / {pc[1]} ({pc[2]:.2f}) | {pa[0]} / {pa[1]} ({pa[2]:.2f}) |")
-        lines += ["", "won / lost: clips the candidate finished and the paper did not, and the reverse, clip by clip; p: exact "
-                  "two-sided McNemar test of those pairs (context for the counts; the rule above counts clips)."]
-        if half == "report":  # nothing is chosen here (rule 5): the table says whether the chosen default holds
+                         f"| {r['margin']:+d} | {pc[0]} / {pc[1]} ({pc[2]:.2f}) | {pa[0]} / {pa[1]} ({pa[2]:.2f}) |")
+        lines += ["", "margin: clips finished (colour + shape edits, area kept) minus the paper's on these clips. won / lost: clips the "
+                  "candidate finished and the paper did not, and the reverse, clip by clip; p: exact two-sided McNemar test of "
+                  "those pairs (context for the counts; the rule above counts clips)."]
+        if half.startswith("report"):  # nothing is chosen here (rule 5): the table says whether the chosen default holds
             out[model]["default"] = None
             lines += ["", "The report half chooses nothing (rule 5); `qualifies` is the issue's test on clips the choice never saw.", ""]
         else:
             lines += ["", f"Default: **{out[model]['default']}**" + ("" if qual else " (none qualifies: the fewest clips short within "
-                                                                      "83.5 evaluations; rule 4)"), ""]
+                                                                      "83.5 evaluations; rule 4)"),
+                      "", f"Third round's pick (rule 7c: the qualifying candidate with the widest margin): **{out[model]['widest_margin']}**"
+                      if wide else "Third round's pick (rule 7c): none qualifies (rule 4's pick above)", ""]
     return out, "\n".join(lines) + "\n"
 
 
@@ -487,6 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--half", choices=("choose", "report"), default=None,
                     help="the full suite's choose or report half (fastdm/toyworld/suite.py) instead of the 10 held-out cases; "
                          "the report half runs only once ARCHITECTURE.md states the rule that picks the default")
+    ap.add_argument("--variant", type=int, default=0,
+                    help="with --half report: the report half of build_full_suite(variant=N), a fresh suite of the same make-up "
+                         "(ARCHITECTURE.md rule 7: variant 1 is the third round's; it runs only once that rule is written)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--choose", action="store_true", help="from both models' tables: the cheapest schedule that holds "
                     "the paper's quality on every measure (writes results/cost-choice-<machine>.{json,md})")
@@ -494,12 +508,17 @@ def main(argv: list[str] | None = None) -> int:
                     "tables of both models (writes results/cost-decision-<half>-<machine>.{json,md})")
     ap.add_argument("--tables", action="store_true", help="rewrite the tables from the run caches, run nothing")
     args = ap.parse_args(argv)
+    if args.variant and args.half != "report":
+        ap.error("--variant N is a fresh report suite: give it with --half report (choices are made on variant 0's choose half)")
+    if args.variant < 0:
+        ap.error("--variant: a whole number >= 0")
+    half = args.half and (f"{args.half}-v{args.variant}" if args.variant else args.half)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.decide:
         hashes = {m: denoiser_hash(resolve_model(m))[1] for m in ("shapes", "shapes-dit")}
-        data, md = decide(machine_name(), args.half or "choose", hashes=hashes)
-        write_results(f"cost-decision-{args.half or 'choose'}-{machine_name()}", data, md)
+        data, md = decide(machine_name(), half or "choose", hashes=hashes)
+        write_results(f"cost-decision-{half or 'choose'}-{machine_name()}", data, md)
         print(md)
         return 0
     if args.choose:
@@ -512,17 +531,22 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_name()
     name = args.model if args.model in ("shapes", "shapes-dit") else repo_relative(model).replace("/", "-")
     if args.half:
-        name = f"{name}-{args.half}"
-        if args.half == "report" and RULE_HEADING not in (RESULTS.parent.parent / "ARCHITECTURE.md").read_text():
+        name = f"{name}-{half}"
+        architecture = (Path(__file__).resolve().parent.parent / "ARCHITECTURE.md").read_text()
+        if args.half == "report" and RULE_HEADING not in architecture:
             raise SystemExit(f"error: the report half is run once, after ARCHITECTURE.md states the rule that picks the default "
                              f"(a section '{RULE_HEADING}'); choose on --half choose first")
+        if args.variant and FRESH_SUITE_RULE.get(args.variant, "\0") not in architecture:
+            raise SystemExit(f"error: report suite variant {args.variant} has no rule in ARCHITECTURE.md that says what runs on it; "
+                             f"write one first (variant 1: '{FRESH_SUITE_RULE[1]}')" if args.variant in FRESH_SUITE_RULE else
+                             f"error: report suite variant {args.variant} is not pre-registered; variants: {sorted(FRESH_SUITE_RULE)}")
     cache = RESULTS / f"cost-{name}-{machine}.runs.jsonl"
     done = {}
     if cache.exists():
         for line in cache.read_text().splitlines():
             r = json.loads(line)
             done[(r["method"], r["case"], r["model_hash"])] = r
-    suite = (suite_half(build_full_suite(), args.half) if args.half else held_out_suite())[: args.cases]
+    suite = (suite_half(build_full_suite(variant=args.variant), args.half) if args.half else held_out_suite())[: args.cases]
     if args.tables:
         write_tables(done, suite, name, model, denoiser, model_hash, machine)
         return 0
@@ -573,6 +597,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def split_name(name: str) -> tuple[str, str | None, int]:
+    """A cache name's model, half and suite variant: ``shapes-dit-report-v1`` -> ``("shapes-dit", "report", 1)``."""
+    variant = 0
+    head, _, tail = name.rpartition("-v")
+    if head and tail.isdigit():
+        name, variant = head, int(tail)
+    for half in ("choose", "report"):
+        if name.endswith(f"-{half}"):
+            return name[: -len(half) - 1], half, variant
+    return name, None, variant
+
+
 def write_tables(done: dict, suite: list[dict], name: str, model: str, denoiser: str, model_hash: str, machine: str) -> None:
     ids = {c["id"] for c in suite}
     runs = [r for (m, c, h), r in done.items() if h == model_hash and c in ids]
@@ -580,12 +616,14 @@ def write_tables(done: dict, suite: list[dict], name: str, model: str, denoiser:
     _, on = runs_machines(runs)  # names the cores, the CPU and the threads the runs had
     meta = {"machine": machine, "machine_description": on, "model": repo_relative(model), "denoiser": denoiser,
             "model_hash": model_hash, "cases": len(ids), "command": f"python -m benchmarks.cost --model {name} --methods ..."}
-    for half in ("choose", "report"):
-        if name.endswith(f"-{half}"):
-            meta["suite"] = (f"cases of the full suite's {half} half (`fastdm/toyworld/suite.py`: every ordered colour pair and "
-                             "shape pair, split by a fixed rule)")
-            meta["command"] = f"python -m benchmarks.cost --model {name[:-len(half) - 1]} --half {half} --methods ..."
-    default = MODEL_DEFAULTS.get(name.rsplit("-", 1)[0] if name.endswith(("-choose", "-report")) else name, DEFAULT_SCHEDULE)
+    base, half, variant = split_name(name)
+    if half:
+        meta["suite"] = (f"cases of the full suite's {half} half (`fastdm/toyworld/suite.py`: every ordered colour pair and "
+                         "shape pair, split by a fixed rule)" + (f"; fresh clips: `build_full_suite(variant={variant})`, "
+                                                                 "ARCHITECTURE.md rule 7" if variant else ""))
+        meta["command"] = (f"python -m benchmarks.cost --model {base} --half {half}" + (f" --variant {variant}" if variant else "")
+                           + " --methods ...")
+    default = MODEL_DEFAULTS.get(base, DEFAULT_SCHEDULE)
     peers = [r for r in runs if r["method"].split("@")[0].split("-")[0] in ("dds", "sdedit", "flowedit")
              or r["method"] in ("paper@200", default)]
     ours = [r for r in runs if r not in peers or r["method"] in ("paper@200", default)]

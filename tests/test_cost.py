@@ -3,6 +3,8 @@ convergence rule, and the peers fastdm is measured against (SDEdit, FlowEdit) on
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -385,6 +387,42 @@ def test_the_rule_that_picks_the_default(tmp_path, monkeypatch):
         (tmp_path / f"cost-{model}-choose-m.runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
     data, md = cost.decide("m")
     assert data["shapes"]["default"] == "cheap" and not data["shapes"]["qualified"] and "rule 4" in md
+
+
+def test_the_third_rounds_pick_is_the_widest_margin_and_its_fresh_suite_is_named_apart(tmp_path, monkeypatch, capsys):
+    """Rule 7c: among qualifying candidates the widest margin over the paper wins, not the cheapest; a report
+    half's tables (fresh suite variant too) choose nothing; the fresh suite runs only once ARCHITECTURE.md names
+    it, and only as a report half."""
+    import json
+
+    import benchmarks.cost as cost
+
+    monkeypatch.setattr(cost, "RESULTS", tmp_path)
+    cases = [(f"c{i}", "colour") for i in range(4)] + [("s0", "shape")]
+    runs = []
+    for case, kind in cases:
+        runs.append(_run("paper@200", case, kind, colour=case != "c0", drift=0.5, evals=(802, 200)))
+        runs.append(_run("tie", case, kind, colour=case != "c0", drift=0.4, evals=(50, 12)))  # cheapest, margin 0
+        runs.append(_run("wide", case, kind, drift=0.55, evals=(66, 16)))  # finishes c0 too: margin +1
+        runs.append(_run("wider-but-short", case, kind, area=case != "c1", evals=(50, 12)))  # +1 colour, -1 area
+    for half in ("choose", "report-v1"):
+        for model in ("shapes", "shapes-dit"):
+            (tmp_path / f"cost-{model}-{half}-m.runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    data, md = cost.decide("m")
+    rows = {r["candidate"]: r for r in data["shapes"]["rows"]}
+    assert rows["tie"]["margin"] == 0 and rows["wide"]["margin"] == 1 and not rows["wider-but-short"]["qualifies"]
+    assert data["shapes"]["default"] == "tie" and data["shapes"]["widest_margin"] == "wide"
+    assert "Third round's pick (rule 7c: the qualifying candidate with the widest margin): **wide**" in md
+    data, md = cost.decide("m", half="report-v1")
+    assert data["shapes"]["default"] is None and "--half report --variant 1" in md and "chooses nothing" in md
+    assert cost.split_name("shapes-dit-report-v1") == ("shapes-dit", "report", 1)
+    assert cost.split_name("shapes-choose") == ("shapes", "choose", 0) and cost.split_name("shapes") == ("shapes", None, 0)
+    with pytest.raises(SystemExit):  # a fresh suite is a report half only
+        cost.main(["--half", "choose", "--variant", "1"])
+    assert "give it with --half report" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="not pre-registered"):
+        cost.main(["--half", "report", "--variant", "2", "--methods", "paper"])
+    assert cost.FRESH_SUITE_RULE[1] in (Path(cost.__file__).parent.parent / "ARCHITECTURE.md").read_text()
 
 
 def test_extension_rule_decisions_and_reasons():

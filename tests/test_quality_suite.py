@@ -159,3 +159,14 @@ def test_the_full_suite_holds_every_colour_pair_and_two_halves_of_one_make_up():
     for key in ("direction", "shape", "radius", "speed"):  # the rotations cover every value
         assert len({c[key] for c in colour}) > 1
     assert render_case(cases[0]).shape == (8, 32, 32, 3)
+    # a fresh variant (ARCHITECTURE.md rule 7): the same pairs in the same halves, every clip drawn anew
+    fresh = build_full_suite(variant=1)
+    assert [(c["kind"], c["half"], c["colour"] if c["kind"] == "colour" else c["shape"]) for c in fresh] == \
+        [(c["kind"], c["half"], c["colour"] if c["kind"] == "colour" else c["shape"]) for c in cases]
+    assert make_up(suite_half(fresh, "choose")) == make_up(suite_half(fresh, "report")) == make_up(report)
+    for old, new in zip(cases, fresh):
+        changed = [k for k in ("shape", "colour", "direction", "radius", "speed") if old[k] != new[k]]
+        assert changed == (["shape", "direction", "radius", "speed"] if old["kind"] == "colour" else
+                           ["colour", "direction", "radius", "speed"]), (old["id"], changed)
+    with pytest.raises(ValueError, match="variant"):
+        build_full_suite(variant=-1)

@@ -33,7 +33,7 @@ SPEEDS = (1.5, 1.75, 2.0)
 HALVES = ("choose", "report")
 
 
-def build_full_suite(size: int = 32, frames: int = 8, shape_colours: int = 2) -> list[dict]:
+def build_full_suite(size: int = 32, frames: int = 8, shape_colours: int = 2, variant: int = 0) -> list[dict]:
     """The suite settings are chosen and reported on, fixed (no random draw): every ordered pair of the seven colours
     once (42 colour edits) and every ordered pair of the three shapes in ``shape_colours`` colours (12 shape edits),
     shapes, directions, radii and speeds rotating over them (counters of co-prime lengths, so no two rotate
@@ -42,29 +42,37 @@ def build_full_suite(size: int = 32, frames: int = 8, shape_colours: int = 2) ->
     places around ``COLOURS`` (mod 7), its reverse b -> a in the *report* half; each half holds all 21 colour pairs,
     one direction each, and every colour is the source of 3 edits and the target of 3 in each half (ordering by
     list position instead would put the later colours, magenta, cyan, white, mostly among the choose half's
-    targets). Shape edits alike (b follows a by 1 place mod 3: choose)."""
+    targets). Shape edits alike (b follows a by 1 place mod 3: choose).
+
+    ``variant`` > 0 draws fresh clips of the same make-up and the same halves: every counter is shifted (the colour
+    edits' shape, every case's direction, radius and speed, the shape edits' colour), so each case of variant v
+    differs from variant 0's in all of them (ARCHITECTURE.md, rule 7: variant 1's report half is the third round's
+    fresh report suite). Variant 0 is the suite as it always was."""
+    if not isinstance(variant, int) or variant < 0:
+        raise ValueError(f"variant {variant!r}: a whole number >= 0")
     colours, dirs = list(COLOURS), list(DIRECTIONS)
     cases = []
 
     def add(kind, i, colour, shape, t_colour, t_shape, half):
-        direction = dirs[(i // 3) % len(dirs)]
+        direction = dirs[(i // 3 + variant) % len(dirs)]
         cases.append(dict(id=f"{kind}-{colour}-{shape}-to-{t_colour}-{t_shape}", kind=kind, half=half, colour=colour, shape=shape,
-                          direction=direction, target_colour=t_colour, target_shape=t_shape, radius=RADII[i % len(RADII)],
-                          speed=SPEEDS[(i // 2) % len(SPEEDS)], size=size, frames=frames,
+                          direction=direction, target_colour=t_colour, target_shape=t_shape, radius=RADII[(i + 2 * variant) % len(RADII)],
+                          speed=SPEEDS[(i // 2 + variant) % len(SPEEDS)], size=size, frames=frames,
                           source_prompt=prompt(colour, shape, direction), target_prompt=prompt(t_colour, t_shape, direction)))
 
     i = 0
     for a, ca in enumerate(colours):
         for b, cb in enumerate(colours):
             if a != b:
-                add("colour", i, ca, SHAPES[(a + b) % len(SHAPES)], cb, SHAPES[(a + b) % len(SHAPES)],
+                shape = SHAPES[(a + b + variant) % len(SHAPES)]
+                add("colour", i, ca, shape, cb, shape,
                     HALVES[(b - a) % len(colours) > len(colours) // 2])
                 i += 1
     for k in range(shape_colours):
         for a, sa in enumerate(SHAPES):
             for b, sb in enumerate(SHAPES):
                 if a != b:
-                    colour = colours[(2 * k + a + b) % len(colours)]
+                    colour = colours[(2 * k + a + b + 3 * variant) % len(colours)]
                     add("shape", i, colour, sa, colour, sb, HALVES[(b - a) % len(SHAPES) != 1])
                     i += 1
     return cases
