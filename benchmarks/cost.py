@@ -112,6 +112,7 @@ RULE_HEADING = "## The rule that picks the default"
 # fresh report suites (build_full_suite(variant=N)'s report half) and the ARCHITECTURE.md rule that must name them first
 FRESH_SUITE_RULE = {1: "7. A third round"}
 THIRD_ROUND_MODELS = ("shapes",)  # rule 7: the UNet only
+POOLED = {"report-pooled": ("report", "report-v1")}  # --decide --pooled: both report suites as one table (context)
 
 
 def held_out_suite() -> list[dict]:
@@ -413,16 +414,25 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
     """ARCHITECTURE.md, "The rule that picks the default", applied to one half's tables of both bundled models
     (``hashes``: model -> denoiser hash, to read only runs of those weights)."""
     cap = 1002 / 12
-    out, lines = {}, [f"# The rule that picks the default, applied to the {half} half ({machine})", "",
+    if half in POOLED:
+        where = "the report halves of both suites pooled (variant 0 and 1: context, chooses nothing; the issue's test is each suite's)"
+    else:
+        base, _, variant = half.partition("-v")
+        where = f"the {base} half" + (f" of the fresh suite `build_full_suite(variant={variant})` (rule 7)" if variant else "")
+    out, lines = {}, [f"# The rule that picks the default, applied to {where} ({machine})", "",
                       "ARCHITECTURE.md, \"The rule that picks the default\": a candidate qualifies on a model when, against "
                       f"`{reference}` on the same clips, its colour success, shape success and area kept are at least the paper's, "
                       "its mean drift at most 0.1 px above, and its mean evaluations (forward + backward) at most 1002 / 12 = 83.5; "
                       "the cheapest qualifying candidate is the model's default (ties: lower drift, then fewer worst-case "
                       "evaluations). Shortfall: clips below the paper's counts (colour + shape + area kept). "
-                      f"Written by `python -m benchmarks.cost --decide --half {half.replace('-v', ' --variant ')}`.", ""]
+                      "Written by `python -m benchmarks.cost --decide " + ("--pooled`." if half in POOLED else
+                                                                            f"--half {half.replace('-v', ' --variant ')}`."), ""]
     for model in models:
-        cache = RESULTS / f"cost-{model}-{half}-{machine}.runs.jsonl"
-        loaded = [json.loads(line) for line in cache.read_text().splitlines()]
+        loaded = []
+        for part in POOLED.get(half, (half,)):  # pooled: each suite's clips named apart
+            cache = RESULTS / f"cost-{model}-{part}-{machine}.runs.jsonl"
+            loaded += [{**r, "case": f"{part}:{r['case']}"} if half in POOLED else r
+                       for r in map(json.loads, cache.read_text().splitlines())]
         if hashes is not None:  # only runs of the model as it is now (a cache may hold runs of earlier weights)
             loaded = [r for r in loaded if r["model_hash"] == hashes[model]]
         runs = list({(r["method"], r["case"]): r for r in loaded}.values())  # one run per method and clip: the last
@@ -490,7 +500,11 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
         lines += ["", "margin: clips finished (colour + shape edits, area kept) minus the paper's on these clips. won / lost: clips the "
                   "candidate finished and the paper did not, and the reverse, clip by clip; p: exact two-sided McNemar test of "
                   "those pairs (context for the counts; the rule above counts clips)."]
-        if half.startswith("report"):  # nothing is chosen here (rule 5): the table says whether the chosen default holds
+        if half in POOLED:
+            out[model]["default"] = None
+            lines += ["", "Pooled over both report suites (54 clips; candidates run on both only): context for the two "
+                      "verdicts, not a third one; nothing is chosen on it.", ""]
+        elif half.startswith("report"):  # nothing is chosen here (rule 5): the table says whether the chosen default holds
             out[model]["default"] = None
             lines += ["", "The report half chooses nothing (rule 5); `qualifies` is the issue's test on clips the choice never saw.", ""]
         else:
@@ -521,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
                     "the paper's quality on every measure (writes results/cost-choice-<machine>.{json,md})")
     ap.add_argument("--decide", action="store_true", help="apply ARCHITECTURE.md's rule that picks the default to --half's "
                     "tables of both models (writes results/cost-decision-<half>-<machine>.{json,md})")
+    ap.add_argument("--pooled", action="store_true", help="with --decide: both report suites (variant 0 and 1) as one table, "
+                    "context for their verdicts (writes results/cost-decision-report-pooled-<machine>.{json,md})")
     ap.add_argument("--tables", action="store_true", help="rewrite the tables from the run caches, run nothing")
     args = ap.parse_args(argv)
     if args.variant and args.half != "report":
@@ -528,6 +544,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.variant < 0:
         ap.error("--variant: a whole number >= 0")
     half = args.half and (f"{args.half}-v{args.variant}" if args.variant else args.half)
+    if args.pooled:
+        if not args.decide or args.variant:
+            ap.error("--pooled goes with --decide (and no --variant): it reads both report suites")
+        half = "report-pooled"
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.decide:

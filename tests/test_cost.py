@@ -405,7 +405,7 @@ def test_the_third_rounds_pick_is_the_widest_margin_and_its_fresh_suite_is_named
         runs.append(_run("tie", case, kind, colour=case != "c0", drift=0.4, evals=(50, 12)))  # cheapest, margin 0
         runs.append(_run("wide", case, kind, drift=0.55, evals=(66, 16)))  # finishes c0 too: margin +1
         runs.append(_run("wider-but-short", case, kind, area=case != "c1", evals=(50, 12)))  # +1 colour, -1 area
-    for half in ("choose", "report-v1"):
+    for half in ("choose", "report", "report-v1"):
         for model in ("shapes", "shapes-dit"):
             (tmp_path / f"cost-{model}-{half}-m.runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
     data, md = cost.decide("m")
@@ -415,11 +415,17 @@ def test_the_third_rounds_pick_is_the_widest_margin_and_its_fresh_suite_is_named
     assert "Third round's pick (rule 7c: the qualifying candidate with the widest margin): **wide**" in md
     data, md = cost.decide("m", half="report-v1")
     assert data["shapes"]["default"] is None and "--half report --variant 1" in md and "chooses nothing" in md
+    data, md = cost.decide("m", half="report-pooled")  # both report suites as one table: the clips named apart
+    rows = {r["candidate"]: r for r in data["shapes"]["rows"]}
+    assert rows["wide"]["margin"] == 2 and data["shapes"]["default"] is None and "--pooled" in md and "not a third one" in md
     assert cost.split_name("shapes-dit-report-v1") == ("shapes-dit", "report", 1)
     assert cost.split_name("shapes-choose") == ("shapes", "choose", 0) and cost.split_name("shapes") == ("shapes", None, 0)
     with pytest.raises(SystemExit):  # a fresh suite is a report half only
         cost.main(["--half", "choose", "--variant", "1"])
     assert "give it with --half report" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cost.main(["--pooled"])
+    assert "--pooled goes with --decide" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="not pre-registered"):
         cost.main(["--half", "report", "--variant", "2", "--methods", "paper"])
     assert cost.FRESH_SUITE_RULE[1] in (Path(cost.__file__).parent.parent / "ARCHITECTURE.md").read_text()
