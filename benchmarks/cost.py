@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import RESULTS, denoiser_hash, machine_description, machine_name, repo_relative, runs_machines, write_results
-from fastdm.toyworld.suite import build_full_suite, build_suite, render_case, score, suite_half
+from fastdm.toyworld.suite import HALVES, build_full_suite, build_suite, render_case, score, suite_half
 
 SNAPSHOTS = (12, 16, 25, 50, 100, 200)
 # (window, tol) of the convergence rule, observed on every paper run; the first is --steps auto's default
@@ -417,7 +417,7 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
     if half in POOLED:
         where = "the report halves of both suites pooled (variant 0 and 1: context, chooses nothing; the issue's test is each suite's)"
     else:
-        base, _, variant = half.partition("-v")
+        base, variant = half_parts(half)
         where = f"the {base} half" + (f" of the fresh suite `build_full_suite(variant={variant})` (rule 7)" if variant else "")
     out, lines = {}, [f"# The rule that picks the default, applied to {where} ({machine})", "",
                       "ARCHITECTURE.md, \"The rule that picks the default\": a candidate qualifies on a model when, against "
@@ -426,7 +426,7 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
                       "the cheapest qualifying candidate is the model's default (ties: lower drift, then fewer worst-case "
                       "evaluations). Shortfall: clips below the paper's counts (colour + shape + area kept). "
                       "Written by `python -m benchmarks.cost --decide " + ("--pooled`." if half in POOLED else
-                                                                            f"--half {half.replace('-v', ' --variant ')}`."), ""]
+                                                                            f"{half_args(*half_parts(half))}`."), ""]
     for model in models:
         loaded = []
         for part in POOLED.get(half, (half,)):  # pooled: each suite's clips named apart
@@ -543,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--variant N is a fresh report suite: give it with --half report (choices are made on variant 0's choose half)")
     if args.variant < 0:
         ap.error("--variant: a whole number >= 0")
-    half = args.half and (f"{args.half}-v{args.variant}" if args.variant else args.half)
+    half = args.half and half_label(args.half, args.variant)
     if args.pooled:
         if not args.decide or args.variant:
             ap.error("--pooled goes with --decide (and no --variant): it reads both report suites")
@@ -571,10 +571,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.half == "report" and RULE_HEADING not in architecture:
             raise SystemExit(f"error: the report half is run once, after ARCHITECTURE.md states the rule that picks the default "
                              f"(a section '{RULE_HEADING}'); choose on --half choose first")
-        if args.variant and FRESH_SUITE_RULE.get(args.variant, "\0") not in architecture:
+        if args.variant and args.variant not in FRESH_SUITE_RULE:
+            raise SystemExit(f"error: report suite variant {args.variant} is not pre-registered; variants: {sorted(FRESH_SUITE_RULE)}")
+        if args.variant and FRESH_SUITE_RULE[args.variant] not in architecture:
             raise SystemExit(f"error: report suite variant {args.variant} has no rule in ARCHITECTURE.md that says what runs on it; "
-                             f"write one first (variant 1: '{FRESH_SUITE_RULE[1]}')" if args.variant in FRESH_SUITE_RULE else
-                             f"error: report suite variant {args.variant} is not pre-registered; variants: {sorted(FRESH_SUITE_RULE)}")
+                             f"write one first ('{FRESH_SUITE_RULE[args.variant]}')")
     cache = RESULTS / f"cost-{name}-{machine}.runs.jsonl"
     done = {}
     if cache.exists():
@@ -632,16 +633,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def half_label(half: str, variant: int = 0) -> str:
+    """The name a half's runs and tables carry: ``report`` or, for a fresh suite, ``report-v1``."""
+    return f"{half}-v{variant}" if variant else half
+
+
+def half_parts(label: str) -> tuple[str, int]:
+    """A half label's half and suite variant: ``report-v1`` -> ``("report", 1)``, ``choose`` -> ``("choose", 0)``."""
+    half, _, variant = label.partition("-v")
+    return half, int(variant) if variant else 0
+
+
+def half_args(half: str, variant: int = 0) -> str:
+    """The command-line arguments that name a half (and a fresh suite's variant)."""
+    return f"--half {half}" + (f" --variant {variant}" if variant else "")
+
+
 def split_name(name: str) -> tuple[str, str | None, int]:
     """A cache name's model, half and suite variant: ``shapes-dit-report-v1`` -> ``("shapes-dit", "report", 1)``."""
-    variant = 0
-    head, _, tail = name.rpartition("-v")
-    if head and tail.isdigit():
-        name, variant = head, int(tail)
-    for half in ("choose", "report"):
-        if name.endswith(f"-{half}"):
-            return name[: -len(half) - 1], half, variant
-    return name, None, variant
+    for half in HALVES:
+        head, sep, tail = name.rpartition(f"-{half}")
+        if sep and (not tail or tail.startswith("-v") and tail[2:].isdigit()):
+            return (head, *half_parts(half + tail))
+    return name, None, 0
 
 
 def write_tables(done: dict, suite: list[dict], name: str, model: str, denoiser: str, model_hash: str, machine: str) -> None:
@@ -656,8 +670,7 @@ def write_tables(done: dict, suite: list[dict], name: str, model: str, denoiser:
         meta["suite"] = (f"cases of the full suite's {half} half (`fastdm/toyworld/suite.py`: every ordered colour pair and "
                          "shape pair, split by a fixed rule)" + (f"; fresh clips: `build_full_suite(variant={variant})`, "
                                                                  "ARCHITECTURE.md rule 7" if variant else ""))
-        meta["command"] = (f"python -m benchmarks.cost --model {base} --half {half}" + (f" --variant {variant}" if variant else "")
-                           + " --methods ...")
+        meta["command"] = f"python -m benchmarks.cost --model {base} {half_args(half, variant)} --methods ..."
     default = MODEL_DEFAULTS.get(base, DEFAULT_SCHEDULE)
     peers = [r for r in runs if r["method"].split("@")[0].split("-")[0] in ("dds", "sdedit", "flowedit")
              or r["method"] in ("paper@200", default)]
