@@ -110,8 +110,8 @@ METRICS = ("colour_ok", "shape_ok", "drift_px", "area_kept", "background_change"
 
 RULE_HEADING = "## The rule that picks the default"
 # fresh report suites (build_full_suite(variant=N)'s report half) and the ARCHITECTURE.md rule that must name them first
-FRESH_SUITE_RULE = {1: "7. A third round"}
-THIRD_ROUND_MODELS = ("shapes",)  # rule 7: the UNet only
+FRESH_SUITE_RULE = {1: "7. A third round", 2: "8. A fourth round"}
+THIRD_ROUND_MODELS = ("shapes",)  # rules 7 and 8: the UNet only
 POOLED = {"report-pooled": ("report", "report-v1")}  # --decide --pooled: both report suites as one table (context)
 
 

@@ -427,7 +427,8 @@ def test_the_third_rounds_pick_is_the_widest_margin_and_its_fresh_suite_is_named
         cost.main(["--pooled"])
     assert "--pooled goes with --decide" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="not pre-registered"):
-        cost.main(["--half", "report", "--variant", "2", "--methods", "paper"])
+        cost.main(["--half", "report", "--variant", "3", "--methods", "paper"])
+    assert all(rule in (Path(cost.__file__).parent.parent / "ARCHITECTURE.md").read_text() for rule in cost.FRESH_SUITE_RULE.values())
     assert cost.FRESH_SUITE_RULE[1] in (Path(cost.__file__).parent.parent / "ARCHITECTURE.md").read_text()
 
 
