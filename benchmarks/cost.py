@@ -99,6 +99,14 @@ SCHEDULES = {
     # default weight, and a stronger guidance instead of a larger step)
     "sgd-anneal-cos-lr3.6-16": (16, dict(t_schedule="anneal", lr=3.6, lr_schedule="cosine")),
     "sgd-anneal-cos-lr3.2-g10-16": (16, dict(t_schedule="anneal", lr=3.2, lr_schedule="cosine", guidance_scale=10.0)),
+    # issue #30, fourth round (ARCHITECTURE rule 8), choose half: a method change. At lr >= 3.6 the first high-t steps
+    # paint the target colour into the whole automatic mask (red -> blue: the object 2.75x its area after two steps,
+    # still 2.1x at the end); the mask graded by its own cross-attention map (EditConfig.soft_mask) keeps the halo down
+    "sgd-anneal-cos-lr3.2-soft1-16": (16, dict(t_schedule="anneal", lr=3.2, lr_schedule="cosine", soft_mask=1.0)),
+    "sgd-anneal-cos-lr3.6-soft1-16": (16, dict(t_schedule="anneal", lr=3.6, lr_schedule="cosine", soft_mask=1.0)),
+    "sgd-anneal-cos-lr4.0-soft1-16": (16, dict(t_schedule="anneal", lr=4.0, lr_schedule="cosine", soft_mask=1.0)),
+    "sgd-anneal-cos-lr4.8-soft1-16": (16, dict(t_schedule="anneal", lr=4.8, lr_schedule="cosine", soft_mask=1.0)),
+    "sgd-anneal-cos-lr4.0-soft2-16": (16, dict(t_schedule="anneal", lr=4.0, lr_schedule="cosine", soft_mask=2.0)),
 }
 PEERS = ("dds", "sdedit-0.5", "sdedit-0.7", "flowedit")
 DEFAULT_SCHEDULE = "sgd-anneal-cos-lr0.8-12"  # EditConfig's built-in defaults: models without measured defaults (tested)

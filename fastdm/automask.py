@@ -107,6 +107,17 @@ class AutoMask:
         return out
 
 
+def graded_mask(result: "AutoMask", power: float) -> np.ndarray | None:
+    """The mask graded by the map it came from: ``min(1, heat / threshold) ** power`` inside it, 0 outside
+    ((F, H, W) float32; ``power`` 0: the binary mask). None where there is no mask."""
+    if result.mask is None:
+        return None
+    if power <= 0:
+        return result.mask
+    grade = np.clip(result.heat / max(result.threshold, 1e-12), 0.0, 1.0) ** power
+    return (grade * result.mask).astype(np.float32)
+
+
 class _CrossAttentionMaps:
     """Hooks on the query and key modules of cross-attention layers; after a forward of a batch
     whose item ``b`` should look at token positions ``positions[b]``, :attr:`maps` holds per layer

@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default=None, help="comma-separated glob patterns of self-attention layers to tap (default: decoder's coarsest attention level)")
     p.add_argument("--mask-scope", choices=MASK_SCOPES, default=None,
                    help="what --mask/--boxes limit: the whole update (default: nothing outside changes) or only V-DDS")
+    p.add_argument("--soft-mask", type=float, default=None, metavar="POWER",
+                   help="an automatic mask graded by its cross-attention map: the update inside it weighted by "
+                        f"min(1, map / threshold) ** POWER; 0 keeps it binary (default {_DEFAULTS.soft_mask:g}, or the model's fastdm.json)")
     p.add_argument("--frames", type=int, default=None, help="use at most N frames")
     p.add_argument("--stride", type=int, default=1, help="use every K-th frame")
     p.add_argument("--start", type=float, default=None, metavar="SECONDS", help="edit from this time in the input (default: its start)")

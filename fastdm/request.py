@@ -27,7 +27,8 @@ from .errors import BadInput, FastDMError, Unsupported
 
 # request fields that map to EditConfig fields (None: the preset's value)
 CONFIG_FIELDS = ("steps", "lr", "optimizer", "seed", "guidance_scale", "guidance_scale_2", "s_ssm_weight", "t_ssm_weight", "mask_scope",
-                 "t_schedule", "lr_schedule", "momentum", "window", "window_overlap", "stop", "extend_max")
+                 "t_schedule", "lr_schedule", "momentum", "window", "window_overlap", "stop", "extend_max",
+                 "soft_mask")
 
 
 @dataclass
@@ -53,6 +54,7 @@ class EditRequest:
     t_ssm_weight: float | None = None
     layers: str | None = None  # comma-separated glob patterns
     mask_scope: str | None = None
+    soft_mask: float | None = None  # an automatic mask graded by its cross-attention map (0: binary)
     t_schedule: str | None = None
     lr_schedule: str | None = None
     momentum: float | None = None

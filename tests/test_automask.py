@@ -239,3 +239,49 @@ def test_text_key_masks_are_the_ones_the_models_are_given():
     hy = HunyuanVideoBackbone.text_key_mask(None, text)
     assert hy.tolist() == [[True, True, True, False, False], [True, True, False, False, False]]
     assert Backbone.text_key_mask(None, text) is None
+
+
+def test_graded_mask_is_the_map_over_its_threshold_inside_the_mask_only():
+    """EditConfig.soft_mask: min(1, heat / threshold) ** power inside the mask, 0 outside; power 0 is the mask."""
+    from fastdm.automask import graded_mask
+
+    rng = np.random.default_rng()
+    heat = rng.random((3, 8, 8)).astype(np.float32)
+    heat[0, 0, 0], heat[0, 0, 1] = 0.0, 1.0  # (the map's extremes)
+    thr = 0.4
+    mask = (heat > 0.2).astype(np.float32)  # (a dilated mask reaches below the threshold)
+    am = AutoMask(mask=mask, heat=heat, threshold=thr)
+    for power in (0.5, 1.0, 2.0):
+        ref = np.where(mask > 0, np.minimum(1.0, heat.astype(np.float64) / thr) ** power, 0.0)
+        got = graded_mask(am, power)
+        assert got.dtype == np.float32 and got.shape == heat.shape
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)
+        assert (got[heat > thr] == 1).all() and (got[mask == 0] == 0).all()
+    assert graded_mask(am, 0.0) is mask
+    assert graded_mask(AutoMask(mask=None, heat=None, fallback="no region"), 1.0) is None
+
+
+def test_soft_mask_grades_the_update_and_leaves_the_outside_alone(shapes_pipe):
+    """The graded mask is what the step applies: cells the map weights less move less than with the binary mask;
+    nothing outside the mask moves; the report says the mask was graded; a user mask stays binary."""
+    from fastdm.toyworld.suite import build_suite, render_case
+
+    case = next(c for c in build_suite() if c["id"] == "colour-05")
+    clip = render_case(case)
+    kw = dict(mask="auto", steps=2, seed=0, lr=3.2, t_schedule="anneal", lr_schedule="cosine")
+    binary = shapes_pipe.prepare(clip, case["source_prompt"], case["target_prompt"], **kw)
+    soft = shapes_pipe.prepare(clip, case["source_prompt"], case["target_prompt"], soft_mask=1.0, **kw)
+    mb, ms = binary.mask, soft.mask
+    assert ((ms > 0) == (mb > 0)).all() and (ms <= mb).all() and ((ms > 0) & (ms < 1)).any() and (ms == 1).any()
+    for run in (binary, soft):
+        while not run.done:
+            run.step()
+    moved_b = (binary.x.detach() - binary.x_src).abs()
+    moved_s = (soft.x.detach() - soft.x_src).abs()
+    assert (moved_s[(ms == 0).expand_as(moved_s)] == 0).all()
+    ring = ((ms > 0) & (ms < 0.5)).expand_as(moved_s)
+    assert moved_s[ring].sum() < moved_b[ring].sum()
+    assert soft.finish().report["auto_mask"]["graded"] == 1.0
+    user = shapes_pipe.prepare(clip, case["source_prompt"], case["target_prompt"], soft_mask=1.0,
+                               **{**kw, "mask": np.ones(clip.shape[:3], np.float32)})
+    assert set(user.mask.unique().tolist()) == {1.0}

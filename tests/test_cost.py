@@ -117,6 +117,19 @@ def test_presets_and_their_overrides():
         config_from_preset("fastest", SRC, TGT)
     # fingerprints of settings at their paper values are those of earlier releases (checkpoints, result caches)
     assert paper.fingerprint() == EditConfig(SRC, TGT, **PRESETS["paper"]).fingerprint()
+    # ... checked against a committed run's: settings added since (soft_mask, ...) leave it as it was
+    import json
+    from pathlib import Path
+
+    runs = Path(__file__).resolve().parent.parent / "benchmarks/results/quality-shapes-dit-cpu-intel-xeon-2-50ghz-2core-x86_64.runs.jsonl"
+    rec = json.loads(runs.read_text().splitlines()[0])
+    from fastdm.driver.config import _ADDED_DEFAULTS
+
+    settings = {**_ADDED_DEFAULTS, **{k: v for k, v in rec["edit_config"].items() if k != "extra"}}  # (as it ran then)
+    assert EditConfig(**settings).fingerprint() == rec["edit_fingerprint"]
+    assert EditConfig(**{**settings, "soft_mask": 1.0}).fingerprint() != rec["edit_fingerprint"]
+    with pytest.raises(BadInput, match="soft_mask"):
+        EditConfig(SRC, TGT, soft_mask=-1.0).validate()
 
 
 def test_timestep_schedules():

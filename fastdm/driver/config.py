@@ -48,6 +48,12 @@ class EditConfig:
     # What a mask limits: "all" (default) the whole update, so nothing outside the mask changes;
     # "vdds" only the V-DDS gradient (S-SSM/T-SSM then also move the background).
     mask_scope: str = "all"
+    # An automatic mask graded by the cross-attention map it came from: inside the mask the update is weighted by
+    # min(1, heat / threshold) ** soft_mask (1 where Otsu's rule put the edit's words, falling off over the dilation
+    # ring and the map's fainter parts); 0 keeps the mask binary. A high-t step paints the target into the whole
+    # mask, a halo around the object that the later, small steps do not take back (ARCHITECTURE.md, "Fourth round").
+    # A user's mask or boxes have no map and stay binary.
+    soft_mask: float = 0.0
     loss_backend: str = "auto"
     t_schedule: str = "anneal"  # (paper: "uniform")
     lr_schedule: str = "cosine"  # (paper: "constant")
@@ -84,7 +90,7 @@ class EditConfig:
                               ("lr_schedule", LR_SCHEDULES), ("stop", STOP_RULES)):
             if getattr(self, name) not in allowed:
                 raise BadInput(f"`{name}={getattr(self, name)}` is unknown; choose one of {', '.join(allowed)}", field=name)
-        for name in ("s_ssm_weight", "t_ssm_weight", "guidance_scale"):
+        for name in ("s_ssm_weight", "t_ssm_weight", "guidance_scale", "soft_mask"):
             if not getattr(self, name) >= 0:
                 raise BadInput(f"`{name}` must be >= 0, got {getattr(self, name)}", field=name)
         if not 0 <= self.momentum < 1:
@@ -140,7 +146,8 @@ class EditConfig:
 # a setting at this value is left out of the fingerprint, so earlier fingerprints stay valid
 _ADDED_DEFAULTS = {"t_schedule": "uniform", "lr_schedule": "constant", "momentum": 0.0, "stop": "steps", "stop_window": 6,
                    "stop_tol": 0.15, "window": None, "window_overlap": 0.5, "guidance_scale_2": None,
-                   "extend_segment": 4, "extend_max": 3, "extend_lr": 0.5, "extend_tol": 1.0, "extend_span": "full"}
+                   "extend_segment": 4, "extend_max": 3, "extend_lr": 0.5, "extend_tol": 1.0, "extend_span": "full",
+                   "soft_mask": 0.0}
 
 
 # Named settings. "paper": DreamMotion's own schedule (SGD, lr 0.4, t ~ U[50, 950], 200 steps), bit for

@@ -126,8 +126,9 @@ def check_frames(frames: np.ndarray, backbone: Backbone) -> None:
         raise FastDMError(problem)
 
 
-def mask_to_working(mask: np.ndarray | None, frames: np.ndarray, backbone: Backbone) -> torch.Tensor | None:
-    """A pixel mask (F, H, W) (1 = editable) -> working-space mask (1, 1, F, h, w) on the backbone's device."""
+def mask_to_working(mask: np.ndarray | None, frames: np.ndarray, backbone: Backbone, graded: bool = False) -> torch.Tensor | None:
+    """A pixel mask (F, H, W) (1 = editable) -> working-space mask (1, 1, F, h, w) on the backbone's device.
+    ``graded``: weights in [0, 1] kept as they are (a latent cell takes its largest pixel weight), else 0/1."""
     if mask is None:
         return None
     if mask.shape != frames.shape[:3]:
@@ -137,7 +138,7 @@ def mask_to_working(mask: np.ndarray | None, frames: np.ndarray, backbone: Backb
     factor = backbone.info.spatial_factor
     if factor > 1:  # any editable pixel makes its latent cell editable
         m = torch.nn.functional.max_pool2d(m, factor)
-    m = backbone.mask_frames_to_working((m > 0.5).float())  # (F_working, 1, h, w)
+    m = backbone.mask_frames_to_working(m if graded else (m > 0.5).float())  # (F_working, 1, h, w)
     return m.permute(1, 0, 2, 3).unsqueeze(0).to(backbone.device)
 
 
@@ -390,7 +391,13 @@ class EditRun:
                 self.auto_mask = estimate_mask(bb, self.x_src, self.text[[2, 0]], config.source_prompt, config.target_prompt,
                                                self.size, seed=config.seed, num_frames=self.num_frames, window=self.window)
             mask = self.auto_mask.mask
-        self.mask = mask_to_working(mask, video, bb)
+        graded = self.auto_mask is not None and self.auto_mask.mask is not None and config.soft_mask > 0
+        if graded:  # the update inside the mask weighted by the cross-attention map (EditConfig.soft_mask)
+            from ..automask import graded_mask
+
+            self.mask = mask_to_working(graded_mask(self.auto_mask, config.soft_mask), video, bb, graded=True)
+        else:
+            self.mask = mask_to_working(mask, video, bb)
         self.masked = mask is not None
         self.pixel_mask = None if mask is None else np.asarray(mask, np.float32)
         self.x = torch.nn.Parameter(self.x_src.clone())
@@ -672,6 +679,7 @@ class EditRun:
         }
         if self.auto_mask is not None:
             report["auto_mask"] = self.auto_mask.report()
+            report["auto_mask"]["graded"] = self.config.soft_mask if self.auto_mask.mask is not None else 0.0  # (soft_mask)
             report["timings"]["auto_mask_s"] = round(self.auto_mask.seconds, 4)
         if self.pipe.backbone.dtype == torch.float16:  # step calls of this run (one per window in windowed edits,
             # budget probes left out) whose structure gradient overflowed fp16 and was dropped
