@@ -120,6 +120,7 @@ RULE_HEADING = "## The rule that picks the default"
 # fresh report suites (build_full_suite(variant=N)'s report half) and the ARCHITECTURE.md rule that must name them first
 FRESH_SUITE_RULE = {1: "7. A third round", 2: "8. A fourth round"}
 THIRD_ROUND_MODELS = ("shapes",)  # rules 7 and 8: the UNet only
+FOURTH_ROUND = frozenset(n for n in SCHEDULES if "-soft" in n)  # rule 8b: the method change (EditConfig.soft_mask)
 POOLED = {"report-pooled": ("report", "report-v1")}  # --decide --pooled: both report suites as one table (context)
 
 
@@ -426,7 +427,8 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
         where = "the report halves of both suites pooled (variant 0 and 1: context, chooses nothing; the issue's test is each suite's)"
     else:
         base, variant = half_parts(half)
-        where = f"the {base} half" + (f" of the fresh suite `build_full_suite(variant={variant})` (rule 7)" if variant else "")
+        where = f"the {base} half" + (f" of the fresh suite `build_full_suite(variant={variant})` "
+                                      f"(rule {FRESH_SUITE_RULE[variant].split('.')[0]})" if variant else "")
     out, lines = {}, [f"# The rule that picks the default, applied to {where} ({machine})", "",
                       "ARCHITECTURE.md, \"The rule that picks the default\": a candidate qualifies on a model when, against "
                       f"`{reference}` on the same clips, its colour success, shape success and area kept are at least the paper's, "
@@ -491,8 +493,11 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
                                         key=lambda r: (r["shortfall"], r["evaluations"], r["drift"]), default=None)
         # rule 7c (third round): the qualifying candidate with the largest margin over the paper, ties as rule 3
         wide = min(qual, key=lambda r: (-r["margin"], r["evaluations"], r["drift"], r["worst"]), default=None)
+        # rule 8c (fourth round): among its method-change candidates that qualify, the widest margin, at least +1 clip
+        fourth = min((r for r in qual if r["candidate"] in FOURTH_ROUND and r["margin"] >= 1),
+                     key=lambda r: (-r["margin"], r["evaluations"], r["drift"], r["worst"]), default=None)
         out[model] = {"rows": rows, "default": pick and pick["candidate"], "qualified": bool(qual),
-                      "widest_margin": wide and wide["candidate"],
+                      "widest_margin": wide and wide["candidate"], "fourth_round_pick": fourth and fourth["candidate"],
                       "reference": {k: ref[k] for k in ("colour_success", "shape_success", "area_kept", "mean_drift_px")}}
         lines += [f"## {model}", "",
                   f"{reference}: colour {ref['colour_success']:.0%}, shape {ref['shape_success']:.0%}, area kept {ref['area_kept']:.0%}, "
@@ -520,7 +525,11 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
                                                                       "83.5 evaluations; rule 4)"),
                       "", (f"Third round's pick (rule 7c: the qualifying candidate with the widest margin): **{out[model]['widest_margin']}**"
                            if wide else "Third round's pick (rule 7c): none qualifies (rule 4's pick above)")
-                      if model in THIRD_ROUND_MODELS else "The third round (rule 7) leaves this model's default as it is.", ""]
+                      if model in THIRD_ROUND_MODELS else "The third round (rule 7) leaves this model's default as it is.", "",
+                      (f"Fourth round's pick (rule 8c: among its method-change candidates, {', '.join(sorted(FOURTH_ROUND))}, the "
+                       "qualifying one with the widest margin, at least +1 clip): " +
+                       (f"**{fourth['candidate']}** ({fourth['margin']:+d})" if fourth else "none; the round ends on the choose half"))
+                      if model in THIRD_ROUND_MODELS else "The fourth round (rule 8) leaves this model's default as it is.", ""]
     return out, "\n".join(lines) + "\n"
 
 

@@ -426,6 +426,13 @@ def test_the_third_rounds_pick_is_the_widest_margin_and_its_fresh_suite_is_named
     assert rows["tie"]["margin"] == 0 and rows["wide"]["margin"] == 1 and not rows["wider-but-short"]["qualifies"]
     assert data["shapes"]["default"] == "tie" and data["shapes"]["widest_margin"] == "wide"
     assert "Third round's pick (rule 7c: the qualifying candidate with the widest margin): **wide**" in md
+    assert data["shapes"]["fourth_round_pick"] is None  # rule 8c: only the fourth round's own candidates
+    monkeypatch.setattr(cost, "FOURTH_ROUND", frozenset({"tie", "wide", "wider-but-short"}))
+    data, md = cost.decide("m")
+    assert data["shapes"]["fourth_round_pick"] == "wide" and "Fourth round's pick" in md and "**wide** (+1)" in md
+    monkeypatch.setattr(cost, "FOURTH_ROUND", frozenset({"tie"}))  # qualifies, but no margin: the round ends
+    data, md = cost.decide("m")
+    assert data["shapes"]["fourth_round_pick"] is None and "the round ends on the choose half" in md
     data, md = cost.decide("m", half="report-v1")
     assert data["shapes"]["default"] is None and "--half report --variant 1" in md and "chooses nothing" in md
     data, md = cost.decide("m", half="report-pooled")  # both report suites as one table: the clips named apart
