@@ -473,3 +473,22 @@ def test_extension_rule_decisions_and_reasons():
     for k in range(8):
         fast.observe(t=500, vdds=1.0, moved=1.0, lr=1.0)
     assert fast.planned == fast.cap == 8 and fast.report()["why"] == "cap: 2 segment(s) run"
+
+
+def test_area_trace_records_every_step_of_each_value(monkeypatch, capsys):
+    """benchmarks/area_trace.py: one run per value of the varied setting, a row per step (area ratio, frames at the
+    target), the end's metrics; an unknown case is one line."""
+    import benchmarks.area_trace as at
+
+    written = {}
+    monkeypatch.setattr(at, "write_results", lambda stem, data, md: written.update(stem=stem, data=data, md=md))
+    at.main(["--case", "colour-red-triangle-to-blue-triangle", "--set", "steps=2", "--set", "soft_mask=0,1"])
+    runs = written["data"]["runs"]
+    assert [r["settings"]["soft_mask"] for r in runs] == [0.0, 1.0] and all(r["settings"]["steps"] == 2 for r in runs)
+    for r in runs:
+        assert [s["step"] for s in r["steps"]] == [1, 2] and all(s["area_ratio"] > 0 and 0 <= s["target_frames"] <= 8
+                                                                 for s in r["steps"])
+        assert set(r["final"]) >= {"colour_ok", "area_kept", "drift_px"}
+    assert written["stem"].startswith("area-trace-colour-red-triangle-to-blue-triangle-") and written["md"].count("| 2 |") == 2
+    with pytest.raises(SystemExit, match="no case 'nope'"):
+        at.main(["--case", "nope"])

@@ -1,0 +1,96 @@
+"""Step by step through one edit of the full suite: the object's area over the source's (mean over frames) and the
+frames already at the target colour after every step, so a halo (the target painted around the object) shows when it
+comes and whether the later steps take it back (ARCHITECTURE.md, "The automatic mask", graded).
+
+    python -m benchmarks.area_trace --case colour-red-triangle-to-blue-triangle --set lr=3.6 --set soft_mask=0,1
+
+Each ``--set NAME=V1,V2`` value is one run (one setting varied at a time); the edit is otherwise the
+benchmark schedule ``sgd-anneal-cos-lr3.2-16`` (bundled UNet, automatic mask, seed 0). Writes
+``results/area-trace-<case>-<machine>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from benchmarks.common import machine_description, machine_name, write_results
+from fastdm.toyworld.metrics import object_mask
+from fastdm.toyworld.suite import build_full_suite, render_case, score
+
+BASE = dict(steps=16, t_schedule="anneal", lr=3.2, lr_schedule="cosine")
+
+
+def trace(pipe, case: dict, settings: dict) -> dict:
+    from fastdm.io.tensors import tensor_to_frames
+
+    clip = render_case(case)
+    src = [max(int(object_mask(f).sum()), 1) for f in clip]
+    run = pipe.prepare(clip, case["source_prompt"], case["target_prompt"], mask="auto", seed=0, **settings)
+    steps = []
+    while not run.done:
+        run.step()
+        with torch.no_grad():
+            frames = tensor_to_frames(pipe.backbone.from_working(run.x.detach()))
+        s = score(case, clip, frames)
+        steps.append({"step": run.step_index, "t": run.last_t, "lr": run.opt.param_groups[0]["lr"],
+                      "area_ratio": float(np.mean([object_mask(f).sum() / a for f, a in zip(frames, src)])),
+                      "target_frames": s["colour_frames"].count(case["target_colour"])})
+    final = {k: v for k, v in s.items() if not k.endswith("_frames")}
+    return {"settings": settings, "steps": steps, "final": final}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fastdm import DreamMotionPipeline, EditConfig
+    from fastdm.backbone import resolve_model
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", required=True, help="a case id of build_full_suite()")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=V1[,V2...]",
+                    help="an EditConfig setting; a comma list runs once per value (the last --set with a list)")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    cases = {c["id"]: c for c in build_full_suite()}
+    if args.case not in cases:
+        raise SystemExit(f"error: no case {args.case!r} in build_full_suite(); e.g. {next(iter(cases))}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fixed, varied = dict(BASE), ("", [None])
+    for item in args.set:
+        name, _, values = item.partition("=")
+        kind = type(getattr(EditConfig("a", "b"), name, None))  # (typed as the setting's default)
+        if not values or kind is type(None):
+            raise SystemExit(f"error: --set {item!r}: expected NAME=VALUE[,VALUE...] with NAME an EditConfig setting")
+        vals = [kind(v) for v in values.split(",")]
+        if len(vals) > 1:
+            varied = (name, vals)
+        else:
+            fixed[name] = vals[0]
+    pipe = DreamMotionPipeline.from_pretrained(resolve_model("shapes"))
+    runs = []
+    for v in varied[1]:
+        settings = dict(fixed, **({varied[0]: v} if varied[0] else {}))
+        t0 = time.perf_counter()
+        runs.append({**trace(pipe, cases[args.case], settings), "seconds": time.perf_counter() - t0})
+    machine = machine_name()
+    lines = [f"# Area trace: {args.case} ({machine})", "",
+             f"`python -m benchmarks.area_trace --case {args.case} " + " ".join(f"--set {s}" for s in args.set) + "`; "
+             f"{machine_description()}. Per step: the object's area over the source's (mean over frames) / frames at the "
+             "target colour.", ""]
+    for r in runs:
+        f = r["final"]
+        lines += [f"## {r['settings']}", "",
+                  "| step | t | lr | area ratio | frames at target |", "|---|---|---|---|---|",
+                  *[f"| {s['step']} | {s['t']} | {s['lr']:.2f} | {s['area_ratio']:.2f} | {s['target_frames']} |" for s in r["steps"]],
+                  "", f"End: colour {f['colour_ok']}, area kept {f['area_kept']}, drift {f['drift_px']:.2f} px.", ""]
+    write_results(f"area-trace-{args.case}-{machine}", {"case": args.case, "runs": runs, "machine": machine,
+                                                        "machine_description": machine_description()}, "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
