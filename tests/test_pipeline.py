@@ -224,7 +224,7 @@ def test_frames_must_be_uint8_video(pipe):
         pipe(np.zeros((2, 16, 16, 3), np.float32), SRC, TGT, steps=1)
 
 
-def test_fp16_model_keeps_the_structure_gradients(tiny_latent_model, clip):
+def test_fp16_model_keeps_the_structure_gradients(tiny_latent_model, clip, monkeypatch):
     """An fp16 model: S-SSM / T-SSM gradients (means over F x N x N similarities) would underflow in an
     fp16 backward; the step runs the losses on fp32 keys and backpropagates a power-of-two-scaled
     gradient. Same prompt for both, x 1e-2 from the source: the fp16 model's parts against fp32's.
@@ -250,9 +250,6 @@ def test_fp16_model_keeps_the_structure_gradients(tiny_latent_model, clip):
     # the edit's own path (no split): the weighted sum in one scaled backward, the same update as the parts give
     split, joint = step("fp16").x.grad, step("fp16", split=False).x.grad
     assert float((joint - split).norm() / split.norm()) < 1e-3
-    DreamMotionStep.rescale_fp16 = False
-    try:
-        plain = err(parts("fp16"))
-    finally:
-        DreamMotionStep.rescale_fp16 = True
+    monkeypatch.setattr(DreamMotionStep, "rescale_fp16", False)
+    plain = err(parts("fp16"))
     assert plain["t_ssm"] > 0.5, plain  # the plain fp16 backward loses it: the scaling is what keeps it

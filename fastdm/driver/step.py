@@ -35,7 +35,7 @@ class DreamMotionStep:
     :attr:`grad_parts` (S-SSM/T-SSM at unit weight, masked as applied); costs a second backward.
     """
 
-    rescale_fp16 = True  # fp16 models: structure gradients through fp32 keys and a power-of-two scale (tests turn it off)
+    rescale_fp16 = True  # fp16 models: structure gradients through fp32 keys and a power-of-two scale (a test turns it off to show the loss)
 
     def __init__(self, backbone: Backbone, config: EditConfig, plan: ExecutionPlan, vdds: VDDSConfig,
                  layers: list[str], num_frames: int, text: torch.Tensor, mask: torch.Tensor | None, engine=None,
