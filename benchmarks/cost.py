@@ -105,8 +105,9 @@ SCHEDULES = {
     "sgd-anneal-cos-lr3.2-soft1-16": (16, dict(t_schedule="anneal", lr=3.2, lr_schedule="cosine", soft_mask=1.0)),
     "sgd-anneal-cos-lr3.6-soft1-16": (16, dict(t_schedule="anneal", lr=3.6, lr_schedule="cosine", soft_mask=1.0)),
     "sgd-anneal-cos-lr4.0-soft1-16": (16, dict(t_schedule="anneal", lr=4.0, lr_schedule="cosine", soft_mask=1.0)),
-    "sgd-anneal-cos-lr4.8-soft1-16": (16, dict(t_schedule="anneal", lr=4.8, lr_schedule="cosine", soft_mask=1.0)),
     "sgd-anneal-cos-lr4.0-soft2-16": (16, dict(t_schedule="anneal", lr=4.0, lr_schedule="cosine", soft_mask=2.0)),
+    # (lr 4.0 at power 1 lost red -> blue's area as lr 3.6 without the grading did; at power 2 too: lr 3.6 at power 2)
+    "sgd-anneal-cos-lr3.6-soft2-16": (16, dict(t_schedule="anneal", lr=3.6, lr_schedule="cosine", soft_mask=2.0)),
 }
 PEERS = ("dds", "sdedit-0.5", "sdedit-0.7", "flowedit")
 DEFAULT_SCHEDULE = "sgd-anneal-cos-lr0.8-12"  # EditConfig's built-in defaults: models without measured defaults (tested)
@@ -521,14 +522,15 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
             out[model]["default"] = None
             lines += ["", "The report half chooses nothing (rule 5); `qualifies` is the issue's test on clips the choice never saw.", ""]
         else:
-            lines += ["", f"Default: **{out[model]['default']}**" + ("" if qual else " (none qualifies: the fewest clips short within "
-                                                                      "83.5 evaluations; rule 4)"),
-                      "", (f"Third round's pick (rule 7c: the qualifying candidate with the widest margin): **{out[model]['widest_margin']}**"
-                           if wide else "Third round's pick (rule 7c): none qualifies (rule 4's pick above)")
+            lines += ["", f"Rules 2-4 (the first and second rounds: the cheapest qualifying candidate): **{out[model]['default']}**" +
+                      ("" if qual else " (none qualifies: the fewest clips short within 83.5 evaluations; rule 4)"),
+                      "", (f"Rule 7c (the third round's: the qualifying candidate with the widest margin, all rounds' candidates): "
+                           f"**{out[model]['widest_margin']}**" if wide else "Rule 7c: none qualifies (rule 4's pick above)")
                       if model in THIRD_ROUND_MODELS else "The third round (rule 7) leaves this model's default as it is.", "",
                       (f"Fourth round's pick (rule 8c: among its method-change candidates, {', '.join(sorted(FOURTH_ROUND))}, the "
                        "qualifying one with the widest margin, at least +1 clip): " +
-                       (f"**{fourth['candidate']}** ({fourth['margin']:+d})" if fourth else "none; the round ends on the choose half"))
+                       (f"**{fourth['candidate']}** ({fourth['margin']:+d}); it becomes the default only if it passes on the "
+                        "fresh suite `--half report --variant 2` (rule 8e)" if fourth else "none; the round ends on the choose half"))
                       if model in THIRD_ROUND_MODELS else "The fourth round (rule 8) leaves this model's default as it is.", ""]
     return out, "\n".join(lines) + "\n"
 

@@ -392,7 +392,7 @@ def test_the_rule_that_picks_the_default(tmp_path, monkeypatch):
     assert not rows["drifty"]["qualifies"] and not rows["slow"]["qualifies"] and rows["good"]["qualifies"]
     ext = rows["extf-lr2.4-12+speed0.5"]  # continues c0 once (speed ratio 1 >= 0.5), stops the others at 12
     assert ext["qualifies"] and ext["evaluations"] == (4 * 62 + 82) / 5 and ext["worst"] == 82
-    assert data["shapes"]["default"] == "extf-lr2.4-12+speed0.5" and "Default: **extf-lr2.4-12+speed0.5**" in md
+    assert data["shapes"]["default"] == "extf-lr2.4-12+speed0.5" and "cheapest qualifying candidate): **extf-lr2.4-12+speed0.5**" in md
     # nothing qualifies without the continuation and "good": the fewest clips short within 83.5 evaluations (drift
     # and cost are not clips: "drifty" is none short, "slow" is over the cost)
     runs = [r for r in runs if not r["method"].startswith(("ext", "good", "drifty"))]
@@ -425,7 +425,7 @@ def test_the_third_rounds_pick_is_the_widest_margin_and_its_fresh_suite_is_named
     rows = {r["candidate"]: r for r in data["shapes"]["rows"]}
     assert rows["tie"]["margin"] == 0 and rows["wide"]["margin"] == 1 and not rows["wider-but-short"]["qualifies"]
     assert data["shapes"]["default"] == "tie" and data["shapes"]["widest_margin"] == "wide"
-    assert "Third round's pick (rule 7c: the qualifying candidate with the widest margin): **wide**" in md
+    assert "Rule 7c (the third round's: the qualifying candidate with the widest margin, all rounds' candidates): **wide**" in md
     assert data["shapes"]["fourth_round_pick"] is None  # rule 8c: only the fourth round's own candidates
     monkeypatch.setattr(cost, "FOURTH_ROUND", frozenset({"tie", "wide", "wider-but-short"}))
     data, md = cost.decide("m")
