@@ -113,7 +113,7 @@ PEERS = ("dds", "sdedit-0.5", "sdedit-0.7", "flowedit")
 DEFAULT_SCHEDULE = "sgd-anneal-cos-lr0.8-12"  # EditConfig's built-in defaults: models without measured defaults (tested)
 # what fastdm-edit runs on each bundled model by default: the built-in defaults under the folder's fastdm.json
 # defaults, picked by ARCHITECTURE.md's rule on the choose half (results/cost-decision-choose-*.md; tested)
-MODEL_DEFAULTS = {"shapes": "sgd-anneal-cos-lr3.2-16", "shapes-dit": "sgd-anneal-cos-lr3.2-12"}  # (UNet: second round)
+MODEL_DEFAULTS = {"shapes": "sgd-anneal-cos-lr3.6-soft1-16", "shapes-dit": "sgd-anneal-cos-lr3.2-12"}  # (UNet: fourth round)
 METRICS = ("colour_ok", "shape_ok", "drift_px", "area_kept", "background_change", "motion_fidelity", "frame_consistency")
 
 
@@ -122,7 +122,9 @@ RULE_HEADING = "## The rule that picks the default"
 FRESH_SUITE_RULE = {1: "7. A third round", 2: "8. A fourth round"}
 THIRD_ROUND_MODELS = ("shapes",)  # rules 7 and 8: the UNet only
 FOURTH_ROUND = frozenset(n for n in SCHEDULES if "-soft" in n)  # rule 8b: the method change (EditConfig.soft_mask)
-POOLED = {"report-pooled": ("report", "report-v1")}  # --decide --pooled: both report suites as one table (context)
+# --decide --pooled: report suites as one table. The first two (context for the third round's verdict); all three
+# (rule 8f: the test for calling issue #30 resolved on the UNet)
+POOLED = {"report-pooled": ("report", "report-v1"), "report-pooled-all": ("report", "report-v1", "report-v2")}
 
 
 def held_out_suite() -> list[dict]:
@@ -153,12 +155,24 @@ def frames_of(backbone, x: torch.Tensor) -> np.ndarray:
         return tensor_to_frames(backbone.from_working(x.detach()))
 
 
+SCHEDULE_KEYS = ("steps", "lr", "optimizer", "momentum", "t_schedule", "lr_schedule", "guidance_scale", "s_ssm_weight",
+                 "t_ssm_weight", "soft_mask")
+
+
+def schedule_of(config) -> dict:
+    """What a run record keeps of its edit's settings: the schedule's knobs (so a cache shows what actually ran)."""
+    return {k: getattr(config, k) for k in SCHEDULE_KEYS}
+
+
 def run_paper(pipe, case, clip, snapshots=SNAPSHOTS, method="paper", **settings) -> list[dict]:
     """One 200-step edit at the paper's settings, scored at every snapshot and at each stop rule's step."""
     from fastdm.driver.schedule import ConvergenceRule
 
     t0 = time.perf_counter()
-    run = pipe.prepare(clip, case["source_prompt"], case["target_prompt"], mask="auto", steps=max(snapshots), seed=0, **settings)
+    # preset "paper": the paper's schedule whatever the model folder's fastdm.json or EditConfig's defaults say (without it
+    # these runs were, from the defaults' change on, fastdm's own annealed cosine schedule stretched to 200 steps)
+    run = pipe.prepare(clip, case["source_prompt"], case["target_prompt"], mask="auto", steps=max(snapshots), seed=0,
+                       preset="paper", **settings)
     rules = {r: ConvergenceRule(r[0], r[1], run.mask) for r in STOP_RULES}
     stopped: dict[tuple, int] = {}
     out, trace = [], []
@@ -177,7 +191,7 @@ def run_paper(pipe, case, clip, snapshots=SNAPSHOTS, method="paper", **settings)
         for name in label:
             secs = time.perf_counter() - t0
             out.append({"method": name, "steps": k, "evaluations": dict(run.evaluations), "seconds": secs,
-                        "frames": frames_of(pipe.backbone, run.x)})
+                        "frames": frames_of(pipe.backbone, run.x), "schedule": schedule_of(run.config)})
     for r in STOP_RULES:  # a rule that never fired ran to the cap
         if r not in stopped:
             last = next(o for o in out if o["method"] == f"{method}@{max(snapshots)}")
@@ -227,7 +241,8 @@ def run_schedule(pipe, case, clip, steps: int, settings: dict, method: str) -> l
     t0 = time.perf_counter()
     res = pipe(clip, case["source_prompt"], case["target_prompt"], mask="auto", steps=steps, seed=0, **settings)
     return [{"method": method, "steps": res.report["steps_run"], "evaluations": res.report["evaluations"],
-             "seconds": time.perf_counter() - t0, "frames": res.frames, "stop": res.report["stop"]}]
+             "seconds": time.perf_counter() - t0, "frames": res.frames, "stop": res.report["stop"],
+             "schedule": {k: res.report["config"][k] for k in SCHEDULE_KEYS}}]
 
 
 def run_sdedit(pipe, case, clip, strength: float) -> list[dict]:
@@ -425,7 +440,10 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
     (``hashes``: model -> denoiser hash, to read only runs of those weights)."""
     cap = 1002 / 12
     if half in POOLED:
-        where = "the report halves of both suites pooled (variant 0 and 1: context, chooses nothing; the issue's test is each suite's)"
+        n = len(POOLED[half])
+        where = (f"the report halves of {n} suites pooled (variants 0-{n - 1}: " +
+                 ("context, chooses nothing; the issue's test is each suite's)" if n == 2 else
+                  "rule 8f's test for calling the issue resolved; chooses nothing)"))
     else:
         base, variant = half_parts(half)
         where = f"the {base} half" + (f" of the fresh suite `build_full_suite(variant={variant})` "
@@ -471,7 +489,7 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
         rows = []
         for name, a in table.items():
             if name == reference or a["edits"] != n_cases or "auto" in name or name.split("@")[0] in EXTENDED or \
-                    name.startswith(("paper@", "dds", "sdedit", "flowedit")):
+                    name.startswith(("paper@", "dds", "sdedit", "flowedit", "anneal200")):
                 continue
             got = counts(name)
             short = {k: max(0, ref_counts[k] - v) for k, v in got.items()}
@@ -516,8 +534,10 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
                   "those pairs (context for the counts; the rule above counts clips)."]
         if half in POOLED:
             out[model]["default"] = None
-            lines += ["", "Pooled over both report suites (54 clips; candidates run on both only): context for the two "
-                      "verdicts, not a third one; nothing is chosen on it.", ""]
+            lines += ["", (f"Pooled over {len(POOLED[half])} report suites ({n_cases} clips; candidates run on all of them only): " +
+                           ("context for the two verdicts, not a third one; nothing is chosen on it." if len(POOLED[half]) == 2 else
+                            "rule 8f: the fourth round's pick must pass here too for the issue to be called resolved; nothing "
+                            "is chosen on it.")), ""]
         elif half.startswith("report"):  # nothing is chosen here (rule 5): the table says whether the chosen default holds
             out[model]["default"] = None
             lines += ["", "The report half chooses nothing (rule 5); `qualifies` is the issue's test on clips the choice never saw.", ""]
@@ -548,13 +568,14 @@ def main(argv: list[str] | None = None) -> int:
                          "the report half runs only once ARCHITECTURE.md states the rule that picks the default")
     ap.add_argument("--variant", type=int, default=0,
                     help="with --half report: the report half of build_full_suite(variant=N), a fresh suite of the same make-up "
-                         "(ARCHITECTURE.md rule 7: variant 1 is the third round's; it runs only once that rule is written)")
+                         "(ARCHITECTURE.md rules 7 and 8: variants 1 and 2 are the third and fourth rounds'; each runs only once its rule "
+                         "is written)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--choose", action="store_true", help="from both models' tables: the cheapest schedule that holds "
                     "the paper's quality on every measure (writes results/cost-choice-<machine>.{json,md})")
     ap.add_argument("--decide", action="store_true", help="apply ARCHITECTURE.md's rule that picks the default to --half's "
                     "tables of both models (writes results/cost-decision-<half>-<machine>.{json,md})")
-    ap.add_argument("--pooled", action="store_true", help="with --decide: both report suites (variant 0 and 1) as one table, "
+    ap.add_argument("--pooled", action="store_true", help="with --decide: the report suites as one table (variants 0-1, and 0-2), "
                     "context for their verdicts (writes results/cost-decision-report-pooled-<machine>.{json,md})")
     ap.add_argument("--tables", action="store_true", help="rewrite the tables from the run caches, run nothing")
     args = ap.parse_args(argv)
@@ -565,15 +586,15 @@ def main(argv: list[str] | None = None) -> int:
     half = args.half and half_label(args.half, args.variant)
     if args.pooled:
         if not args.decide or args.variant:
-            ap.error("--pooled goes with --decide (and no --variant): it reads both report suites")
-        half = "report-pooled"
+            ap.error("--pooled goes with --decide (and no --variant): it reads the report suites")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.decide:
         hashes = {m: denoiser_hash(resolve_model(m))[1] for m in ("shapes", "shapes-dit")}
-        data, md = decide(machine_name(), half or "choose", hashes=hashes)
-        write_results(f"cost-decision-{half or 'choose'}-{machine_name()}", data, md)
-        print(md)
+        for label in (list(POOLED) if args.pooled else [half or "choose"]):
+            data, md = decide(machine_name(), label, hashes=hashes)
+            write_results(f"cost-decision-{label}-{machine_name()}", data, md)
+            print(md)
         return 0
     if args.choose:
         data, md = choose(machine_name())

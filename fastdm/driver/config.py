@@ -28,7 +28,8 @@ class EditConfig:
     # The default schedule (benchmarks/cost.py; ARCHITECTURE.md, "What an edit costs"): SGD decaying on a
     # cosine, t annealed from high to low, 12 steps: 1/16 of the paper's denoiser evaluations. lr 0.8 is the
     # built-in value for models nobody has measured; the bundled models carry their measured defaults in their
-    # fastdm.json (picked on the suite's choose half: lr 3.2; the UNet also 16 steps). The paper's: PRESETS["paper"].
+    # fastdm.json (picked on the suite's choose half: lr 3.2; the UNet lr 3.6, 16 steps and the graded mask, soft_mask 1).
+    # The paper's: PRESETS["paper"].
     steps: int = 12
     lr: float = 0.8
     optimizer: str = "sgd"  # "sgd" or "adam"
@@ -155,7 +156,7 @@ _ADDED_DEFAULTS = {"t_schedule": "uniform", "lr_schedule": "constant", "momentum
 # measurement (benchmarks/cost.py; ARCHITECTURE.md, "Cost").
 PRESETS: dict[str, dict] = {
     "paper": {"steps": 200, "lr": 0.4, "optimizer": "sgd", "momentum": 0.0, "t_schedule": "uniform", "lr_schedule": "constant",
-              "stop": "steps", "guidance_scale": 7.5, "t_min": 50, "t_max": 950, "weighting": "constant"},
+              "stop": "steps", "guidance_scale": 7.5, "t_min": 50, "t_max": 950, "weighting": "constant", "soft_mask": 0.0},
     "default": {},
 }
 
