@@ -468,6 +468,14 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
         n_cases = len({r["case"] for r in runs})
         runs = runs + extended_rows(runs)
         table = summarize(runs)
+        if reference not in table or table[reference]["edits"] != n_cases:
+            have = table[reference]["edits"] if reference in table else 0
+            out[model] = {"rows": [], "default": None, "qualified": False, "widest_margin": None, "fourth_round_pick": None,
+                          "reference": None, "reference_clips": have}
+            lines += [f"## {model}", "", f"No verdict: `{reference}` has run on {have} of these {n_cases} clips (rule 9: the "
+                      "runs once labelled so were not the paper's schedule and are `anneal200@k` now; the real preset's "
+                      "runs land clip by clip).", ""]
+            continue
         ref = table[reference]
 
         def counts(method):  # clips a method finished: colour and shape edits, area kept

@@ -418,7 +418,7 @@ def test_the_third_rounds_pick_is_the_widest_margin_and_its_fresh_suite_is_named
         runs.append(_run("tie", case, kind, colour=case != "c0", drift=0.4, evals=(50, 12)))  # cheapest, margin 0
         runs.append(_run("wide", case, kind, drift=0.55, evals=(66, 16)))  # finishes c0 too: margin +1
         runs.append(_run("wider-but-short", case, kind, area=case != "c1", evals=(50, 12)))  # +1 colour, -1 area
-    for half in ("choose", "report", "report-v1"):
+    for half in ("choose", "report", "report-v1", "report-v2"):
         for model in ("shapes", "shapes-dit"):
             (tmp_path / f"cost-{model}-{half}-m.runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
     data, md = cost.decide("m")
@@ -438,6 +438,9 @@ def test_the_third_rounds_pick_is_the_widest_margin_and_its_fresh_suite_is_named
     data, md = cost.decide("m", half="report-pooled")  # both report suites as one table: the clips named apart
     rows = {r["candidate"]: r for r in data["shapes"]["rows"]}
     assert rows["wide"]["margin"] == 2 and data["shapes"]["default"] is None and "--pooled" in md and "not a third one" in md
+    data, md = cost.decide("m", half="report-pooled-all")  # rule 8f: all three report suites
+    rows = {r["candidate"]: r for r in data["shapes"]["rows"]}
+    assert rows["wide"]["margin"] == 3 and rows["wide"]["qualifies"] and "15 clips" in md and "rule 8f" in md
     assert cost.split_name("shapes-dit-report-v1") == ("shapes-dit", "report", 1)
     assert cost.split_name("shapes-choose") == ("shapes", "choose", 0) and cost.split_name("shapes") == ("shapes", None, 0)
     with pytest.raises(SystemExit):  # a fresh suite is a report half only
@@ -492,3 +495,43 @@ def test_area_trace_records_every_step_of_each_value(monkeypatch, capsys):
     assert written["stem"].startswith("area-trace-colour-red-triangle-to-blue-triangle-") and written["md"].count("| 2 |") == 2
     with pytest.raises(SystemExit, match="no case 'nope'"):
         at.main(["--case", "nope"])
+
+
+def test_the_paper_reference_runs_the_papers_schedule_whatever_the_folder_says():
+    """Rule 9: run_paper asks for preset "paper", so the bundled UNet's fastdm.json (lr 3.6, soft_mask 1) and
+    EditConfig's annealed cosine defaults do not leak into the reference; DDS is the same with the SSM losses off."""
+    import benchmarks.cost as cost
+    from fastdm import DreamMotionPipeline
+    from fastdm.driver.config import PRESETS
+    from fastdm.toyworld.suite import build_full_suite, render_case
+
+    pipe = DreamMotionPipeline.from_pretrained()
+    case = build_full_suite()[0]
+    seen = []
+
+    def prepare(*a, **k):
+        seen.append(cost.schedule_of(pipe.__class__.prepare(pipe, *a, **k).config))
+        raise StopIteration
+
+    pipe.prepare = prepare
+    for kw in ({}, dict(snapshots=(25, 200), method="dds", s_ssm_weight=0.0, t_ssm_weight=0.0)):
+        with pytest.raises(StopIteration):
+            cost.run_paper(pipe, case, render_case(case), **kw)
+    paper = {k: v for k, v in PRESETS["paper"].items() if k in cost.SCHEDULE_KEYS}
+    assert all(s[k] == v for s in seen for k, v in paper.items()), seen
+    assert seen[0]["s_ssm_weight"] > 0 and seen[1]["s_ssm_weight"] == seen[1]["t_ssm_weight"] == 0
+
+
+def test_decide_gives_no_verdict_without_the_whole_paper_reference(tmp_path, monkeypatch):
+    import json
+
+    import benchmarks.cost as cost
+
+    monkeypatch.setattr(cost, "RESULTS", tmp_path)
+    runs = [_run("anneal200@200", "c0", "colour"), _run("cheap", "c0", "colour"), _run("cheap", "c1", "colour"),
+            _run("paper@200", "c1", "colour")]
+    for model in ("shapes", "shapes-dit"):
+        (tmp_path / f"cost-{model}-report-v2-m.runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    data, md = cost.decide("m", half="report-v2")
+    assert data["shapes"]["reference"] is None and data["shapes"]["reference_clips"] == 1
+    assert "No verdict: `paper@200` has run on 1 of these 2 clips" in md
