@@ -454,8 +454,13 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
                       "its mean drift at most 0.1 px above, and its mean evaluations (forward + backward) at most 1002 / 12 = 83.5; "
                       "the cheapest qualifying candidate is the model's default (ties: lower drift, then fewer worst-case "
                       "evaluations). Shortfall: clips below the paper's counts (colour + shape + area kept). "
-                      "Written by `python -m benchmarks.cost --decide " + ("--pooled`." if half in POOLED else
-                                                                            f"{half_args(*half_parts(half))}`."), ""]
+                      "Written by `python -m benchmarks.cost --decide " + ("--pooled" if half in POOLED else
+                                                                            f"{half_args(*half_parts(half))}") +
+                      ("`." if reference == "paper@200" else f" --reference {reference}`."), ""]
+    if reference != "paper@200":
+        lines[-1:-1] = ["", f"**Reference `{reference}`: fastdm's annealed cosine schedule stretched to 200 steps, which rounds "
+                        "1-4 took for the paper's (ARCHITECTURE.md rule 9); \"the paper's\" above means it. These are the "
+                        "tables as those rounds decided, not a comparison with the paper.**"]
     for model in models:
         loaded = []
         for part in POOLED.get(half, (half,)):  # pooled: each suite's clips named apart
@@ -585,6 +590,10 @@ def main(argv: list[str] | None = None) -> int:
                     "tables of both models (writes results/cost-decision-<half>-<machine>.{json,md})")
     ap.add_argument("--pooled", action="store_true", help="with --decide: the report suites as one table (variants 0-1, and 0-2), "
                     "context for their verdicts (writes results/cost-decision-report-pooled-<machine>.{json,md})")
+    ap.add_argument("--reference", default="paper@200", choices=("paper@200", "anneal200@200"),
+                    help="with --decide: what the candidates are held against; anneal200@200 rewrites the tables of rounds "
+                         "1-4 as they were decided, against the schedule then mislabelled paper (ARCHITECTURE.md rule 9), to "
+                         "results/cost-decision-<half>-anneal200-<machine>")
     ap.add_argument("--tables", action="store_true", help="rewrite the tables from the run caches, run nothing")
     args = ap.parse_args(argv)
     if args.variant and args.half != "report":
@@ -600,8 +609,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.decide:
         hashes = {m: denoiser_hash(resolve_model(m))[1] for m in ("shapes", "shapes-dit")}
         for label in (list(POOLED) if args.pooled else [half or "choose"]):
-            data, md = decide(machine_name(), label, hashes=hashes)
-            write_results(f"cost-decision-{label}-{machine_name()}", data, md)
+            data, md = decide(machine_name(), label, hashes=hashes, reference=args.reference)
+            tag = "" if args.reference == "paper@200" else f"-{args.reference.split('@')[0]}"
+            write_results(f"cost-decision-{label}{tag}-{machine_name()}", data, md)
             print(md)
         return 0
     if args.choose:
