@@ -204,7 +204,7 @@ def test_settings_change_the_update(latent_pipe, clip):
 
 def test_pipeline_matches_the_cli_defaults():
     """fastdm-edit without options edits with EditConfig's defaults under the default model's measured ones (the
-    bundled UNet's fastdm.json: lr 3.2, 16 steps); --preset paper with the paper's."""
+    bundled UNet's fastdm.json: lr 3.6, 16 steps, soft_mask 1); --preset paper with the paper's."""
     from fastdm.backbone import resolve_model
     from fastdm.cli import build_parser
     from fastdm.driver.config import PRESETS, EditConfig
@@ -212,7 +212,7 @@ def test_pipeline_matches_the_cli_defaults():
 
     args = build_parser().parse_args(["in.gif", "--source-prompt", "a", "--target-prompt", "b"])
     measured = folder_defaults(resolve_model(None))[0]
-    assert measured == {"lr": 3.2, "steps": 16}
+    assert measured == {"lr": 3.6, "steps": 16, "soft_mask": 1.0}
     assert EditRequest.from_args(args).config() == EditConfig("a", "b", **measured)
     args = build_parser().parse_args(["in.gif", "--source-prompt", "a", "--target-prompt", "b", "--preset", "paper", "--lr", "0.3"])
     got = EditRequest.from_args(args).config()
