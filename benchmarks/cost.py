@@ -727,7 +727,8 @@ def write_tables(done: dict, suite: list[dict], name: str, model: str, denoiser:
     if half:
         meta["suite"] = (f"cases of the full suite's {half} half (`fastdm/toyworld/suite.py`: every ordered colour pair and "
                          "shape pair, split by a fixed rule)" + (f"; fresh clips: `build_full_suite(variant={variant})`, "
-                                                                 "ARCHITECTURE.md rule 7" if variant else ""))
+                                                                 f"ARCHITECTURE.md rule {FRESH_SUITE_RULE[variant].split('.')[0]}"
+                                                                 if variant else ""))
         meta["command"] = f"python -m benchmarks.cost --model {base} {half_args(half, variant)} --methods ..."
     default = MODEL_DEFAULTS.get(base, DEFAULT_SCHEDULE)
     peers = [r for r in runs if r["method"].split("@")[0].split("-")[0] in ("dds", "sdedit", "flowedit")
@@ -740,8 +741,11 @@ def write_tables(done: dict, suite: list[dict], name: str, model: str, denoiser:
     cost = summarize(order(ours))
     write_results(f"cost-{name}-{machine}", {"meta": meta, "summary": cost},
                   markdown("Edit quality against cost", cost, meta,
-                           "paper@k: the paper's schedule stopped at step k; paper-auto(...): stopped by the convergence rule "
-                           "(window, tol; driver/schedule.py ConvergenceRule), cap 200; other rows: benchmarks/cost.py SCHEDULES."))
+                           "paper@k: the paper's schedule (`--preset paper`) stopped at step k; paper-auto(...): stopped by the "
+                           "convergence rule (window, tol; driver/schedule.py ConvergenceRule), cap 200; anneal200@k / "
+                           "anneal200-vdds@k: fastdm's annealed cosine schedule at the default lr of the day stretched to 200 "
+                           "steps (with / without S-SSM and T-SSM), which these tables called paper / DDS until ARCHITECTURE.md "
+                           "rule 9; other rows: benchmarks/cost.py SCHEDULES."))
     if peers:
         peer = summarize(order(peers))
         write_results(f"peers-{name}-{machine}", {"meta": meta, "summary": peer},
