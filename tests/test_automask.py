@@ -269,7 +269,7 @@ def test_soft_mask_grades_the_update_and_leaves_the_outside_alone(shapes_pipe):
     case = next(c for c in build_suite() if c["id"] == "colour-05")
     clip = render_case(case)
     kw = dict(mask="auto", steps=2, seed=0, lr=3.2, t_schedule="anneal", lr_schedule="cosine")
-    binary = shapes_pipe.prepare(clip, case["source_prompt"], case["target_prompt"], **kw)
+    binary = shapes_pipe.prepare(clip, case["source_prompt"], case["target_prompt"], soft_mask=0.0, **kw)  # (the folder's is 1)
     soft = shapes_pipe.prepare(clip, case["source_prompt"], case["target_prompt"], soft_mask=1.0, **kw)
     mb, ms = binary.mask, soft.mask
     assert ((ms > 0) == (mb > 0)).all() and (ms <= mb).all() and ((ms > 0) & (ms < 1)).any() and (ms == 1).any()
