@@ -159,9 +159,10 @@ SCHEDULE_KEYS = ("steps", "lr", "optimizer", "momentum", "t_schedule", "lr_sched
                  "t_ssm_weight", "soft_mask")
 
 
-def schedule_of(config) -> dict:
-    """What a run record keeps of its edit's settings: the schedule's knobs (so a cache shows what actually ran)."""
-    return {k: getattr(config, k) for k in SCHEDULE_KEYS}
+def schedule_of(config: dict) -> dict:
+    """What a run record keeps of its edit's settings (``EditConfig.to_dict()`` or a report's ``config``): the
+    schedule's knobs, so a cache shows what actually ran."""
+    return {k: config[k] for k in SCHEDULE_KEYS}
 
 
 def run_paper(pipe, case, clip, snapshots=SNAPSHOTS, method="paper", **settings) -> list[dict]:
@@ -191,7 +192,7 @@ def run_paper(pipe, case, clip, snapshots=SNAPSHOTS, method="paper", **settings)
         for name in label:
             secs = time.perf_counter() - t0
             out.append({"method": name, "steps": k, "evaluations": dict(run.evaluations), "seconds": secs,
-                        "frames": frames_of(pipe.backbone, run.x), "schedule": schedule_of(run.config)})
+                        "frames": frames_of(pipe.backbone, run.x), "schedule": schedule_of(run.config.to_dict())})
     for r in STOP_RULES:  # a rule that never fired ran to the cap
         if r not in stopped:
             last = next(o for o in out if o["method"] == f"{method}@{max(snapshots)}")
@@ -242,7 +243,7 @@ def run_schedule(pipe, case, clip, steps: int, settings: dict, method: str) -> l
     res = pipe(clip, case["source_prompt"], case["target_prompt"], mask="auto", steps=steps, seed=0, **settings)
     return [{"method": method, "steps": res.report["steps_run"], "evaluations": res.report["evaluations"],
              "seconds": time.perf_counter() - t0, "frames": res.frames, "stop": res.report["stop"],
-             "schedule": {k: res.report["config"][k] for k in SCHEDULE_KEYS}}]
+             "schedule": schedule_of(res.report["config"])}]
 
 
 def run_sdedit(pipe, case, clip, strength: float) -> list[dict]:
@@ -447,7 +448,7 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
     else:
         base, variant = half_parts(half)
         where = f"the {base} half" + (f" of the fresh suite `build_full_suite(variant={variant})` "
-                                      f"(rule {FRESH_SUITE_RULE[variant].split('.')[0]})" if variant else "")
+                                      f"(rule {fresh_rule_number(variant)})" if variant else "")
     out, lines = {}, [f"# The rule that picks the default, applied to {where} ({machine})", "",
                       "ARCHITECTURE.md, \"The rule that picks the default\": a candidate qualifies on a model when, against "
                       f"`{reference}` on the same clips, its colour success, shape success and area kept are at least the paper's, "
@@ -524,10 +525,13 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
         pick = qual[0] if qual else min((r for r in rows if r["evaluations"] <= cap),
                                         key=lambda r: (r["shortfall"], r["evaluations"], r["drift"]), default=None)
         # rule 7c (third round): the qualifying candidate with the largest margin over the paper, ties as rule 3
-        wide = min(qual, key=lambda r: (-r["margin"], r["evaluations"], r["drift"], r["worst"]), default=None)
+        def by_margin(r):  # widest margin first, ties as rule 3
+            return -r["margin"], r["evaluations"], r["drift"], r["worst"]
+
+        wide = min(qual, key=by_margin, default=None)
         # rule 8c (fourth round): among its method-change candidates that qualify, the widest margin, at least +1 clip
         fourth = min((r for r in qual if r["candidate"] in FOURTH_ROUND and r["margin"] >= 1),
-                     key=lambda r: (-r["margin"], r["evaluations"], r["drift"], r["worst"]), default=None)
+                     key=by_margin, default=None)
         out[model] = {"rows": rows, "default": pick and pick["candidate"], "qualified": bool(qual),
                       "widest_margin": wide and wide["candidate"], "fourth_round_pick": fourth and fourth["candidate"],
                       "reference": {k: ref[k] for k in ("colour_success", "shape_success", "area_kept", "mean_drift_px")}}
@@ -589,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decide", action="store_true", help="apply ARCHITECTURE.md's rule that picks the default to --half's "
                     "tables of both models (writes results/cost-decision-<half>-<machine>.{json,md})")
     ap.add_argument("--pooled", action="store_true", help="with --decide: the report suites as one table (variants 0-1, and 0-2), "
-                    "context for their verdicts (writes results/cost-decision-report-pooled-<machine>.{json,md})")
+                    "(writes results/cost-decision-<name>-<machine>.{json,md} for each of POOLED's names)")
     ap.add_argument("--reference", default="paper@200", choices=("paper@200", "anneal200@200"),
                     help="with --decide: what the candidates are held against; anneal200@200 rewrites the tables of rounds "
                          "1-4 as they were decided, against the schedule then mislabelled paper (ARCHITECTURE.md rule 9), to "
@@ -691,6 +695,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def fresh_rule_number(variant: int) -> str:
+    """The ARCHITECTURE.md rule that registered fresh suite ``variant`` ("7" for variant 1)."""
+    return FRESH_SUITE_RULE[variant].split(".")[0]
+
+
 def half_label(half: str, variant: int = 0) -> str:
     """The name a half's runs and tables carry: ``report`` or, for a fresh suite, ``report-v1``."""
     return f"{half}-v{variant}" if variant else half
@@ -727,7 +736,7 @@ def write_tables(done: dict, suite: list[dict], name: str, model: str, denoiser:
     if half:
         meta["suite"] = (f"cases of the full suite's {half} half (`fastdm/toyworld/suite.py`: every ordered colour pair and "
                          "shape pair, split by a fixed rule)" + (f"; fresh clips: `build_full_suite(variant={variant})`, "
-                                                                 f"ARCHITECTURE.md rule {FRESH_SUITE_RULE[variant].split('.')[0]}"
+                                                                 f"ARCHITECTURE.md rule {fresh_rule_number(variant)}"
                                                                  if variant else ""))
         meta["command"] = f"python -m benchmarks.cost --model {base} {half_args(half, variant)} --methods ..."
     default = MODEL_DEFAULTS.get(base, DEFAULT_SCHEDULE)

@@ -510,7 +510,7 @@ def test_the_paper_reference_runs_the_papers_schedule_whatever_the_folder_says()
     seen = []
 
     def prepare(*a, **k):
-        seen.append(cost.schedule_of(pipe.__class__.prepare(pipe, *a, **k).config))
+        seen.append(cost.schedule_of(pipe.__class__.prepare(pipe, *a, **k).config.to_dict()))
         raise StopIteration
 
     pipe.prepare = prepare

@@ -395,9 +395,8 @@ class EditRun:
         if graded:  # the update inside the mask weighted by the cross-attention map (EditConfig.soft_mask)
             from ..automask import graded_mask
 
-            self.mask = mask_to_working(graded_mask(self.auto_mask, config.soft_mask), video, bb, graded=True)
-        else:
-            self.mask = mask_to_working(mask, video, bb)
+            mask_weights = graded_mask(self.auto_mask, config.soft_mask)
+        self.mask = mask_to_working(mask_weights if graded else mask, video, bb, graded=graded)
         self.masked = mask is not None
         self.pixel_mask = None if mask is None else np.asarray(mask, np.float32)
         self.x = torch.nn.Parameter(self.x_src.clone())
