@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import machine_description, machine_name, write_results
+from benchmarks.suite import frames_of, parse_setting
 from fastdm.toyworld.metrics import colour_of, object_mask
 from fastdm.toyworld.suite import build_full_suite, render_case, score
 
@@ -25,16 +26,13 @@ BASE = dict(steps=16, t_schedule="anneal", lr=3.2, lr_schedule="cosine")
 
 
 def trace(pipe, case: dict, settings: dict) -> dict:
-    from fastdm.io.tensors import tensor_to_frames
-
     clip = render_case(case)
     src = [max(int(object_mask(f).sum()), 1) for f in clip]
     run = pipe.prepare(clip, case["source_prompt"], case["target_prompt"], mask="auto", seed=0, **settings)
     steps = []
     while not run.done:
         run.step()
-        with torch.no_grad():
-            frames = tensor_to_frames(pipe.backbone.from_working(run.x.detach()))
+        frames = frames_of(pipe.backbone, run.x)
         steps.append({"step": run.step_index, "t": run.last_t, "lr": run.opt.param_groups[0]["lr"],
                       "area_ratio": float(np.mean([object_mask(f).sum() / a for f, a in zip(frames, src)])),
                       "target_frames": sum(colour_of(f) == case["target_colour"] for f in frames)})
@@ -44,8 +42,9 @@ def trace(pipe, case: dict, settings: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fastdm import DreamMotionPipeline, EditConfig
+    from fastdm import DreamMotionPipeline
     from fastdm.backbone import resolve_model
+    from fastdm.errors import FastDMError
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", required=True, help="a case id of build_full_suite()")
@@ -60,11 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     fixed, varied = dict(BASE), ("", [None])
     for item in args.set:
-        name, _, values = item.partition("=")
-        kind = type(getattr(EditConfig("a", "b"), name, None))  # (typed as the setting's default)
-        if not values or kind is type(None):
-            raise SystemExit(f"error: --set {item!r}: expected NAME=VALUE[,VALUE...] with NAME an EditConfig setting")
-        vals = [kind(v) for v in values.split(",")]
+        try:
+            name, vals = parse_setting(item, lists=True, reserved=())
+        except FastDMError as e:  # one line, no traceback
+            raise SystemExit(f"error: {e}") from None
         if len(vals) > 1:
             varied = (name, vals)
         else:

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import RESULTS, denoiser_hash, machine_description, machine_name, repo_relative, runs_machines, write_results
+from benchmarks.suite import frames_of
 from fastdm.toyworld.suite import HALVES, build_full_suite, build_suite, render_case, score, suite_half
 
 SNAPSHOTS = (12, 16, 25, 50, 100, 200)
@@ -146,13 +147,6 @@ def counted(backbone):
         yield calls
     finally:
         del backbone.predict_noise  # the instance attribute; the method is the class's again
-
-
-def frames_of(backbone, x: torch.Tensor) -> np.ndarray:
-    from fastdm.io.tensors import tensor_to_frames
-
-    with torch.no_grad():
-        return tensor_to_frames(backbone.from_working(x.detach()))
 
 
 SCHEDULE_KEYS = ("steps", "lr", "optimizer", "momentum", "t_schedule", "lr_schedule", "guidance_scale", "s_ssm_weight",

@@ -52,6 +52,7 @@ from benchmarks.suite import (  # noqa: F401  (re-exported)
     box_mask,
     build_suite,
     case_mask,
+    parse_setting,
     edit_config,
     render_case,
     score,
@@ -60,23 +61,7 @@ from benchmarks.suite import (  # noqa: F401  (re-exported)
 
 def parse_overrides(items: list[str]) -> dict:
     """``["guidance_scale=15", "t_ssm_weight=1e4"]`` -> typed EditConfig overrides."""
-    import dataclasses
-
-    from fastdm import EditConfig
-    from fastdm.errors import FastDMError
-
-    fields = {f.name: f for f in dataclasses.fields(EditConfig)}
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in fields or key in ("source_prompt", "target_prompt", "steps", "extra", "tap_layers"):
-            raise FastDMError(f"--set {item!r}: expected FIELD=VALUE with FIELD an EditConfig setting such as guidance_scale, t_ssm_weight")
-        default = getattr(EditConfig("a", "b"), key)  # (its type: the same in every preset)
-        try:
-            out[key] = type(default)(value)
-        except ValueError:
-            raise FastDMError(f"--set {item!r}: {value!r} is not a {type(default).__name__}") from None
-    return out
+    return dict((key, values[0]) for key, values in map(parse_setting, items))
 
 
 def overrides_label(overrides: dict) -> str:

@@ -27,6 +27,38 @@ SCORE_KEYS = ("colour_ok", "shape_ok", "drift_px", "motion_fidelity", "flow_epe_
               "background_change")
 
 
+def parse_setting(item: str, *, lists: bool = False, reserved: tuple[str, ...] = ("steps",)) -> tuple[str, list]:
+    """``"guidance_scale=15"`` -> ``("guidance_scale", [15.0])``, typed as the EditConfig setting's default;
+    with ``lists``, ``"soft_mask=0,1"`` -> ``("soft_mask", [0.0, 1.0])``. ``reserved`` settings (a benchmark's own
+    flag) are refused. A one-line FastDMError otherwise."""
+    import dataclasses
+
+    from fastdm import EditConfig
+    from fastdm.errors import FastDMError
+
+    fields = {f.name for f in dataclasses.fields(EditConfig)}
+    key, sep, value = item.partition("=")
+    if not sep or not value or key not in fields or key in ("source_prompt", "target_prompt", "tap_layers", *reserved):
+        raise FastDMError(f"--set {item!r}: expected FIELD=VALUE{'[,VALUE...]' if lists else ''} with FIELD an EditConfig "
+                          "setting such as guidance_scale, t_ssm_weight")
+    kind = type(getattr(EditConfig("a", "b"), key))  # (its type: the same in every preset)
+    values = value.split(",") if lists else [value]
+    try:
+        return key, [kind(v) for v in values]
+    except ValueError:
+        raise FastDMError(f"--set {item!r}: {value!r} is not a {kind.__name__}") from None
+
+
+def frames_of(backbone, x) -> np.ndarray:
+    """The (F, H, W, 3) uint8 frames of a working tensor (an edit's ``run.x``)."""
+    import torch
+
+    from fastdm.io.tensors import tensor_to_frames
+
+    with torch.no_grad():
+        return tensor_to_frames(backbone.from_working(x.detach()))
+
+
 def edit_config(case: dict, name: str, steps: int, lr: float, overrides: dict | None = None):
     """The EditConfig of one suite case under one configuration (its mask flag aside).
 

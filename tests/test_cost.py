@@ -495,6 +495,9 @@ def test_area_trace_records_every_step_of_each_value(monkeypatch, capsys):
     assert written["stem"].startswith("area-trace-colour-red-triangle-to-blue-triangle-") and written["md"].count("| 2 |") == 2
     with pytest.raises(SystemExit, match="no case 'nope'"):
         at.main(["--case", "nope"])
+    for bad, why in (("lr=fast", "'fast' is not a float"), ("no_such=1", "expected FIELD=VALUE")):
+        with pytest.raises(SystemExit, match=why):
+            at.main(["--case", "colour-red-triangle-to-blue-triangle", "--set", bad])
 
 
 def test_the_paper_reference_runs_the_papers_schedule_whatever_the_folder_says():
