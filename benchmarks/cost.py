@@ -563,6 +563,14 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
                        (f"**{fourth['candidate']}** ({fourth['margin']:+d}); it becomes the default only if it passes on the "
                         "fresh suite `--half report --variant 2` (rule 8e)" if fourth else "none; the round ends on the choose half"))
                       if model in THIRD_ROUND_MODELS else "The fourth round (rule 8) leaves this model's default as it is.", ""]
+            if reference == "paper@200":  # rule 9b: the present default re-checked against the real paper
+                present = next((r for r in rows if r["candidate"] == MODEL_DEFAULTS.get(model)), None)
+                kept = bool(present and present["qualifies"])
+                out[model]["rule_9b"] = present["candidate"] if kept else out[model]["default"]
+                lines += [f"Rule 9b (the present default, {MODEL_DEFAULTS.get(model)}, against the real paper): " +
+                          ("it qualifies and stays." if kept else
+                           f"it does not qualify ({'; '.join(present['why_not']) if present else 'not run on every clip'}); "
+                           f"chosen again by rules 2-3 among the candidates already run: **{out[model]['default']}**."), ""]
     return out, "\n".join(lines) + "\n"
 
 

@@ -393,6 +393,12 @@ def test_the_rule_that_picks_the_default(tmp_path, monkeypatch):
     ext = rows["extf-lr2.4-12+speed0.5"]  # continues c0 once (speed ratio 1 >= 0.5), stops the others at 12
     assert ext["qualifies"] and ext["evaluations"] == (4 * 62 + 82) / 5 and ext["worst"] == 82
     assert data["shapes"]["default"] == "extf-lr2.4-12+speed0.5" and "cheapest qualifying candidate): **extf-lr2.4-12+speed0.5**" in md
+    # rule 9b: a present default that qualifies stays; one that does not is chosen again by rules 2-3
+    monkeypatch.setattr(cost, "MODEL_DEFAULTS", {"shapes": "good", "shapes-dit": "drifty"})
+    data, md = cost.decide("m")
+    assert data["shapes"]["rule_9b"] == "good" and "(the present default, good, against the real paper): it qualifies and stays" in md
+    assert data["shapes-dit"]["rule_9b"] == "extf-lr2.4-12+speed0.5"
+    assert "drifty, against the real paper): it does not qualify (drift 0.70 > 0.50 + 0.1); chosen again" in md
     # nothing qualifies without the continuation and "good": the fewest clips short within 83.5 evaluations (drift
     # and cost are not clips: "drifty" is none short, "slow" is over the cost)
     runs = [r for r in runs if not r["method"].startswith(("ext", "good", "drifty"))]
