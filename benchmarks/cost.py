@@ -114,7 +114,8 @@ PEERS = ("dds", "sdedit-0.5", "sdedit-0.7", "flowedit")
 DEFAULT_SCHEDULE = "sgd-anneal-cos-lr0.8-12"  # EditConfig's built-in defaults: models without measured defaults (tested)
 # what fastdm-edit runs on each bundled model by default: the built-in defaults under the folder's fastdm.json
 # defaults, picked by ARCHITECTURE.md's rule on the choose half (results/cost-decision-choose-*.md; tested)
-MODEL_DEFAULTS = {"shapes": "sgd-anneal-cos-lr3.6-soft1-16", "shapes-dit": "sgd-anneal-cos-lr3.2-12"}  # (UNet: fourth round)
+# (UNet: rule 9c, a continuation rule read off the simulated EXTENDED runs; transformer: rules 2-3)
+MODEL_DEFAULTS = {"shapes": "extf-lr2.4-8+vdds1.1", "shapes-dit": "sgd-anneal-cos-lr3.2-12"}
 METRICS = ("colour_ok", "shape_ok", "drift_px", "area_kept", "background_change", "motion_fidelity", "frame_consistency")
 
 
@@ -210,6 +211,18 @@ EXTENDED = {
 }
 EXTEND_SEGMENT, EXTEND_MAX = 4, 3  # segment length and segments simulated (EditConfig's defaults)
 EXTEND_TOLS = (("speed", 0.5), ("speed", 0.75), ("speed", 1.0), ("vdds", 0.9), ("vdds", 1.1))  # ExtensionRule.continues rules
+
+
+def candidate_settings(name: str) -> tuple[int, dict]:
+    """A candidate's steps and EditConfig settings: a schedule of :data:`SCHEDULES`, or a continuation rule
+    ``<EXTENDED schedule>+<signal><tol>`` (the edit that decides as ``extended_rows`` reads it)."""
+    base, plus, rule = name.partition("+")
+    if not plus:
+        return SCHEDULES[name]
+    steps, settings = EXTENDED[base]
+    on = "speed" if rule.startswith("speed") else "vdds"
+    return steps, {**settings, "stop": "extend", "extend_segment": EXTEND_SEGMENT, "extend_max": EXTEND_MAX,
+                   "extend_on": on, "extend_tol": float(rule[len(on):])}
 
 
 def run_extended(pipe, case, clip, steps: int, settings: dict, method: str) -> list[dict]:

@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
                         f"edit segment by segment, at most --extend-max segments (default {_DEFAULTS.stop})")
     p.add_argument("--extend-max", type=int, default=None, metavar="N",
                    help=f"--stop extend: continuation segments at most (default {_DEFAULTS.extend_max})")
+    p.add_argument("--extend-on", choices=("speed", "vdds"), default=None,
+                   help="--stop extend: continue while this signal of the last segment is at least --extend-tol times the one "
+                        f"before's: speed (the edit's movement per unit lr) or vdds (the masked V-DDS residual) (default {_DEFAULTS.extend_on})")
+    p.add_argument("--extend-tol", type=float, default=None,
+                   help=f"--stop extend: the ratio that continues (default {_DEFAULTS.extend_tol:g})")
     p.add_argument("--max-steps", type=int, default=None, help="the cap of --steps auto (default: the preset's step count)")
     p.add_argument("--lr", type=float, default=None, help=f"learning rate (default {_DEFAULTS.lr:g})")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help=f"default {_DEFAULTS.optimizer}")

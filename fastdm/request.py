@@ -28,7 +28,7 @@ from .errors import BadInput, FastDMError, Unsupported
 # request fields that map to EditConfig fields (None: the preset's value)
 CONFIG_FIELDS = ("steps", "lr", "optimizer", "seed", "guidance_scale", "guidance_scale_2", "s_ssm_weight", "t_ssm_weight", "mask_scope",
                  "t_schedule", "lr_schedule", "momentum", "window", "window_overlap", "stop", "extend_max",
-                 "soft_mask")
+                 "extend_on", "extend_tol", "soft_mask")
 
 
 @dataclass
@@ -62,6 +62,8 @@ class EditRequest:
     window_overlap: float | None = None
     stop: str | None = None  # "steps", "converged" (what steps=auto sets) or "extend" (continue unfinished edits)
     extend_max: int | None = None  # stop="extend": continuation segments at most
+    extend_on: str | None = None  # stop="extend": the signal the rule reads ("speed" or "vdds")
+    extend_tol: float | None = None  # stop="extend": continue while that signal is at least this times the segment before's
     settings: dict = field(default_factory=dict)  # any other EditConfig field by name
     # what is read and how it runs
     frames: int | None = None
@@ -133,13 +135,15 @@ class EditRequest:
                     values["steps"] = self.max_steps
         elif self.max_steps is not None:
             raise BadInput("`max_steps` is the cap of `steps=auto`; give `steps=auto` with it", field="max_steps")
-        if values.get("extend_max") is not None and values.get("stop") != "extend":
-            raise BadInput("`extend_max` caps the segments of `stop=extend`; give `stop=extend` with it", field="extend_max")
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(EditConfig)})
         if unknown:
             raise BadInput(f"unknown setting(s) {', '.join(unknown)}; settings are EditConfig fields", field="settings")
         config, self.settings_source = model_config(model or self.model, self.preset, self.source_prompt, self.target_prompt,
                                                     values)
+        for name, what in (("extend_max", "caps the segments"), ("extend_on", "is the signal"), ("extend_tol", "is the ratio")):
+            if values.get(name) is not None and config.stop != "extend":  # (the model's fastdm.json may say extend)
+                raise BadInput(f"`{name}` {what} of `stop=extend`, and this edit runs `stop={config.stop}`; give `stop=extend` "
+                               "with it", field=name)
         need_keys = config.s_ssm_weight > 0 or config.t_ssm_weight > 0
         if self.plan is not None and self.plan not in PLANS:
             raise BadInput(f"unknown plan {self.plan!r}; choose one of {', '.join(PLANS)}", field="plan")

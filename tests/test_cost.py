@@ -264,7 +264,7 @@ def test_sdedit_with_an_exact_denoiser_lands_on_the_guided_target():
 
 def test_the_benchmarks_default_row_is_fastdm_edits_default():
     """benchmarks/cost.py names the schedule the defaults were chosen from; it must be what EditConfig runs."""
-    from benchmarks.cost import DEFAULT_SCHEDULE, MODEL_DEFAULTS, SCHEDULES
+    from benchmarks.cost import DEFAULT_SCHEDULE, MODEL_DEFAULTS, SCHEDULES, candidate_settings
     from fastdm.backbone import resolve_model
     from fastdm.request import folder_defaults
     from fastdm.driver.config import resolve_config
@@ -272,7 +272,7 @@ def test_the_benchmarks_default_row_is_fastdm_edits_default():
     steps, settings = SCHEDULES[DEFAULT_SCHEDULE]
     assert EditConfig(SRC, TGT, steps=steps, **settings) == EditConfig(SRC, TGT)
     for model, name in MODEL_DEFAULTS.items():  # the bundled models: built-in defaults under their fastdm.json's
-        steps, settings = SCHEDULES[name]
+        steps, settings = candidate_settings(name)
         model_defaults, family_defaults, family = folder_defaults(resolve_model(model))
         config, source = resolve_config(None, SRC, TGT, {}, model_defaults=model_defaults, family_defaults=family_defaults,
                                         family=family)
@@ -340,11 +340,39 @@ def test_an_extended_edit_runs_its_segments_reports_them_and_resumes_bit_identic
     assert np.array_equal(resumed.frames, always.frames)
 
 
+def test_a_residual_rule_stops_a_real_edit_where_the_benchmark_simulation_reads_it(pipe, clip):
+    """extend_on="vdds": the rule reads the masked V-DDS residual; a real edit continued by it runs exactly the steps
+    (and ends at exactly the frames) that benchmarks/cost.py's simulation (run_extended + extended_rows) reads off one
+    run forced to the cap: the default chosen from the simulated rows is what fastdm-edit runs."""
+    import benchmarks.cost as cost
+    from fastdm.driver.schedule import ExtensionRule
+
+    case = {"id": "c", "kind": "colour", "source_prompt": SRC, "target_prompt": TGT}
+    settings = dict(t_schedule="anneal", lr=2.4, lr_schedule="cosine", extend_lr=0.5, extend_segment=2, extend_max=2)
+    pipe_prepare = pipe.prepare
+    pipe.prepare = lambda *a, **k: pipe_prepare(*a, **{**k, "mask": None})  # (the tiny model has no words to find)
+    try:
+        sim = cost.run_extended(pipe, case, clip, 4, settings, "x")
+    finally:
+        pipe.prepare = pipe_prepare
+    at = {r["steps"]: r for r in sim}
+    assert sorted(at) == [4, 6, 8]
+    ratios = sorted(r["signals"]["vdds"] / r["signals"]["vdds_before"] for r in sim[:-1])
+    for tol in (0.0, (ratios[0] + ratios[-1]) / 2 if ratios[0] < ratios[-1] else ratios[0], 1e9):
+        k = next(k for k in sorted(at) if k == 8 or not ExtensionRule.continues(at[k]["signals"], tol, "vdds"))
+        real = pipe(clip, SRC, TGT, mask=None, steps=4, seed=0, stop="extend", extend_on="vdds", extend_tol=tol, **settings)
+        assert real.report["steps_run"] == k, tol
+        assert np.array_equal(real.frames, at[k]["frames"])
+        ext = real.report["stop"]["extension"]
+        assert ext["on"] == "vdds" and (ext["why"].startswith("cap") if k == 8 else "masked V-DDS residual" in ext["why"])
+
+
 def test_extension_settings_are_checked():
     from fastdm.errors import BadInput
 
     for bad, match in ((dict(extend_segment=0), "extend_segment"), (dict(extend_max=-1), "extend_max"),
                        (dict(extend_lr=0.0), "extend_lr"), (dict(extend_span="mid"), "extend_span"), (dict(extend_tol=-1.0), "extend_tol"),
+                       (dict(extend_on="residual"), "extend_on"),
                        (dict(stop="extend", steps=7, extend_segment=4), "at most half of `steps=7`")):
         with pytest.raises(BadInput, match=match):
             EditConfig(SRC, TGT, **bad).validate()

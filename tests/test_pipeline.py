@@ -204,7 +204,7 @@ def test_settings_change_the_update(latent_pipe, clip):
 
 def test_pipeline_matches_the_cli_defaults():
     """fastdm-edit without options edits with EditConfig's defaults under the default model's measured ones (the
-    bundled UNet's fastdm.json: lr 3.6, 16 steps, soft_mask 1); --preset paper with the paper's."""
+    bundled UNet's fastdm.json: lr 2.4, 8 steps continued by the residual rule); --preset paper with the paper's."""
     from fastdm.backbone import resolve_model
     from fastdm.cli import build_parser
     from fastdm.driver.config import PRESETS, EditConfig
@@ -212,8 +212,12 @@ def test_pipeline_matches_the_cli_defaults():
 
     args = build_parser().parse_args(["in.gif", "--source-prompt", "a", "--target-prompt", "b"])
     measured = folder_defaults(resolve_model(None))[0]
-    assert measured == {"lr": 3.6, "steps": 16, "soft_mask": 1.0}
+    assert measured == {"lr": 2.4, "steps": 8, "stop": "extend", "extend_on": "vdds", "extend_tol": 1.1}
     assert EditRequest.from_args(args).config() == EditConfig("a", "b", **measured)
+    # the model's continuation rule belongs to its own schedule: given too few steps to judge it, the edit runs them
+    few = EditRequest.from_args(build_parser().parse_args(["in.gif", "--source-prompt", "a", "--target-prompt", "b", "--steps", "3"]))
+    assert few.config() == EditConfig("a", "b", **{**measured, "steps": 3, "stop": "steps"})
+    assert few.settings_source["stop"] == "fastdm.json: extend off, 3 steps are too few to judge"
     args = build_parser().parse_args(["in.gif", "--source-prompt", "a", "--target-prompt", "b", "--preset", "paper", "--lr", "0.3"])
     got = EditRequest.from_args(args).config()
     assert got == EditConfig("a", "b", **{**PRESETS["paper"], "lr": 0.3})

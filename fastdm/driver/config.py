@@ -67,7 +67,10 @@ class EditConfig:
     extend_segment: int = 4
     extend_max: int = 3
     extend_lr: float = 0.5
-    extend_tol: float = 1.0  # continue while the last segment moved the edit at least this many times as fast as the one before
+    extend_tol: float = 1.0  # continue while the last segment's signal is at least this many times the one before's
+    # the signal the rule reads: "speed" (the edit's movement per unit learning rate) or "vdds" (the masked V-DDS
+    # residual: continue while it has not fallen, i.e. the two prompts' predictions still differ as much as before)
+    extend_on: str = "speed"
     extend_span: str = "full"  # a segment's t: "full" (the schedule restarted over t_max..t_min) or "low" (its last strata)
     # long clips: the model sees at most `window` working frames at once (None: the backbone's native
     # frame count; Wan: latent frames); windows overlap by this share (driver/windows.py)
@@ -106,7 +109,10 @@ class EditConfig:
                 raise BadInput(f"`{name}` must be an integer >= {1 if name == 'extend_segment' else 0}, got {v}", field=name)
         if self.stop == "extend" and 2 * self.extend_segment > self.steps:
             raise BadInput(f"`extend_segment={self.extend_segment}` must be at most half of `steps={self.steps}` (the first decision "
-                           "compares the schedule's last segment-length of steps with the ones before)", field="extend_segment")
+                           "compares the schedule's last segment-length of steps with the ones before); give more steps, a shorter "
+                           "extend_segment, or stop=steps", field="extend_segment")
+        if self.extend_on not in ("speed", "vdds"):
+            raise BadInput(f"`extend_on={self.extend_on}` is unknown; choose speed or vdds", field="extend_on")
         if self.extend_span not in ("full", "low"):
             raise BadInput(f"`extend_span={self.extend_span}` is unknown; choose full or low", field="extend_span")
         if not self.extend_lr > 0:
@@ -147,7 +153,7 @@ class EditConfig:
 # a setting at this value is left out of the fingerprint, so earlier fingerprints stay valid
 _ADDED_DEFAULTS = {"t_schedule": "uniform", "lr_schedule": "constant", "momentum": 0.0, "stop": "steps", "stop_window": 6,
                    "stop_tol": 0.15, "window": None, "window_overlap": 0.5, "guidance_scale_2": None,
-                   "extend_segment": 4, "extend_max": 3, "extend_lr": 0.5, "extend_tol": 1.0, "extend_span": "full",
+                   "extend_segment": 4, "extend_max": 3, "extend_lr": 0.5, "extend_tol": 1.0, "extend_span": "full", "extend_on": "speed",
                    "soft_mask": 0.0}
 
 
@@ -156,7 +162,8 @@ _ADDED_DEFAULTS = {"t_schedule": "uniform", "lr_schedule": "constant", "momentum
 # measurement (benchmarks/cost.py; ARCHITECTURE.md, "Cost").
 PRESETS: dict[str, dict] = {
     "paper": {"steps": 200, "lr": 0.4, "optimizer": "sgd", "momentum": 0.0, "t_schedule": "uniform", "lr_schedule": "constant",
-              "stop": "steps", "guidance_scale": 7.5, "t_min": 50, "t_max": 950, "weighting": "constant", "soft_mask": 0.0},
+              "stop": "steps", "guidance_scale": 7.5, "t_min": 50, "t_max": 950, "weighting": "constant", "soft_mask": 0.0,
+              "extend_on": "speed", "extend_tol": 1.0},
     "default": {},
 }
 
@@ -199,5 +206,9 @@ def resolve_config(preset: str | None, source_prompt: str, target_prompt: str, g
             values[k] = v
             source[k] = label
     config = EditConfig(source_prompt, target_prompt, **values)
+    if config.stop == "extend" and source["stop"] != "given" and 2 * config.extend_segment > config.steps:
+        # a model's continuation rule belongs to its own schedule: given fewer steps than it can judge, the edit
+        # runs the steps it was given (the user asked for the rule by name: the one-line error below instead)
+        config.stop, source["stop"] = "steps", f"{source['stop']}: extend off, {config.steps} steps are too few to judge"
     config.validate()
     return config, source

@@ -406,7 +406,7 @@ class EditRun:
             self.opt = torch.optim.Adam([self.x], lr=config.lr)
         self.t_order = strata_order(config.steps, config.seed) if config.t_schedule == "stratified" else None
         self.convergence = ConvergenceRule(config.stop_window, config.stop_tol, self.mask) if config.stop == "converged" else None
-        self.extension = (ExtensionRule(config.steps, config.extend_segment, config.extend_max, config.extend_tol)
+        self.extension = (ExtensionRule(config.steps, config.extend_segment, config.extend_max, config.extend_tol, config.extend_on)
                           if config.stop == "extend" else None)
         self.gen = torch.Generator("cpu").manual_seed(config.seed)
         self.fingerprint = hashlib.sha256(f"{config.fingerprint()}|{bb.info.path}|{bb.dtype}|{bb.device.type}".encode()).hexdigest()[:16]

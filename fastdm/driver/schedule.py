@@ -127,8 +127,8 @@ class ExtensionRule:
     over the learning rate that made it. Its state is a plain list of per-step records, so a
     checkpoint carries it and a resumed edit decides the same."""
 
-    def __init__(self, steps: int, segment: int, max_segments: int, tol: float):
-        self.steps, self.segment, self.max_segments, self.tol = steps, segment, max_segments, tol
+    def __init__(self, steps: int, segment: int, max_segments: int, tol: float, on: str = "speed"):
+        self.steps, self.segment, self.max_segments, self.tol, self.on = steps, segment, max_segments, tol, on
         self.records: list[list[float]] = []  # [t, vdds, moved, lr] per step
         self.force: bool | None = None  # benchmarks: continue (True) or stop (False) whatever the signal says
 
@@ -177,7 +177,7 @@ class ExtensionRule:
         """True: the edit after step ``n`` continues with one more segment."""
         if self.force is not None:
             return self.force
-        return self.continues(self.signals(n), self.tol)
+        return self.continues(self.signals(n), self.tol, self.on)
 
     def report(self) -> dict:
         """Segments run and why the edit stopped where it did (the decision at its last step, in numbers)."""
@@ -191,7 +191,9 @@ class ExtensionRule:
         elif segments >= self.max_segments:
             why = f"cap: {self.max_segments} segment(s) run"
         else:
-            ratio = sig["speed"] / sig["speed_before"] if sig["speed_before"] > 0 else 0.0
-            why = f"settled: the last {self.segment} steps moved the edit {ratio:.2f}x as fast as the {self.segment} before (< {self.tol:g})"
-        return {"segment": self.segment, "max_segments": self.max_segments, "tol": self.tol, "segments_run": segments,
+            ratio = sig[self.on] / sig[f"{self.on}_before"] if sig[f"{self.on}_before"] > 0 else 0.0
+            why = (f"settled: the last {self.segment} steps moved the edit {ratio:.2f}x as fast as the {self.segment} before (< {self.tol:g})"
+                   if self.on == "speed" else
+                   f"settled: the last {self.segment} steps' masked V-DDS residual was {ratio:.2f}x the {self.segment} before's (< {self.tol:g})")
+        return {"segment": self.segment, "max_segments": self.max_segments, "tol": self.tol, "on": self.on, "segments_run": segments,
                 "why": why, "last_signals": {k: round(v, 6) for k, v in sig.items()} if sig else None}
