@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import machine_description, machine_name, write_results
-from benchmarks.suite import frames_of, parse_setting
+from benchmarks.suite import frames_of, over_builtins, parse_setting
 from fastdm.toyworld.metrics import colour_of, object_mask
 from fastdm.toyworld.suite import build_full_suite, render_case, score
 
@@ -28,7 +28,7 @@ BASE = dict(steps=16, t_schedule="anneal", lr=3.2, lr_schedule="cosine")
 def trace(pipe, case: dict, settings: dict) -> dict:
     clip = render_case(case)
     src = [max(int(object_mask(f).sum()), 1) for f in clip]
-    run = pipe.prepare(clip, case["source_prompt"], case["target_prompt"], mask="auto", seed=0, **settings)
+    run = pipe.prepare(clip, case["source_prompt"], case["target_prompt"], mask="auto", seed=0, **over_builtins(pipe, settings))
     steps = []
     while not run.done:
         run.step()

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import RESULTS, denoiser_hash, machine_description, machine_name, repo_relative, runs_machines, write_results
-from benchmarks.suite import frames_of
+from benchmarks.suite import frames_of, over_builtins
 from fastdm.toyworld.suite import HALVES, build_full_suite, build_suite, render_case, score, suite_half
 
 SNAPSHOTS = (12, 16, 25, 50, 100, 200)
@@ -229,8 +229,9 @@ def run_extended(pipe, case, clip, steps: int, settings: dict, method: str) -> l
     """One edit continued to the extension rule's cap, scored after the schedule and after every segment: the
     run to a segment's end *is* the edit the rule would have stopped there (segments do not depend on later ones)."""
     t0 = time.perf_counter()
-    settings = {"extend_segment": EXTEND_SEGMENT, "extend_max": EXTEND_MAX, **settings}  # (the cache key assumes these)
-    run = pipe.prepare(clip, case["source_prompt"], case["target_prompt"], mask="auto", steps=steps, seed=0, stop="extend", **settings)
+    settings = over_builtins(pipe, {"extend_segment": EXTEND_SEGMENT, "extend_max": EXTEND_MAX, **settings,  # (the cache key assumes these)
+                                    "steps": steps, "stop": "extend"})
+    run = pipe.prepare(clip, case["source_prompt"], case["target_prompt"], mask="auto", seed=0, **settings)
     run.extension.force = True
     seg = run.extension.segment
     out = []
@@ -247,7 +248,7 @@ def run_extended(pipe, case, clip, steps: int, settings: dict, method: str) -> l
 
 def run_schedule(pipe, case, clip, steps: int, settings: dict, method: str) -> list[dict]:
     t0 = time.perf_counter()
-    res = pipe(clip, case["source_prompt"], case["target_prompt"], mask="auto", steps=steps, seed=0, **settings)
+    res = pipe(clip, case["source_prompt"], case["target_prompt"], mask="auto", seed=0, **over_builtins(pipe, {**settings, "steps": steps}))
     return [{"method": method, "steps": res.report["steps_run"], "evaluations": res.report["evaluations"],
              "seconds": time.perf_counter() - t0, "frames": res.frames, "stop": res.report["stop"],
              "schedule": schedule_of(res.report["config"])}]

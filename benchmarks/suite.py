@@ -59,6 +59,18 @@ def frames_of(backbone, x) -> np.ndarray:
         return tensor_to_frames(backbone.from_working(x.detach()))
 
 
+def over_builtins(pipe, settings: dict) -> dict:
+    """A benchmark candidate's settings with every setting the model folder's ``fastdm.json`` sets put back to
+    EditConfig's built-in value first: a candidate is the built-in defaults plus its own settings, whatever the
+    folder's measured defaults are (they would leak in otherwise: the UNet's ``stop=extend`` extended 12-step
+    candidates; ARCHITECTURE.md rule 9d)."""
+    from fastdm import EditConfig
+
+    folder = (getattr(pipe.backbone, "settings", None) or {}).get("defaults", {})
+    builtin = EditConfig("a", "b")
+    return {**{k: getattr(builtin, k) for k in folder}, **settings}
+
+
 def edit_config(case: dict, name: str, steps: int, lr: float, overrides: dict | None = None):
     """The EditConfig of one suite case under one configuration (its mask flag aside).
 

@@ -534,6 +534,35 @@ def test_area_trace_records_every_step_of_each_value(monkeypatch, capsys):
             at.main(["--case", "colour-red-triangle-to-blue-triangle", "--set", bad])
 
 
+def test_a_candidate_is_the_built_in_defaults_plus_its_settings_whatever_the_folder_says():
+    """Rule 9d: the bundled UNet's fastdm.json (stop=extend, lr 2.4, 8 steps) does not leak into a candidate
+    schedule: a 12-step candidate runs 12 steps with stop=steps; a simulated continuation keeps its own rule."""
+    import benchmarks.cost as cost
+    from fastdm import DreamMotionPipeline
+    from fastdm.toyworld.suite import build_full_suite, render_case
+
+    pipe = DreamMotionPipeline.from_pretrained()
+    assert pipe.backbone.settings["defaults"]["stop"] == "extend"  # (what would leak)
+    case = build_full_suite()[0]
+    seen = []
+
+    def prepare(*a, **k):
+        seen.append(pipe.__class__.prepare(pipe, *a, **k).config)
+        raise StopIteration
+
+    pipe.prepare = prepare
+    for name in ("sgd-anneal-cos-lr4.0-s2x-12", "sgd-anneal-cos-lr3.6-soft1-16"):
+        steps, settings = cost.SCHEDULES[name]
+        with pytest.raises(StopIteration):
+            cost.run_schedule(pipe, case, render_case(case), steps, settings, name)
+        assert seen[-1] == EditConfig(case["source_prompt"], case["target_prompt"], steps=steps, **settings), name
+    with pytest.raises(StopIteration):
+        cost.run_extended(pipe, case, render_case(case), *cost.EXTENDED["extf-lr2.4-8"], "extf-lr2.4-8")
+    steps, settings = cost.candidate_settings("extf-lr2.4-8+vdds1.1")
+    assert seen[-1] == EditConfig(case["source_prompt"], case["target_prompt"], steps=steps,
+                                  **{**settings, "extend_on": "speed", "extend_tol": 1.0})  # (forced: the rule is read later)
+
+
 def test_the_paper_reference_runs_the_papers_schedule_whatever_the_folder_says():
     """Rule 9: run_paper asks for preset "paper", so the bundled UNet's fastdm.json (lr 3.6, soft_mask 1) and
     EditConfig's annealed cosine defaults do not leak into the reference; DDS is the same with the SSM losses off."""
