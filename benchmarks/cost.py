@@ -83,6 +83,8 @@ SCHEDULES = {
     # issue #30, second round (ARCHITECTURE rule 6), choose half: more lr with a stronger S-SSM to keep the area
     # (lr >= 3.6 lost it at the default weight), and the 16 steps the evaluation cap allows
     "sgd-anneal-cos-lr3.2-16": (16, dict(t_schedule="anneal", lr=3.2, lr_schedule="cosine")),
+    # rule 10b (the fifth round, the transformer): the S-SSM at twice its weight at the transformer's lr
+    "sgd-anneal-cos-lr3.2-s2x-12": (12, dict(t_schedule="anneal", lr=3.2, lr_schedule="cosine", s_ssm_weight=6000.0)),
     "sgd-anneal-cos-lr3.6-s2x-12": (12, dict(t_schedule="anneal", lr=3.6, lr_schedule="cosine", s_ssm_weight=6000.0)),
     "sgd-anneal-cos-lr4.0-s2x-12": (12, dict(t_schedule="anneal", lr=4.0, lr_schedule="cosine", s_ssm_weight=6000.0)),
     "sgd-anneal-cos-lr4.0-s4x-12": (12, dict(t_schedule="anneal", lr=4.0, lr_schedule="cosine", s_ssm_weight=12000.0)),
@@ -121,12 +123,14 @@ METRICS = ("colour_ok", "shape_ok", "drift_px", "area_kept", "background_change"
 
 RULE_HEADING = "## The rule that picks the default"
 # fresh report suites (build_full_suite(variant=N)'s report half) and the ARCHITECTURE.md rule that must name them first
-FRESH_SUITE_RULE = {1: "7. A third round", 2: "8. A fourth round"}
+FRESH_SUITE_RULE = {1: "7. A third round", 2: "8. A fourth round", 3: "10. A fifth round"}
 THIRD_ROUND_MODELS = ("shapes",)  # rules 7 and 8: the UNet only
+FIFTH_ROUND_MODELS = ("shapes-dit",)  # rule 10: the transformer only
 FOURTH_ROUND = frozenset(n for n in SCHEDULES if "-soft" in n)  # rule 8b: the method change (EditConfig.soft_mask)
 # --decide --pooled: report suites as one table. The first two (context for the third round's verdict); all three
 # (rule 8f: the test for calling issue #30 resolved on the UNet)
-POOLED = {"report-pooled": ("report", "report-v1"), "report-pooled-all": ("report", "report-v1", "report-v2")}
+POOLED = {"report-pooled": ("report", "report-v1"), "report-pooled-all": ("report", "report-v1", "report-v2"),
+          "report-pooled-4": ("report", "report-v1", "report-v2", "report-v3")}  # (rule 10e: the transformer's fifth round)
 
 
 def held_out_suite() -> list[dict]:
@@ -208,6 +212,7 @@ EXTENDED = {
     "extf-lr2.4-12": (12, dict(t_schedule="anneal", lr=2.4, lr_schedule="cosine", extend_lr=0.5)),
     "extf-lr2.4-8": (8, dict(t_schedule="anneal", lr=2.4, lr_schedule="cosine", extend_lr=0.5)),
     "extf-lr3.2-12-r0.25": (12, dict(t_schedule="anneal", lr=3.2, lr_schedule="cosine", extend_lr=0.25)),
+    "extf-lr3.2-8": (8, dict(t_schedule="anneal", lr=3.2, lr_schedule="cosine", extend_lr=0.5)),  # rule 10b (transformer)
 }
 EXTEND_SEGMENT, EXTEND_MAX = 4, 3  # segment length and segments simulated (EditConfig's defaults)
 EXTEND_TOLS = (("speed", 0.5), ("speed", 0.75), ("speed", 1.0), ("vdds", 0.9), ("vdds", 1.1))  # ExtensionRule.continues rules
@@ -451,8 +456,9 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
     if half in POOLED:
         n = len(POOLED[half])
         where = (f"the report halves of {n} suites pooled (variants 0-{n - 1}: " +
-                 ("context, chooses nothing; the issue's test is each suite's)" if n == 2 else
-                  "rule 8f's test for calling the issue resolved; chooses nothing)"))
+                 {2: "context, chooses nothing; the issue's test is each suite's)",
+                  3: "rules 8f and 9b: the test for calling the issue resolved; chooses nothing)"}.get(
+                     n, "rule 10e: the transformer's fifth-round pick must pass here too; chooses nothing)"))
     else:
         base, variant = half_parts(half)
         where = f"the {base} half" + (f" of the fresh suite `build_full_suite(variant={variant})` "
@@ -472,6 +478,12 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
                         "tables as those rounds decided, not a comparison with the paper.**"]
     for model in models:
         loaded = []
+        missing = [p for p in POOLED.get(half, (half,)) if not (RESULTS / f"cost-{model}-{p}-{machine}.runs.jsonl").exists()]
+        if missing:  # (a suite not run yet on this model: no verdict, rather than one on fewer clips)
+            out[model] = {"rows": [], "default": None, "qualified": False, "widest_margin": None, "fourth_round_pick": None,
+                          "reference": None, "reference_clips": 0}
+            lines += [f"## {model}", "", f"No verdict: no runs of this model on {', '.join(missing)} yet.", ""]
+            continue
         for part in POOLED.get(half, (half,)):  # pooled: each suite's clips named apart
             cache = RESULTS / f"cost-{model}-{part}-{machine}.runs.jsonl"
             loaded += [{**r, "case": f"{part}:{r['case']}"} if half in POOLED else r
@@ -560,9 +572,10 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
         if half in POOLED:
             out[model]["default"] = None
             lines += ["", (f"Pooled over {len(POOLED[half])} report suites ({n_cases} clips; candidates run on all of them only): " +
-                           ("context for the two verdicts, not a third one; nothing is chosen on it." if len(POOLED[half]) == 2 else
-                            "rule 8f: the fourth round's pick must pass here too for the issue to be called resolved; nothing "
-                            "is chosen on it.")), ""]
+                           {2: "context for the two verdicts, not a third one; nothing is chosen on it.",
+                            3: "rules 8f and 9b: the defaults must pass here for the issue to be called resolved; nothing is "
+                               "chosen on it."}.get(len(POOLED[half]), "rule 10e: the transformer's fifth-round pick must pass "
+                                                                       "here too; nothing is chosen on it.")), ""]
         elif half.startswith("report"):  # nothing is chosen here (rule 5): the table says whether the chosen default holds
             out[model]["default"] = None
             lines += ["", "The report half chooses nothing (rule 5); `qualifies` is the issue's test on clips the choice never saw.", ""]
@@ -585,6 +598,12 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
                           ("it qualifies and stays." if kept else
                            f"it does not qualify ({'; '.join(present['why_not']) if present else 'not run on every clip'}); "
                            f"chosen again by rules 2-3 among the candidates already run: **{out[model]['default']}**."), ""]
+            if model in FIFTH_ROUND_MODELS:  # rule 10c: the widest margin among all candidates (as rule 7c)
+                out[model]["fifth_round_pick"] = out[model]["widest_margin"]
+                lines += [f"Rule 10c (the fifth round's pick for this model: the qualifying candidate with the widest margin, "
+                          f"all rounds' candidates): **{out[model]['widest_margin']}**" +
+                          (" (the present default: the fresh suite replicates it)" if out[model]["widest_margin"] ==
+                           MODEL_DEFAULTS.get(model) else ""), ""]
     return out, "\n".join(lines) + "\n"
 
 

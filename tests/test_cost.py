@@ -426,6 +426,7 @@ def test_the_rule_that_picks_the_default(tmp_path, monkeypatch):
     data, md = cost.decide("m")
     assert data["shapes"]["rule_9b"] == "good" and "(the present default, good, against the real paper): it qualifies and stays" in md
     assert data["shapes-dit"]["rule_9b"] == "extf-lr2.4-12+speed0.5"
+    assert data["shapes-dit"]["fifth_round_pick"] == data["shapes-dit"]["widest_margin"] and "Rule 10c" in md
     assert "drifty, against the real paper): it does not qualify (drift 0.70 > 0.50 + 0.1); chosen again" in md
     # nothing qualifies without the continuation and "good": the fewest clips short within 83.5 evaluations (drift
     # and cost are not clips: "drifty" is none short, "slow" is over the cost)
@@ -474,7 +475,14 @@ def test_the_third_rounds_pick_is_the_widest_margin_and_its_fresh_suite_is_named
     assert rows["wide"]["margin"] == 2 and data["shapes"]["default"] is None and "--pooled" in md and "not a third one" in md
     data, md = cost.decide("m", half="report-pooled-all")  # rule 8f: all three report suites
     rows = {r["candidate"]: r for r in data["shapes"]["rows"]}
-    assert rows["wide"]["margin"] == 3 and rows["wide"]["qualifies"] and "15 clips" in md and "rule 8f" in md
+    assert rows["wide"]["margin"] == 3 and rows["wide"]["qualifies"] and "15 clips" in md and "rules 8f and 9b" in md
+    data, md = cost.decide("m", half="report-pooled-4")  # rule 10e: four suites; the fourth not run yet: no verdict
+    assert data["shapes"]["reference"] is None and "No verdict: no runs of this model on report-v3 yet" in md
+    for model in ("shapes", "shapes-dit"):
+        (tmp_path / f"cost-{model}-report-v3-m.runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    data, md = cost.decide("m", half="report-pooled-4")
+    rows = {r["candidate"]: r for r in data["shapes"]["rows"]}
+    assert rows["wide"]["margin"] == 4 and "20 clips" in md and "rule 10e" in md
     assert cost.split_name("shapes-dit-report-v1") == ("shapes-dit", "report", 1)
     assert cost.split_name("shapes-choose") == ("shapes", "choose", 0) and cost.split_name("shapes") == ("shapes", None, 0)
     with pytest.raises(SystemExit):  # a fresh suite is a report half only
@@ -484,7 +492,7 @@ def test_the_third_rounds_pick_is_the_widest_margin_and_its_fresh_suite_is_named
         cost.main(["--pooled"])
     assert "--pooled goes with --decide" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="not pre-registered"):
-        cost.main(["--half", "report", "--variant", "3", "--methods", "paper"])
+        cost.main(["--half", "report", "--variant", "4", "--methods", "paper"])
     assert all(rule in (Path(cost.__file__).parent.parent / "ARCHITECTURE.md").read_text() for rule in cost.FRESH_SUITE_RULE.values())
     assert cost.FRESH_SUITE_RULE[1] in (Path(cost.__file__).parent.parent / "ARCHITECTURE.md").read_text()
 
