@@ -1,12 +1,14 @@
-"""Step by step through one edit of the full suite: the object's area over the source's (mean over frames) and the
-frames already at the target colour after every step, so a halo (the target painted around the object) shows when it
-comes and whether the later steps take it back (ARCHITECTURE.md, "The automatic mask", graded).
+"""Step by step through one edit of the full suite: the object's area over the source's (mean over frames), the
+frames already at the target colour, the object's fill ratio and the frames read as the target shape after every
+step, so a halo (the target painted around the object) shows when it comes and whether the later steps take it back
+(ARCHITECTURE.md, "The automatic mask", graded), and a shape edit when it is read as finished.
 
     python -m benchmarks.area_trace --case colour-red-triangle-to-blue-triangle --set lr=3.6 --set soft_mask=0,1
 
 Each ``--set NAME=V1,V2`` value is one run (one setting varied at a time); the edit is otherwise the
-benchmark schedule ``sgd-anneal-cos-lr3.2-16`` (bundled UNet, automatic mask, seed 0). Writes
-``results/area-trace-<case>-<machine>.{json,md}``.
+benchmark schedule ``sgd-anneal-cos-lr3.2-16`` (bundled UNet unless ``--model shapes-dit``; the case from
+``build_full_suite(variant=--variant)``; automatic mask, seed 0). Writes
+``results/area-trace-<case>[-<model>][-v<variant>]-<machine>.{json,md}``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from benchmarks.common import machine_description, machine_name, write_results
 from benchmarks.suite import frames_of, over_builtins, parse_setting
-from fastdm.toyworld.metrics import colour_of, object_mask
+from fastdm.toyworld.metrics import colour_of, fill_ratio, object_mask, shape_of
 from fastdm.toyworld.suite import build_full_suite, render_case, score
 
 BASE = dict(steps=16, t_schedule="anneal", lr=3.2, lr_schedule="cosine")
@@ -35,7 +37,9 @@ def trace(pipe, case: dict, settings: dict) -> dict:
         frames = frames_of(pipe.backbone, run.x)
         steps.append({"step": run.step_index, "t": run.last_t, "lr": run.opt.param_groups[0]["lr"],
                       "area_ratio": float(np.mean([object_mask(f).sum() / a for f, a in zip(frames, src)])),
-                      "target_frames": sum(colour_of(f) == case["target_colour"] for f in frames)})
+                      "target_frames": sum(colour_of(f) == case["target_colour"] for f in frames),
+                      "fill_ratio": float(np.mean([fill_ratio(f) or 0.0 for f in frames])),
+                      "target_shape_frames": sum(shape_of(f) == case["target_shape"] for f in frames)})
     # (the whole score, motion fidelity included, once at the end, not after every step)
     final = {k: v for k, v in score(case, clip, frames).items() if not k.endswith("_frames")}
     return {"settings": settings, "steps": steps, "final": final}
@@ -50,11 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--case", required=True, help="a case id of build_full_suite()")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=V1[,V2...]",
                     help="an EditConfig setting; a comma list runs once per value (the last --set with a list)")
+    ap.add_argument("--model", default="shapes", help="shapes (the bundled UNet) or shapes-dit (the bundled transformer)")
+    ap.add_argument("--variant", type=int, default=0, help="the case from build_full_suite(variant=N)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
-    cases = {c["id"]: c for c in build_full_suite()}
+    cases = {c["id"]: c for c in build_full_suite(variant=args.variant)}
     if args.case not in cases:
-        raise SystemExit(f"error: no case {args.case!r} in build_full_suite(); e.g. {next(iter(cases))}")
+        raise SystemExit(f"error: no case {args.case!r} in build_full_suite(variant={args.variant}); e.g. {next(iter(cases))}")
     if args.threads:
         torch.set_num_threads(args.threads)
     fixed, varied = dict(BASE), ("", [None])
@@ -67,24 +73,29 @@ def main(argv: list[str] | None = None) -> int:
             varied = (name, vals)
         else:
             fixed[name] = vals[0]
-    pipe = DreamMotionPipeline.from_pretrained(resolve_model("shapes"))
+    pipe = DreamMotionPipeline.from_pretrained(resolve_model(args.model))
     runs = []
     for v in varied[1]:
         settings = dict(fixed, **({varied[0]: v} if varied[0] else {}))
         t0 = time.perf_counter()
         runs.append({**trace(pipe, cases[args.case], settings), "seconds": time.perf_counter() - t0})
     machine = machine_name()
-    lines = [f"# Area trace: {args.case} ({machine})", "",
-             f"`python -m benchmarks.area_trace --case {args.case} " + " ".join(f"--set {s}" for s in args.set) + "`; "
-             f"{machine_description()}. Per step: the object's area over the source's (mean over frames) / frames at the "
-             "target colour.", ""]
+    flags = (f" --model {args.model}" if args.model != "shapes" else "") + (f" --variant {args.variant}" if args.variant else "")
+    lines = [f"# Area trace: {args.case} ({args.model}, {machine})", "",
+             f"`python -m benchmarks.area_trace --case {args.case}{flags} " + " ".join(f"--set {s}" for s in args.set) + "`; "
+             f"{machine_description()}. Per step: the object's area over the source's (mean over frames), frames at the "
+             "target colour, the object's fill ratio (its area over its box's, mean over frames: square 1, circle 0.785, "
+             "triangle 0.5) and frames read as the target shape.", ""]
     for r in runs:
         f = r["final"]
         lines += [f"## {r['settings']}", "",
-                  "| step | t | lr | area ratio | frames at target |", "|---|---|---|---|---|",
-                  *[f"| {s['step']} | {s['t']} | {s['lr']:.2f} | {s['area_ratio']:.2f} | {s['target_frames']} |" for s in r["steps"]],
-                  "", f"End: colour {f['colour_ok']}, area kept {f['area_kept']}, drift {f['drift_px']:.2f} px.", ""]
-    write_results(f"area-trace-{args.case}-{machine}", {"case": args.case, "runs": runs, "machine": machine,
+                  "| step | t | lr | area ratio | frames at target colour | fill ratio | frames at target shape |",
+                  "|---|---|---|---|---|---|---|",
+                  *[f"| {s['step']} | {s['t']} | {s['lr']:.2f} | {s['area_ratio']:.2f} | {s['target_frames']} | "
+                    f"{s['fill_ratio']:.2f} | {s['target_shape_frames']} |" for s in r["steps"]],
+                  "", f"End: colour {f['colour_ok']}, shape {f['shape_ok']}, area kept {f['area_kept']}, drift {f['drift_px']:.2f} px.", ""]
+    stem = f"area-trace-{args.case}" + (f"-{args.model}" if args.model != "shapes" else "") + (f"-v{args.variant}" if args.variant else "")
+    write_results(f"{stem}-{machine}", {"case": args.case, "model": args.model, "variant": args.variant, "runs": runs, "machine": machine,
                                                         "machine_description": machine_description()}, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -535,6 +535,10 @@ def test_area_trace_records_every_step_of_each_value(monkeypatch, capsys):
                                                                  for s in r["steps"])
         assert set(r["final"]) >= {"colour_ok", "area_kept", "drift_px"}
     assert written["stem"].startswith("area-trace-colour-red-triangle-to-blue-triangle-") and written["md"].count("| 2 |") == 2
+    assert all(0 < s["fill_ratio"] <= 1.1 and 0 <= s["target_shape_frames"] <= 8 for r in runs for s in r["steps"])
+    at.main(["--case", "shape-yellow-square-to-yellow-circle", "--model", "shapes-dit", "--variant", "3", "--set", "steps=2"])
+    assert written["stem"].startswith("area-trace-shape-yellow-square-to-yellow-circle-shapes-dit-v3-")
+    assert "--model shapes-dit --variant 3" in written["md"] and written["data"]["model"] == "shapes-dit"
     with pytest.raises(SystemExit, match="no case 'nope'"):
         at.main(["--case", "nope"])
     for bad, why in (("lr=fast", "'fast' is not a float"), ("no_such=1", "expected FIELD=VALUE")):
