@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--case", required=True, help="a case id of build_full_suite()")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=V1[,V2...]",
                     help="an EditConfig setting; a comma list runs once per value (the last --set with a list)")
-    ap.add_argument("--model", default="shapes", help="shapes (the bundled UNet) or shapes-dit (the bundled transformer)")
+    ap.add_argument("--model", default="shapes", choices=("shapes", "shapes-dit"), help="the bundled UNet or transformer")
     ap.add_argument("--variant", type=int, default=0, help="the case from build_full_suite(variant=N)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)

@@ -221,11 +221,15 @@ EXTEND_TOLS = (("speed", 0.5), ("speed", 0.75), ("speed", 1.0), ("vdds", 0.9), (
 def candidate_settings(name: str) -> tuple[int, dict]:
     """A candidate's steps and EditConfig settings: a schedule of :data:`SCHEDULES`, or a continuation rule
     ``<EXTENDED schedule>+<signal><tol>`` (the edit that decides as ``extended_rows`` reads it)."""
+    from fastdm.driver.config import EXTEND_SIGNALS
+
     base, plus, rule = name.partition("+")
-    if not plus:
+    if not plus and name in SCHEDULES:
         return SCHEDULES[name]
+    on = next((s for s in EXTEND_SIGNALS if rule.startswith(s)), None)
+    if base not in EXTENDED or on is None:
+        raise KeyError(f"{name!r}: not a schedule of SCHEDULES nor <EXTENDED schedule>+<{'|'.join(EXTEND_SIGNALS)}><tol>")
     steps, settings = EXTENDED[base]
-    on = "speed" if rule.startswith("speed") else "vdds"
     return steps, {**settings, "stop": "extend", "extend_segment": EXTEND_SEGMENT, "extend_max": EXTEND_MAX,
                    "extend_on": on, "extend_tol": float(rule[len(on):])}
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import RESULTS, denoiser_hash, machine_description, machine_name, repo_relative, runs_machines, write_results
+from benchmarks.suite import over_builtins
 from fastdm.toyworld.world import render_back_and_forth
 from fastdm.toyworld.metrics import centroid_drift, video_summary
 
@@ -70,7 +71,7 @@ def run_one(pipe, clip: np.ndarray, src: str, tgt: str, method: str, settings: d
         parts, peaks, evals = [], [], {"forward": 0, "backward": 0}
         for s in range(0, len(clip), WINDOW):
             piece = clip[s:s + WINDOW]
-            res = pipe(piece, src, tgt, mask="auto", **settings)
+            res = pipe(piece, src, tgt, mask="auto", **over_builtins(pipe, settings))
             parts.append(res.frames)
             peaks.append(res.report["peak_memory_bytes"])
             for k in evals:
@@ -78,7 +79,7 @@ def run_one(pipe, clip: np.ndarray, src: str, tgt: str, method: str, settings: d
         frames, peak = np.concatenate(parts), max(peaks)
     else:
         window = WINDOW if method == "windowed" else len(clip)
-        res = pipe(clip, src, tgt, mask="auto", window=window, **settings)
+        res = pipe(clip, src, tgt, mask="auto", window=window, **over_builtins(pipe, settings))
         frames, peak, evals = res.frames, res.report["peak_memory_bytes"], res.report["evaluations"]
     return {"frames": frames, "seconds": time.perf_counter() - t0, "peak_above_start_bytes": max(0, peak - start),
             "evaluations": {k: evals[k] for k in ("forward", "backward")}}

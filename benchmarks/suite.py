@@ -42,6 +42,9 @@ def parse_setting(item: str, *, lists: bool = False, reserved: tuple[str, ...] =
         raise FastDMError(f"--set {item!r}: expected FIELD=VALUE{'[,VALUE...]' if lists else ''} with FIELD an EditConfig "
                           "setting such as guidance_scale, t_ssm_weight")
     kind = type(getattr(EditConfig("a", "b"), key))  # (its type: the same in every preset)
+    if kind is type(None):  # (window, guidance_scale_2: no default value to type it by)
+        raise FastDMError(f"--set {item!r}: {key} has no built-in value to read {value!r} as; give it another way "
+                          "(fastdm-edit's own flag)")
     values = value.split(",") if lists else [value]
     try:
         return key, [kind(v) for v in values]

@@ -9,7 +9,8 @@ import argparse
 import sys
 
 from .backbone.loader import DTYPES
-from .driver.config import LR_SCHEDULES, MASK_SCOPES, OPTIMIZERS, PRESETS, STOP_RULES, T_SCHEDULES, EditConfig, config_from_preset
+from .driver.config import (EXTEND_SIGNALS, LR_SCHEDULES, MASK_SCOPES, OPTIMIZERS, PRESETS, STOP_RULES, T_SCHEDULES, EditConfig,
+                            config_from_preset)
 from .driver.engines import ENGINES
 from .driver.plan import PLANS
 from .errors import FastDMError, flags_of, spell
@@ -80,17 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{_PAPER.lr:g}, t ~ U[{_PAPER.t_min}, {_PAPER.t_max}], {_PAPER.steps} steps); the flags below override it")
     p.add_argument("--steps", type=_steps, default=None,
                    help=f"optimization steps, or auto: stop when the edit has converged, at most --max-steps (default "
-                        f"{_DEFAULTS.steps})")
+                        f"{_DEFAULTS.steps}, or the model's fastdm.json: the bundled UNet's 8)")
     p.add_argument("--stop", choices=STOP_RULES, default=None,
                    help=f"steps: run --steps; converged: what --steps auto does; extend: after --steps, continue an unfinished "
-                        f"edit segment by segment, at most --extend-max segments (default {_DEFAULTS.stop})")
+                        f"edit segment by segment, at most --extend-max segments (default {_DEFAULTS.stop}, or the model's fastdm.json: the "
+                        "bundled UNet's extend)")
     p.add_argument("--extend-max", type=int, default=None, metavar="N",
                    help=f"--stop extend: continuation segments at most (default {_DEFAULTS.extend_max})")
-    p.add_argument("--extend-on", choices=("speed", "vdds"), default=None,
+    p.add_argument("--extend-on", choices=EXTEND_SIGNALS, default=None,
                    help="--stop extend: continue while this signal of the last segment is at least --extend-tol times the one "
-                        f"before's: speed (the edit's movement per unit lr) or vdds (the masked V-DDS residual) (default {_DEFAULTS.extend_on})")
+                        f"before's: speed (the edit's movement per unit lr) or vdds (the masked V-DDS residual) (default {_DEFAULTS.extend_on}, "
+                        "or the model's fastdm.json)")
     p.add_argument("--extend-tol", type=float, default=None,
-                   help=f"--stop extend: the ratio that continues (default {_DEFAULTS.extend_tol:g})")
+                   help=f"--stop extend: the ratio that continues (default {_DEFAULTS.extend_tol:g}, or the model's fastdm.json)")
     p.add_argument("--max-steps", type=int, default=None, help="the cap of --steps auto (default: the preset's step count)")
     p.add_argument("--lr", type=float, default=None, help=f"learning rate (default {_DEFAULTS.lr:g})")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help=f"default {_DEFAULTS.optimizer}")

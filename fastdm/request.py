@@ -142,8 +142,9 @@ class EditRequest:
                                                     values)
         for name, what in (("extend_max", "caps the segments"), ("extend_on", "is the signal"), ("extend_tol", "is the ratio")):
             if values.get(name) is not None and config.stop != "extend":  # (the model's fastdm.json may say extend)
-                raise BadInput(f"`{name}` {what} of `stop=extend`, and this edit runs `stop={config.stop}`; give `stop=extend` "
-                               "with it", field=name)
+                off = self.settings_source["stop"]
+                raise BadInput(f"`{name}` {what} of `stop=extend`, and this edit runs `stop={config.stop}`"
+                               + (f" ({off})" if "extend off" in off else "") + "; give `stop=extend` with it", field=name)
         need_keys = config.s_ssm_weight > 0 or config.t_ssm_weight > 0
         if self.plan is not None and self.plan not in PLANS:
             raise BadInput(f"unknown plan {self.plan!r}; choose one of {', '.join(PLANS)}", field="plan")

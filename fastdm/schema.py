@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-from .driver.config import LR_SCHEDULES, MASK_SCOPES, OPTIMIZERS, PRESETS, STOP_RULES, T_SCHEDULES, EditConfig
+from .driver.config import (EXTEND_SIGNALS, EXTEND_SPANS, LR_SCHEDULES, MASK_SCOPES, OPTIMIZERS, PRESETS, STOP_RULES, T_SCHEDULES,
+                            EditConfig)
 from .driver.engines import ENGINES
 from .driver.plan import PLANS
 
 _ENUMS = {"optimizer": OPTIMIZERS, "mask_scope": MASK_SCOPES, "t_schedule": T_SCHEDULES, "lr_schedule": LR_SCHEDULES,
           "stop": STOP_RULES, "weighting": ("constant", "sds"), "plan": tuple(PLANS), "backend": tuple(ENGINES),
-          "preset": tuple(PRESETS)}
+          "preset": tuple(PRESETS), "extend_on": EXTEND_SIGNALS, "extend_span": EXTEND_SPANS}
 _JSON = {"int": {"type": "integer"}, "float": {"type": "number"}, "str": {"type": "string"}, "bool": {"type": "boolean"},
          "None": {"type": "null"}, "dict": {"type": "object"}, "tuple[str, ...]": {"type": "array", "items": {"type": "string"}}}
 

@@ -136,3 +136,34 @@ def test_settings_come_in_layers_and_the_report_names_each_ones_source(tmp_path)
     (folder / "fastdm.json").write_text(json.dumps({**meta, "defaults": {"stepz": 2}}))
     with pytest.raises(BadInput, match="unknown setting.*stepz"):
         EditRequest(str(clip), "a", "b", model=str(folder)).config()
+
+
+def test_the_bundled_unets_continuation_meets_the_requests_other_settings(clip_file, tmp_path):
+    """The bundled UNet's fastdm.json says stop=extend (8 steps, up to 3 segments of 4): its extend settings are
+    accepted without --stop; too few steps turn the rule off and then refuse them, saying why; steps=auto caps at the
+    schedule's 20 steps (the convergence rule cannot stop before 12); the flags reach the request; the app's step
+    limit counts the segments."""
+    from fastdm.cli import build_parser
+
+    config = EditRequest("in.gif", SRC, TGT, extend_tol=2.0, extend_on="speed").config()
+    assert (config.stop, config.extend_tol, config.extend_on, config.cap) == ("extend", 2.0, "speed", 20)
+    with pytest.raises(BadInput, match=r"`extend_tol` is the ratio of `stop=extend`, and this edit runs `stop=steps` "
+                                       r"\(fastdm.json: extend off, 3 steps are too few to judge\)"):
+        EditRequest("in.gif", SRC, TGT, steps=3, extend_tol=2.0).config()
+    auto = EditRequest("in.gif", SRC, TGT, steps="auto")
+    assert (auto.config().stop, auto.config().steps, auto.config().cap) == ("converged", 20, 20)
+    assert "continuation segments" in auto.settings_source["steps"]
+    assert EditRequest("in.gif", SRC, TGT, steps="auto", max_steps=30).config().steps == 30
+    assert EditRequest("in.gif", SRC, TGT, steps="auto", preset="paper").config().steps == 200
+    args = build_parser().parse_args(["in.gif", "--source-prompt", SRC, "--target-prompt", TGT, "--extend-on", "vdds",
+                                      "--extend-tol", "1.3"])
+    req = EditRequest.from_args(args)
+    assert (req.extend_on, req.extend_tol) == ("vdds", 1.3) and req.config().extend_tol == 1.3
+    pytest.importorskip("gradio")
+    from fastdm.service.app import EditService
+
+    svc = EditService(pipe=None, model=None, device="cpu", dtype="fp32", out_root=tmp_path, max_steps=16)
+    with pytest.raises(BadInput, match=r"`steps=8` \(20 with the model's continuation segments\) is above this server's limit of 16"):
+        svc._args(tmp_path, str(clip_file), None, SRC, TGT, "", None, 8, 2.4, 7.5, 0, "fast", 2, "none")
+    req, _ = svc._args(tmp_path, str(clip_file), None, SRC, TGT, "", None, 4, 2.4, 7.5, 0, "fast", 2, "none")
+    assert req.config().cap == 4  # (too few steps for the rule: it is off, and 4 is within the limit)

@@ -466,7 +466,7 @@ class FastDMEdit:
         if t_ssm_weight >= 0:
             kw["t_ssm_weight"] = t_ssm_weight
         request = pipeline.request(input="the frames input", source_prompt=source_prompt, target_prompt=target_prompt, **kw)
-        total = request.config().steps  # (checked here, before anything is freed or run)
+        total = request.config().cap  # (checked here, before anything is freed or run; continuation segments included)
         utils = _comfy("comfy.utils")
         bar = utils.ProgressBar(total) if utils is not None else None
         state = {"run": 0}

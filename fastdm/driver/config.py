@@ -19,6 +19,8 @@ LR_SCHEDULES = ("constant", "cosine", "linear")  # the learning rate over the N 
 # "steps": run them all; "converged": stop when the edit stops moving (steps = the cap); "extend": after the steps,
 # continue segment by segment while the edit is unfinished (driver/schedule.py ExtensionRule)
 STOP_RULES = ("steps", "converged", "extend")
+EXTEND_SIGNALS = ("speed", "vdds")  # what "extend" reads: the edit's movement per unit lr, or the masked V-DDS residual
+EXTEND_SPANS = ("full", "low")  # a continuation segment's t: the whole annealed range again, or its last strata
 
 
 @dataclass
@@ -28,7 +30,8 @@ class EditConfig:
     # The default schedule (benchmarks/cost.py; ARCHITECTURE.md, "What an edit costs"): SGD decaying on a
     # cosine, t annealed from high to low, 12 steps: 1/16 of the paper's denoiser evaluations. lr 0.8 is the
     # built-in value for models nobody has measured; the bundled models carry their measured defaults in their
-    # fastdm.json (picked on the suite's choose half: lr 3.2; the UNet lr 3.6, 16 steps and the graded mask, soft_mask 1).
+    # fastdm.json (picked on the suite's choose half: the transformer lr 3.2; the UNet 8 steps at lr 2.4 continued while
+    # unfinished, stop="extend" reading the V-DDS residual, binary mask; ARCHITECTURE.md rule 9c).
     # The paper's: PRESETS["paper"].
     steps: int = 12
     lr: float = 0.8
@@ -107,14 +110,14 @@ class EditConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < (1 if name == "extend_segment" else 0):
                 raise BadInput(f"`{name}` must be an integer >= {1 if name == 'extend_segment' else 0}, got {v}", field=name)
-        if self.stop == "extend" and 2 * self.extend_segment > self.steps:
+        if self.stop == "extend" and self.too_few_to_extend:
             raise BadInput(f"`extend_segment={self.extend_segment}` must be at most half of `steps={self.steps}` (the first decision "
-                           "compares the schedule's last segment-length of steps with the ones before); give more steps, a shorter "
-                           "extend_segment, or stop=steps", field="extend_segment")
-        if self.extend_on not in ("speed", "vdds"):
-            raise BadInput(f"`extend_on={self.extend_on}` is unknown; choose speed or vdds", field="extend_on")
-        if self.extend_span not in ("full", "low"):
-            raise BadInput(f"`extend_span={self.extend_span}` is unknown; choose full or low", field="extend_span")
+                           "compares the schedule's last segment-length of steps with the ones before); give at least "
+                           f"{2 * self.extend_segment} steps or `stop=steps`", field="extend_segment")
+        if self.extend_on not in EXTEND_SIGNALS:
+            raise BadInput(f"`extend_on={self.extend_on}` is unknown; choose {' or '.join(EXTEND_SIGNALS)}", field="extend_on")
+        if self.extend_span not in EXTEND_SPANS:
+            raise BadInput(f"`extend_span={self.extend_span}` is unknown; choose {' or '.join(EXTEND_SPANS)}", field="extend_span")
         if not self.extend_lr > 0:
             raise BadInput(f"`extend_lr` must be positive, got {self.extend_lr}", field="extend_lr")
         if not self.extend_tol >= 0:
@@ -125,6 +128,16 @@ class EditConfig:
             raise BadInput(f"`guidance_scale_2` must be >= 0, got {self.guidance_scale_2}", field="guidance_scale_2")
         if not 0 <= self.window_overlap < 1:
             raise BadInput(f"`window_overlap` must be in [0, 1), got {self.window_overlap}", field="window_overlap")
+
+    @property
+    def too_few_to_extend(self) -> bool:
+        """Fewer steps than the continuation rule can judge (its first decision compares two segments' worth)."""
+        return 2 * self.extend_segment > self.steps
+
+    @property
+    def cap(self) -> int:
+        """The most steps this edit can run: ``steps``, plus every continuation segment with ``stop="extend"``."""
+        return self.steps + (self.extend_max * self.extend_segment if self.stop == "extend" else 0)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -206,7 +219,12 @@ def resolve_config(preset: str | None, source_prompt: str, target_prompt: str, g
             values[k] = v
             source[k] = label
     config = EditConfig(source_prompt, target_prompt, **values)
-    if config.stop == "extend" and source["stop"] != "given" and 2 * config.extend_segment > config.steps:
+    layered_stop = next((layer["stop"] for _, layer in reversed(layers[:-1]) if "stop" in layer), EditConfig.stop)
+    if config.stop == "converged" and source["steps"] != "given" and layered_stop == "extend":
+        # steps=auto without a cap on a model whose schedule continues: its cap is that schedule's, segments included
+        config.steps, source["steps"] = (dataclasses.replace(config, stop="extend").cap,
+                                         f"{source['steps']}: its steps and continuation segments, the cap of stop=converged")
+    if config.stop == "extend" and source["stop"] != "given" and config.too_few_to_extend:
         # a model's continuation rule belongs to its own schedule: given fewer steps than it can judge, the edit
         # runs the steps it was given (the user asked for the rule by name: the one-line error below instead)
         config.stop, source["stop"] = "steps", f"{source['stop']}: extend off, {config.steps} steps are too few to judge"

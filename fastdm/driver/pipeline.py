@@ -418,10 +418,9 @@ class EditRun:
         self.resumed = resume
         if resume:
             state = load_checkpoint(checkpoint_dir, fingerprint=self.fingerprint, input_fingerprint=self.input_fingerprint)
-            cap = self.extension.cap if self.extension is not None else config.steps
-            if state["step"] > cap:
-                raise ResumeMismatch(f"`resume`: the checkpoint is at step {state['step']}, past this edit's last step ({cap}); "
-                                     "raise `steps`" + (" or `extend_max`" if self.extension is not None else ""))
+            if state["step"] > config.cap:  # (an extended edit's steps are in its fingerprint: only a plain edit gets here)
+                raise ResumeMismatch(f"`resume`: the checkpoint is at step {state['step']}, past this edit's last step "
+                                     f"({config.cap}); raise `steps`")
             if self.extension is not None:
                 records = state.get("extension")
                 if records is None or len(records) != state["step"]:
@@ -652,7 +651,7 @@ class EditRun:
             "compile_grad": bool(self.compile_grad),
             "steps_run": len(times),
             "stopped_early": self.stopped_early,
-            "stop": {"rule": config.stop, "cap": self.extension.cap if self.extension is not None else config.steps,
+            "stop": {"rule": config.stop, "cap": config.cap,
                      "stopped_at": self.step_index,
                      "converged": self.converged_at is not None,
                      **(self.convergence.report() if self.convergence is not None else {}),

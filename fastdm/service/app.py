@@ -162,8 +162,6 @@ class EditService:
                 raise BadInput(f"`{name}` is empty; give a number", field=name)
         if steps != int(steps):
             raise BadInput(f"`steps` must be a positive integer, got {steps}", field="steps")
-        if self.max_steps and steps > self.max_steps:
-            raise BadInput(f"`steps={int(steps)}` is above this server's limit of {self.max_steps}; lower it", field="steps")
         if seed != int(seed):
             raise BadInput(f"`seed` must be an integer, got {seed}", field="seed")
         stem = Path(inp).stem or "video"
@@ -171,6 +169,10 @@ class EditService:
                                device=self.device, dtype=self.dtype, mask=mask, boxes=boxes,
                                frames=int(frames) if frames else None, plan=plan or None, steps=int(steps), lr=float(lr),
                                guidance_scale=float(guidance), seed=int(seed), preset=preset or None)
+        cap = request.config().cap  # (the model's continuation segments count: fastdm.json may say stop=extend)
+        if self.max_steps and cap > self.max_steps:
+            more = f" ({cap} with the model's continuation segments)" if cap > steps else ""
+            raise BadInput(f"`steps={int(steps)}`{more} is above this server's limit of {self.max_steps}; lower it", field="steps")
         return request, names
 
     @staticmethod
@@ -206,7 +208,11 @@ class EditService:
         stop = threading.Event()
         self.stops[session] = stop
         updates: queue.Queue = queue.Queue()
-        total = args.steps
+        config = args.config()
+        total = config.steps  # (an unfinished edit on a model whose fastdm.json says stop=extend goes on, up to config.cap)
+
+        def progress_of(step: int) -> str:
+            return f"step {step}/{total}" if step <= total else f"step {step}/{config.cap} (continuing an unfinished edit)"
 
         def on_step(_pipe, step, t, tensors):
             losses = {k: float(v) for k, v in tensors["losses"].items()}
@@ -242,7 +248,7 @@ class EditService:
                 if msg[0] == "step":
                     _, last_step, t, losses, img = msg
                     img = img if img is not None else latest_img
-                    text = f"step {last_step}/{total}, t={t}: " + ", ".join(f"{k} {v:.4g}" for k, v in losses.items())
+                    text = f"{progress_of(last_step)}, t={t}: " + ", ".join(f"{k} {v:.4g}" for k, v in losses.items())
                     if stop.is_set():
                         text += " (stopping after this step)"
                     yield text, (img if img is not None else keep), keep, keep
