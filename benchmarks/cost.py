@@ -215,6 +215,7 @@ EXTENDED = {
     "extf-lr3.2-8": (8, dict(t_schedule="anneal", lr=3.2, lr_schedule="cosine", extend_lr=0.5)),  # rule 10b (transformer)
 }
 EXTEND_SEGMENT, EXTEND_MAX = 4, 3  # segment length and segments simulated (EditConfig's defaults)
+EXTEND_RUN = {"stop": "extend", "extend_segment": EXTEND_SEGMENT, "extend_max": EXTEND_MAX}  # (the cache key assumes these)
 EXTEND_TOLS = (("speed", 0.5), ("speed", 0.75), ("speed", 1.0), ("vdds", 0.9), ("vdds", 1.1))  # ExtensionRule.continues rules
 
 
@@ -230,16 +231,14 @@ def candidate_settings(name: str) -> tuple[int, dict]:
     if base not in EXTENDED or on is None:
         raise KeyError(f"{name!r}: not a schedule of SCHEDULES nor <EXTENDED schedule>+<{'|'.join(EXTEND_SIGNALS)}><tol>")
     steps, settings = EXTENDED[base]
-    return steps, {**settings, "stop": "extend", "extend_segment": EXTEND_SEGMENT, "extend_max": EXTEND_MAX,
-                   "extend_on": on, "extend_tol": float(rule[len(on):])}
+    return steps, {**settings, **EXTEND_RUN, "extend_on": on, "extend_tol": float(rule[len(on):])}
 
 
 def run_extended(pipe, case, clip, steps: int, settings: dict, method: str) -> list[dict]:
     """One edit continued to the extension rule's cap, scored after the schedule and after every segment: the
     run to a segment's end *is* the edit the rule would have stopped there (segments do not depend on later ones)."""
     t0 = time.perf_counter()
-    settings = over_builtins(pipe, {"extend_segment": EXTEND_SEGMENT, "extend_max": EXTEND_MAX, **settings,  # (the cache key assumes these)
-                                    "steps": steps, "stop": "extend"})
+    settings = over_builtins(pipe, {**EXTEND_RUN, **settings, "stop": "extend", "steps": steps})  # (a test may shorten the segments)
     run = pipe.prepare(clip, case["source_prompt"], case["target_prompt"], mask="auto", seed=0, **settings)
     run.extension.force = True
     seg = run.extension.segment
@@ -480,13 +479,17 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
         lines[-1:-1] = ["", f"**Reference `{reference}`: fastdm's annealed cosine schedule stretched to 200 steps, which rounds "
                         "1-4 took for the paper's (ARCHITECTURE.md rule 9); \"the paper's\" above means it. These are the "
                         "tables as those rounds decided, not a comparison with the paper.**"]
+
+    def no_verdict(model: str, reference_clips: int, why: str) -> None:
+        out[model] = {"rows": [], "default": None, "qualified": False, "widest_margin": None, "fourth_round_pick": None,
+                      "reference": None, "reference_clips": reference_clips}
+        lines.extend([f"## {model}", "", f"No verdict: {why}", ""])
+
     for model in models:
         loaded = []
         missing = [p for p in POOLED.get(half, (half,)) if not (RESULTS / f"cost-{model}-{p}-{machine}.runs.jsonl").exists()]
         if missing:  # (a suite not run yet on this model: no verdict, rather than one on fewer clips)
-            out[model] = {"rows": [], "default": None, "qualified": False, "widest_margin": None, "fourth_round_pick": None,
-                          "reference": None, "reference_clips": 0}
-            lines += [f"## {model}", "", f"No verdict: no runs of this model on {', '.join(missing)} yet.", ""]
+            no_verdict(model, 0, f"no runs of this model on {', '.join(missing)} yet.")
             continue
         for part in POOLED.get(half, (half,)):  # pooled: each suite's clips named apart
             cache = RESULTS / f"cost-{model}-{part}-{machine}.runs.jsonl"
@@ -500,11 +503,9 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
         table = summarize(runs)
         if reference not in table or table[reference]["edits"] != n_cases:
             have = table[reference]["edits"] if reference in table else 0
-            out[model] = {"rows": [], "default": None, "qualified": False, "widest_margin": None, "fourth_round_pick": None,
-                          "reference": None, "reference_clips": have}
-            lines += [f"## {model}", "", f"No verdict: `{reference}` has run on {have} of these {n_cases} clips (rule 9: the "
-                      "runs once labelled so were not the paper's schedule and are `anneal200@k` now; the real preset's "
-                      "runs land clip by clip).", ""]
+            no_verdict(model, have, f"`{reference}` has run on {have} of these {n_cases} clips (rule 9: the runs once "
+                       "labelled so were not the paper's schedule and are `anneal200@k` now; the real preset's runs land "
+                       "clip by clip).")
             continue
         ref = table[reference]
 

@@ -392,11 +392,12 @@ class EditRun:
                                                self.size, seed=config.seed, num_frames=self.num_frames, window=self.window)
             mask = self.auto_mask.mask
         graded = self.auto_mask is not None and self.auto_mask.mask is not None and config.soft_mask > 0
+        weights = mask
         if graded:  # the update inside the mask weighted by the cross-attention map (EditConfig.soft_mask)
             from ..automask import graded_mask
 
-            mask_weights = graded_mask(self.auto_mask, config.soft_mask)
-        self.mask = mask_to_working(mask_weights if graded else mask, video, bb, graded=graded)
+            weights = graded_mask(self.auto_mask, config.soft_mask)
+        self.mask = mask_to_working(weights, video, bb, graded=graded)
         self.masked = mask is not None
         self.pixel_mask = None if mask is None else np.asarray(mask, np.float32)
         self.x = torch.nn.Parameter(self.x_src.clone())
