@@ -117,7 +117,7 @@ DEFAULT_SCHEDULE = "sgd-anneal-cos-lr0.8-12"  # EditConfig's built-in defaults: 
 # what fastdm-edit runs on each bundled model by default: the built-in defaults under the folder's fastdm.json
 # defaults, picked by ARCHITECTURE.md's rule on the choose half (results/cost-decision-choose-*.md; tested)
 # (UNet: rule 9c, a continuation rule read off the simulated EXTENDED runs; transformer: rules 2-3)
-MODEL_DEFAULTS = {"shapes": "extf-lr2.4-8+vdds1.1", "shapes-dit": "sgd-anneal-cos-lr3.2-12"}
+MODEL_DEFAULTS = {"shapes": "sgd-anneal-cos-lr4.0-s2x-12", "shapes-dit": "sgd-anneal-cos-lr3.2-12"}
 METRICS = ("colour_ok", "shape_ok", "drift_px", "area_kept", "background_change", "motion_fidelity", "frame_consistency")
 
 

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -33,6 +34,27 @@ def editor(tiny_model):
     from fastdm import Editor
 
     return Editor.from_pretrained(tiny_model)
+
+
+EXTENDING_DEFAULTS = {"lr": 2.4, "steps": 8, "stop": "extend", "extend_on": "vdds", "extend_tol": 1.1}
+
+
+@pytest.fixture
+def extending_folder(tmp_path):
+    """The bundled UNet's folder as far as the settings' layers read it (model_index.json, fastdm.json), its
+    fastdm.json carrying a continuation rule (the UNet's default of rule 9c: 8 steps at lr 2.4 continued in 4-step
+    segments while the masked V-DDS residual has not fallen), as a measured model's folder may."""
+    import json
+
+    from fastdm.backbone import resolve_model
+
+    src = Path(resolve_model("shapes"))
+    folder = tmp_path / "extending-model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text((src / "model_index.json").read_text())
+    info = json.loads((src / "fastdm.json").read_text())
+    (folder / "fastdm.json").write_text(json.dumps({**info, "defaults": EXTENDING_DEFAULTS}))
+    return str(folder)
 
 
 @pytest.fixture

@@ -275,13 +275,13 @@ def test_a_login_is_asked_and_an_over_size_upload_is_refused_in_the_page(browser
 
 def test_the_form_shows_the_models_own_defaults_under_each_preset():
     """The form (and its preset dropdown) starts at what an edit of the served model resolves: the bundled UNet's
-    fastdm.json (lr 2.4, 8 steps continued while unfinished) for the default, the paper's schedule for `paper`; a model folder without
+    fastdm.json (lr 4.0 x 12 with S-SSM 6000) for the default, the paper's schedule for `paper`; a model folder without
     measured defaults shows the built-in ones."""
     from fastdm.driver.config import PRESETS, EditConfig
     from fastdm.service.app import form_defaults
 
     d = form_defaults(None)
-    assert (d.steps, d.lr, d.stop, d.extend_on, d.extend_tol) == (8, 2.4, "extend", "vdds", 1.1)
+    assert (d.steps, d.lr, d.s_ssm_weight, d.stop) == (12, 4.0, 6000.0, "steps")
     p = form_defaults(None, "paper")
     assert (p.steps, p.lr) == (PRESETS["paper"]["steps"], PRESETS["paper"]["lr"])
     built_in = EditConfig("s", "t")

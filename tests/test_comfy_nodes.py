@@ -66,8 +66,8 @@ def test_edit_under_inference_mode_turns_the_circle_blue(pipeline, frames):
     assert edited.shape == image.shape and used.shape == (count, 32, 32)
     report = json.loads(text)
     assert out["ui"]["text"] == [text] and report["auto_mask"]["fallback"] is None
-    # the bundled UNet's own schedule (its fastdm.json): 8 steps, continued in 4-step segments while unfinished
-    assert report["steps_run"] == 8 + 4 * report["stop"]["extension"]["segments_run"] <= 20
+    # the bundled UNet's own schedule (its fastdm.json): 12 steps at lr 4.0, S-SSM 6000
+    assert report["steps_run"] == 12 and report["config"]["lr"] == 4.0 and report["config"]["s_ssm_weight"] == 6000.0
     assert 0 < float(used.mean()) < 1  # the automatic mask: a region, not the whole frame
     src_u8 = (image.numpy() * 255).round().astype(np.uint8)
     frames_u8 = (edited.numpy() * 255).round().astype(np.uint8)

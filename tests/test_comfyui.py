@@ -144,8 +144,8 @@ def test_workflow_edits_the_bundled_clip_and_a_second_prompt_reuses_the_pipeline
     assert [colour_of(f) for f in edited] == ["blue"] * len(source)  # the circle turns blue in every frame
     assert centroid_drift(source, edited) < 1.5  # and keeps moving as it did
     report = json.loads(first["outputs"]["3"]["text"][0])
-    # the bundled UNet's fastdm.json: 8 steps, continued in 4-step segments while unfinished
-    assert report["steps_run"] == 8 + 4 * report["stop"]["extension"]["segments_run"] <= 20
+    # the bundled UNet's fastdm.json: 12 steps at lr 4.0, S-SSM 6000
+    assert report["steps_run"] == 12 and report["config"]["lr"] == 4.0 and report["config"]["s_ssm_weight"] == 6000.0
     assert report["auto_mask"]["fallback"] is None
     assert first["outputs"]["6"]["images"]  # the mask the edit used, previewed
 

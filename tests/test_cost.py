@@ -547,14 +547,15 @@ def test_area_trace_records_every_step_of_each_value(monkeypatch, capsys):
 
 
 def test_a_candidate_is_the_built_in_defaults_plus_its_settings_whatever_the_folder_says():
-    """Rule 9d: the bundled UNet's fastdm.json (stop=extend, lr 2.4, 8 steps) does not leak into a candidate
-    schedule: a 12-step candidate runs 12 steps with stop=steps; a simulated continuation keeps its own rule."""
+    """Rule 9d: the bundled UNet's fastdm.json (lr 4.0, S-SSM 6000; before rule 11 stop=extend) does not leak into a
+    candidate schedule: a candidate that names no S-SSM weight runs the built-in 3000; a simulated continuation keeps
+    its own rule."""
     import benchmarks.cost as cost
     from fastdm import DreamMotionPipeline
     from fastdm.toyworld.suite import build_full_suite, render_case
 
     pipe = DreamMotionPipeline.from_pretrained()
-    assert pipe.backbone.settings["defaults"]["stop"] == "extend"  # (what would leak)
+    assert pipe.backbone.settings["defaults"]["s_ssm_weight"] == 6000.0  # (what would leak)
     case = build_full_suite()[0]
     seen = []
 
@@ -576,8 +577,9 @@ def test_a_candidate_is_the_built_in_defaults_plus_its_settings_whatever_the_fol
 
 
 def test_the_paper_reference_runs_the_papers_schedule_whatever_the_folder_says():
-    """Rule 9: run_paper asks for preset "paper", so the bundled UNet's fastdm.json (lr 3.6, soft_mask 1) and
-    EditConfig's annealed cosine defaults do not leak into the reference; DDS is the same with the SSM losses off."""
+    """Rule 9: run_paper asks for preset "paper", so the bundled UNet's fastdm.json (lr 4.0, S-SSM 6000; earlier lr 3.6,
+    soft_mask 1) and EditConfig's annealed cosine defaults do not leak into the reference; DDS is the same with the SSM
+    losses off."""
     import benchmarks.cost as cost
     from fastdm import DreamMotionPipeline
     from fastdm.driver.config import PRESETS
@@ -596,8 +598,10 @@ def test_the_paper_reference_runs_the_papers_schedule_whatever_the_folder_says()
         with pytest.raises(StopIteration):
             cost.run_paper(pipe, case, render_case(case), **kw)
     paper = {k: v for k, v in PRESETS["paper"].items() if k in cost.SCHEDULE_KEYS}
-    assert all(s[k] == v for s in seen for k, v in paper.items()), seen
-    assert seen[0]["s_ssm_weight"] > 0 and seen[1]["s_ssm_weight"] == seen[1]["t_ssm_weight"] == 0
+    weights = ("s_ssm_weight", "t_ssm_weight")
+    assert all(s[k] == v for s in seen for k, v in paper.items() if k not in weights), seen
+    assert (seen[0]["s_ssm_weight"], seen[0]["t_ssm_weight"]) == (3000.0, 1000.0)  # (not the folder's 6000)
+    assert seen[1]["s_ssm_weight"] == seen[1]["t_ssm_weight"] == 0
 
 
 def test_decide_gives_no_verdict_without_the_whole_paper_reference(tmp_path, monkeypatch):

@@ -202,9 +202,10 @@ def test_settings_change_the_update(latent_pipe, clip):
         assert (got["vdds"] - base["vdds"]).norm() > 1e-3 * base["vdds"].norm(), name
 
 
-def test_pipeline_matches_the_cli_defaults():
+def test_pipeline_matches_the_cli_defaults(extending_folder):
     """fastdm-edit without options edits with EditConfig's defaults under the default model's measured ones (the
-    bundled UNet's fastdm.json: lr 2.4, 8 steps continued by the residual rule); --preset paper with the paper's."""
+    bundled UNet's fastdm.json: lr 4.0 with S-SSM 6000); --preset paper with the paper's. A folder whose defaults
+    carry a continuation rule: given too few steps to judge it, the rule is off and the report says why."""
     from fastdm.backbone import resolve_model
     from fastdm.cli import build_parser
     from fastdm.driver.config import PRESETS, EditConfig
@@ -212,11 +213,14 @@ def test_pipeline_matches_the_cli_defaults():
 
     args = build_parser().parse_args(["in.gif", "--source-prompt", "a", "--target-prompt", "b"])
     measured = folder_defaults(resolve_model(None))[0]
-    assert measured == {"lr": 2.4, "steps": 8, "stop": "extend", "extend_on": "vdds", "extend_tol": 1.1}
+    assert measured == {"lr": 4.0, "s_ssm_weight": 6000.0}
     assert EditRequest.from_args(args).config() == EditConfig("a", "b", **measured)
-    # the model's continuation rule belongs to its own schedule: given too few steps to judge it, the edit runs them
-    few = EditRequest.from_args(build_parser().parse_args(["in.gif", "--source-prompt", "a", "--target-prompt", "b", "--steps", "3"]))
-    assert few.config() == EditConfig("a", "b", **{**measured, "steps": 3, "stop": "steps"})
+    # a model's continuation rule belongs to its own schedule: given too few steps to judge it, the edit runs them
+    extending = folder_defaults(extending_folder)[0]
+    assert extending["stop"] == "extend"
+    few = EditRequest.from_args(build_parser().parse_args(["in.gif", "--source-prompt", "a", "--target-prompt", "b", "--steps", "3",
+                                                           "--model", extending_folder]))
+    assert few.config() == EditConfig("a", "b", **{**extending, "steps": 3, "stop": "steps"})
     assert few.settings_source["stop"] == "fastdm.json: extend off, 3 steps are too few to judge"
     args = build_parser().parse_args(["in.gif", "--source-prompt", "a", "--target-prompt", "b", "--preset", "paper", "--lr", "0.3"])
     got = EditRequest.from_args(args).config()

@@ -109,8 +109,10 @@ def test_settings_come_in_layers_and_the_report_names_each_ones_source(tmp_path)
     assert (cfg.lr, cfg.steps, cfg.guidance_scale, cfg.t_min, cfg.optimizer) == (0.3, 7, 4.0, 100, "sgd")
     assert (src["lr"], src["steps"], src["guidance_scale"], src["t_min"], src["optimizer"]) == \
         ("given", "fastdm.json", "fastdm.json", "family LTX", "default")
-    cfg, src = resolve_config("paper", "a", "b", {}, model_defaults={"steps": 7, "s_ssm_weight": 10.0})
-    assert (cfg.steps, src["steps"], cfg.s_ssm_weight, src["s_ssm_weight"]) == (200, "preset paper", 10.0, "fastdm.json")
+    # the preset pins the paper's schedule and loss weights (a measured folder's S-SSM weight too); the rest stays the folder's
+    cfg, src = resolve_config("paper", "a", "b", {}, model_defaults={"steps": 7, "s_ssm_weight": 10.0, "mask_scope": "vdds"})
+    assert (cfg.steps, src["steps"], cfg.s_ssm_weight, src["s_ssm_weight"]) == (200, "preset paper", 3000.0, "preset paper")
+    assert (cfg.mask_scope, src["mask_scope"]) == ("vdds", "fastdm.json")
 
     folder = build_tiny_ltx_model(tmp_path / "ltx", native_size=(32, 32), frames=9)
     assert folder_defaults(str(folder)) == ({}, {"guidance_scale": 3.0}, "family LTX-Video 0.9.5 and later, 2B and 13B")
@@ -138,31 +140,31 @@ def test_settings_come_in_layers_and_the_report_names_each_ones_source(tmp_path)
         EditRequest(str(clip), "a", "b", model=str(folder)).config()
 
 
-def test_the_bundled_unets_continuation_meets_the_requests_other_settings(clip_file, tmp_path):
-    """The bundled UNet's fastdm.json says stop=extend (8 steps, up to 3 segments of 4): its extend settings are
+def test_a_folders_continuation_meets_the_requests_other_settings(clip_file, tmp_path, extending_folder):
+    """A model folder whose fastdm.json says stop=extend (8 steps, up to 3 segments of 4; rule 9c): its extend settings are
     accepted without --stop; too few steps turn the rule off and then refuse them, saying why; steps=auto caps at the
     schedule's 20 steps (the convergence rule cannot stop before 12); the flags reach the request; the app's step
     limit counts the segments."""
     from fastdm.cli import build_parser
 
-    config = EditRequest("in.gif", SRC, TGT, extend_tol=2.0, extend_on="speed").config()
+    config = EditRequest("in.gif", SRC, TGT, model=extending_folder, extend_tol=2.0, extend_on="speed").config()
     assert (config.stop, config.extend_tol, config.extend_on, config.cap) == ("extend", 2.0, "speed", 20)
     with pytest.raises(BadInput, match=r"`extend_tol` is the ratio of `stop=extend`, and this edit runs `stop=steps` "
                                        r"\(fastdm.json: extend off, 3 steps are too few to judge\)"):
-        EditRequest("in.gif", SRC, TGT, steps=3, extend_tol=2.0).config()
-    auto = EditRequest("in.gif", SRC, TGT, steps="auto")
+        EditRequest("in.gif", SRC, TGT, model=extending_folder, steps=3, extend_tol=2.0).config()
+    auto = EditRequest("in.gif", SRC, TGT, model=extending_folder, steps="auto")
     assert (auto.config().stop, auto.config().steps, auto.config().cap) == ("converged", 20, 20)
     assert "continuation segments" in auto.settings_source["steps"]
-    assert EditRequest("in.gif", SRC, TGT, steps="auto", max_steps=30).config().steps == 30
-    assert EditRequest("in.gif", SRC, TGT, steps="auto", preset="paper").config().steps == 200
+    assert EditRequest("in.gif", SRC, TGT, model=extending_folder, steps="auto", max_steps=30).config().steps == 30
+    assert EditRequest("in.gif", SRC, TGT, model=extending_folder, steps="auto", preset="paper").config().steps == 200
     args = build_parser().parse_args(["in.gif", "--source-prompt", SRC, "--target-prompt", TGT, "--extend-on", "vdds",
-                                      "--extend-tol", "1.3"])
+                                      "--extend-tol", "1.3", "--model", extending_folder])
     req = EditRequest.from_args(args)
     assert (req.extend_on, req.extend_tol) == ("vdds", 1.3) and req.config().extend_tol == 1.3
     pytest.importorskip("gradio")
     from fastdm.service.app import EditService
 
-    svc = EditService(pipe=None, model=None, device="cpu", dtype="fp32", out_root=tmp_path, max_steps=16)
+    svc = EditService(pipe=None, model=extending_folder, device="cpu", dtype="fp32", out_root=tmp_path, max_steps=16)
     with pytest.raises(BadInput, match=r"`steps=8` \(20 with the model's continuation segments\) is above this server's limit of 16"):
         svc._args(tmp_path, str(clip_file), None, SRC, TGT, "", None, 8, 2.4, 7.5, 0, "fast", 2, "none")
     req, _ = svc._args(tmp_path, str(clip_file), None, SRC, TGT, "", None, 4, 2.4, 7.5, 0, "fast", 2, "none")

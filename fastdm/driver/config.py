@@ -171,12 +171,13 @@ _ADDED_DEFAULTS = {"t_schedule": "uniform", "lr_schedule": "constant", "momentum
 
 
 # Named settings. "paper": DreamMotion's own schedule (SGD, lr 0.4, t ~ U[50, 950], 200 steps), bit for
-# bit what fastdm ran before presets existed. "default": the dataclass defaults above, chosen by
+# bit what fastdm ran before presets existed. Every setting a measured model folder may carry is pinned (the bundled UNet's
+# S-SSM 6000 included), so the paper's schedule is the same on every model. "default": the dataclass defaults above, chosen by
 # measurement (benchmarks/cost.py; ARCHITECTURE.md, "Cost").
 PRESETS: dict[str, dict] = {
     "paper": {"steps": 200, "lr": 0.4, "optimizer": "sgd", "momentum": 0.0, "t_schedule": "uniform", "lr_schedule": "constant",
               "stop": "steps", "guidance_scale": 7.5, "t_min": 50, "t_max": 950, "weighting": "constant", "soft_mask": 0.0,
-              "extend_on": "speed", "extend_tol": 1.0},
+              "extend_on": "speed", "extend_tol": 1.0, "s_ssm_weight": 3000.0, "t_ssm_weight": 1000.0},
     "default": {},
 }
 
