@@ -174,7 +174,7 @@ def run_cascade(args, *, pipe=None, on_step=None, tensor_inputs=("losses",), che
                                            pick=key_pos)
     fp = hashlib.sha256(json.dumps({"cascade": cascade.to_dict(), "config": config.fingerprint(), "plan": args.plan,
                                     "dtype": args.dtype, "device": device.type, "size": args.size,
-                                    "mask": args.mask, "boxes": args.boxes}, sort_keys=True, default=str).encode())
+                                    "mask": args.mask or args.mask_mode(), "boxes": args.boxes}, sort_keys=True, default=str).encode())
     fp.update(np.ascontiguousarray(keys_raw).tobytes())
     if mask_raw is not None:
         fp.update(np.ascontiguousarray(mask_raw).tobytes())
@@ -295,7 +295,7 @@ def _run_edit(st, info, args, pipe, config, keys_raw, key_pos, key_indices, src_
                           f"{bb.info.size_multiple} for its model")
     crop = plan_crop(src_size, size)
     frames = resize_crop(keys_raw, crop)
-    mask = "auto" if args.mask == "auto" else None
+    mask = "auto" if args.mask_mode() == "auto" else None  # (no --mask and no --boxes: the default mode, as fastdm-edit)
     if mask_raw is not None:  # read for the selected input frames; the keyframes' rows, through the same crop
         mask = crop_mask(mask_raw[key_pos], crop)
     elif boxes is not None:
