@@ -123,14 +123,23 @@ METRICS = ("colour_ok", "shape_ok", "drift_px", "area_kept", "background_change"
 
 RULE_HEADING = "## The rule that picks the default"
 # fresh report suites (build_full_suite(variant=N)'s report half) and the ARCHITECTURE.md rule that must name them first
-FRESH_SUITE_RULE = {1: "7. A third round", 2: "8. A fourth round", 3: "10. A fifth round"}
+FRESH_SUITE_RULE = {1: "7. A third round", 2: "8. A fourth round", 3: "10. A fifth round", 4: "12. A seventh round",
+                    5: "12. A seventh round"}
 THIRD_ROUND_MODELS = ("shapes",)  # rules 7 and 8: the UNet only
 FIFTH_ROUND_MODELS = ("shapes-dit",)  # rule 10: the transformer only
 FOURTH_ROUND = frozenset(n for n in SCHEDULES if "-soft" in n)  # rule 8b: the method change (EditConfig.soft_mask)
 # --decide --pooled: report suites as one table. The first two (context for the third round's verdict); all three
 # (rule 8f: the test for calling issue #30 resolved on the UNet)
 POOLED = {"report-pooled": ("report", "report-v1"), "report-pooled-all": ("report", "report-v1", "report-v2"),
-          "report-pooled-4": ("report", "report-v1", "report-v2", "report-v3")}  # (rule 10e: the transformer's fifth round)
+          "report-pooled-4": ("report", "report-v1", "report-v2", "report-v3"),  # (rule 10e: the transformer's fifth round)
+          "report-pooled-fresh": ("report-v4", "report-v5")}  # (rule 12: the seventh round's verdict)
+# rule 12: on the suites it registered, a shape edit counts only on frames whose object is solid (toyworld.metrics.solid)
+SOLID_SHAPE_HALVES = frozenset({"report-v4", "report-v5", "report-pooled-fresh"})
+
+
+def shape_key(half: str | None) -> str:
+    """The metric a half's shape success reads: ``shape_solid_ok`` on rule 12's suites, ``shape_ok`` elsewhere."""
+    return "shape_solid_ok" if half in SOLID_SHAPE_HALVES else "shape_ok"
 
 
 def held_out_suite() -> list[dict]:
@@ -303,7 +312,9 @@ def bootstrap(values: list[float], reps: int = 2000, seed: int = 0) -> tuple[flo
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def summarize(runs: list[dict]) -> dict:
+def summarize(runs: list[dict], shape: str = "shape_ok") -> dict:
+    """Each method's rates, means and intervals; ``shape``: the metric shape success reads (:func:`shape_key`).
+    Beside it, where every run has them: the other shape reading and the mean share of solid frames."""
     out = {}
     for name in dict.fromkeys(r["method"] for r in runs):
         rs = [r for r in runs if r["method"] == name]
@@ -318,7 +329,12 @@ def summarize(runs: list[dict]) -> dict:
             "seconds": float(np.median([r["seconds"] for r in rs])),
             "worst_evaluations": max(r["evaluations"]["forward"] + r["evaluations"]["backward"] for r in rs),
             "colour_success": sum(r["metrics"]["colour_ok"] for r in col) / len(col) if col else None,
-            "shape_success": sum(r["metrics"]["shape_ok"] for r in shp) / len(shp) if shp else None,
+            "shape_success": sum(r["metrics"][shape] for r in shp) / len(shp) if shp else None,
+            "shape_measure": shape,
+            "shape_success_fill_only": (sum(r["metrics"]["shape_ok"] for r in shp) / len(shp)
+                                        if shp and shape != "shape_ok" else None),
+            "solid_frames": (float(np.mean([r["metrics"]["solid_frames"] for r in rs]))
+                             if all("solid_frames" in r["metrics"] for r in rs) else None),
             "mean_drift_px": float(np.mean(drifts)) if drifts else None,
             "object_lost": len(rs) - len(drifts),
             "area_kept": sum(r["metrics"]["area_kept"] for r in rs) / len(rs),
@@ -327,7 +343,7 @@ def summarize(runs: list[dict]) -> dict:
             "frame_consistency": float(np.mean([r["metrics"]["frame_consistency"] for r in rs])),
             # 95 % intervals: Wilson for the rates, a percentile bootstrap for the mean drift
             "colour_success_ci": wilson(sum(r["metrics"]["colour_ok"] for r in col), len(col)),
-            "shape_success_ci": wilson(sum(r["metrics"]["shape_ok"] for r in shp), len(shp)),
+            "shape_success_ci": wilson(sum(r["metrics"][shape] for r in shp), len(shp)),
             "area_kept_ci": wilson(sum(r["metrics"]["area_kept"] for r in rs), len(rs)),
             "mean_drift_px_ci": bootstrap(drifts),
         }
@@ -340,16 +356,20 @@ def markdown(title: str, summary: dict, meta: dict, note: str) -> str:
             return "-"
         return format(v, fmt) + ("" if ci is None else f" [{format(ci[0], fmt)}, {format(ci[1], fmt)}]")
 
+    solid = any(s.get("shape_measure") == "shape_solid_ok" for s in summary.values())
     lines = [f"# {title} ({meta['machine']})", "",
              f"Machine: {meta['machine_description']}. Model: `{meta['model']}` ({meta['denoiser']} sha256 {meta['model_hash']}). "
              f"Clips: {meta['cases']} {meta.get('suite', 'held-out generated cases (`build_suite(seed=1)`)')}, automatic mask, seed 0. "
              f"Command: `{meta['command']}`.", "", note, "",
-             "| method | edits | steps | forward evals | backward | s / edit (median) | colour success | shape success | "
+             "| method | edits | steps | forward evals | backward | s / edit (median) | colour success | shape success | " +
+             ("shape success (fill ratio alone) | solid frames | " if solid else "") +
              "mean drift (px) | object lost | area kept | background change (0-255) | motion fidelity | frame consistency |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if solid else "")]
     for name, s in summary.items():
+        extra = f"{f(s['shape_success_fill_only'], '.0%')} | {f(s['solid_frames'], '.0%')} | " if solid else ""
         lines.append(f"| {name} | {s['edits']} | {s['steps']:.1f} | {s['forward']:.0f} | {s['backward']:.0f} | {s['seconds']:.1f} | "
                      f"{f(s['colour_success'], '.0%', s.get('colour_success_ci'))} | {f(s['shape_success'], '.0%', s.get('shape_success_ci'))} | "
+                     f"{extra}"
                      f"{f(s['mean_drift_px'], '.2f', s.get('mean_drift_px_ci'))} | "
                      f"{s['object_lost']} | {f(s['area_kept'], '.0%', s.get('area_kept_ci'))} | {s['background_change']:.2f} | {s['motion_fidelity']:.3f} | "
                      f"{s['frame_consistency']:.3f} |")
@@ -357,6 +377,10 @@ def markdown(title: str, summary: dict, meta: dict, note: str) -> str:
               "through the tapped prefix (1 per fastdm step). Brackets: 95 % intervals (Wilson for rates, percentile bootstrap "
               "for the mean drift). Colour success over colour and both edits, shape success over shape "
               "and both edits; area kept: the object's area within 0.5x-2x of the source's in every frame."]
+    if solid:
+        lines += ["", "Shape success (ARCHITECTURE.md rule 12): most frames read as the target shape *and* solid (at least 80 % of "
+                  "the object's core pixels its colour, `fastdm/toyworld/metrics.py` `solid`); fill ratio alone: the reading of "
+                  "rules 1-11. Solid frames: the mean share of frames whose object is solid, over all edits."]
     return "\n".join(lines) + "\n"
 
 
@@ -456,7 +480,10 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
     """ARCHITECTURE.md, "The rule that picks the default", applied to one half's tables of both bundled models
     (``hashes``: model -> denoiser hash, to read only runs of those weights)."""
     cap = 1002 / 12
-    if half in POOLED:
+    if half == "report-pooled-fresh":
+        where = ("the report halves of the two fresh suites of rule 12 pooled (variants 4-5: the seventh round's verdict, "
+                 "shape success read on solid frames; chooses nothing)")
+    elif half in POOLED:
         n = len(POOLED[half])
         where = (f"the report halves of {n} suites pooled (variants 0-{n - 1}: " +
                  {2: "context, chooses nothing; the issue's test is each suite's)",
@@ -500,7 +527,7 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
         runs = list({(r["method"], r["case"]): r for r in loaded}.values())  # one run per method and clip: the last
         n_cases = len({r["case"] for r in runs})
         runs = runs + extended_rows(runs)
-        table = summarize(runs)
+        table = summarize(runs, shape_key(half))
         if reference not in table or table[reference]["edits"] != n_cases:
             have = table[reference]["edits"] if reference in table else 0
             no_verdict(model, have, f"`{reference}` has run on {have} of these {n_cases} clips (rule 9: the runs once "
@@ -512,7 +539,7 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
         def counts(method):  # clips a method finished: colour and shape edits, area kept
             rs = [r for r in runs if r["method"] == method]
             return {k: sum(r["metrics"][m] for r in rs if r["kind"] in kinds) for k, m, kinds in
-                    (("colour", "colour_ok", ("colour", "both")), ("shape", "shape_ok", ("shape", "both")),
+                    (("colour", "colour_ok", ("colour", "both")), ("shape", shape_key(half), ("shape", "both")),
                      ("area", "area_kept", ("colour", "shape", "both")))}
 
         ref_counts = counts(reference)
@@ -787,7 +814,7 @@ def write_tables(done: dict, suite: list[dict], name: str, model: str, denoiser:
     def order(rs):
         return sorted(rs, key=lambda r: (r["evaluations"]["forward"] + r["evaluations"]["backward"], r["method"]))
 
-    cost = summarize(order(ours))
+    cost = summarize(order(ours), shape_key(half_label(half, variant) if half else None))
     write_results(f"cost-{name}-{machine}", {"meta": meta, "summary": cost},
                   markdown("Edit quality against cost", cost, meta,
                            "paper@k: the paper's schedule (`--preset paper`) stopped at step k; paper-auto(...): stopped by the "
@@ -796,7 +823,7 @@ def write_tables(done: dict, suite: list[dict], name: str, model: str, denoiser:
                            "steps (with / without S-SSM and T-SSM), which these tables called paper / DDS until ARCHITECTURE.md "
                            "rule 9; other rows: benchmarks/cost.py SCHEDULES."))
     if peers:
-        peer = summarize(order(peers))
+        peer = summarize(order(peers), shape_key(half_label(half, variant) if half else None))
         write_results(f"peers-{name}-{machine}", {"meta": meta, "summary": peer},
                       markdown("fastdm beside the editors a user would pick instead", peer, meta,
                                f"{default}: fastdm-edit's default on this model; paper@200: --preset paper; "

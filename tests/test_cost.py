@@ -492,7 +492,7 @@ def test_the_third_rounds_pick_is_the_widest_margin_and_its_fresh_suite_is_named
         cost.main(["--pooled"])
     assert "--pooled goes with --decide" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="not pre-registered"):
-        cost.main(["--half", "report", "--variant", "4", "--methods", "paper"])
+        cost.main(["--half", "report", "--variant", "6", "--methods", "paper"])
     assert all(rule in (Path(cost.__file__).parent.parent / "ARCHITECTURE.md").read_text() for rule in cost.FRESH_SUITE_RULE.values())
     assert cost.FRESH_SUITE_RULE[1] in (Path(cost.__file__).parent.parent / "ARCHITECTURE.md").read_text()
 
@@ -617,3 +617,43 @@ def test_decide_gives_no_verdict_without_the_whole_paper_reference(tmp_path, mon
     data, md = cost.decide("m", half="report-v2")
     assert data["shapes"]["reference"] is None and data["shapes"]["reference_clips"] == 1
     assert "No verdict: `paper@200` has run on 1 of these 2 clips" in md
+
+
+def test_the_seventh_rounds_suites_read_shape_success_on_solid_frames_only(tmp_path, monkeypatch):
+    """Rule 12: on variants 4 and 5 (and the two pooled) a shape edit counts by ``shape_solid_ok``; elsewhere by the
+    fill-ratio reading of rules 1-11. A paper whose shape edits are speckle read as the target shape (``shape_ok``
+    but not ``shape_solid_ok``) no longer out-counts a default that makes none; the tables show both readings."""
+    import json
+
+    import benchmarks.cost as cost
+
+    monkeypatch.setattr(cost, "RESULTS", tmp_path)
+    assert cost.shape_key("report-v4") == cost.shape_key("report-pooled-fresh") == "shape_solid_ok"
+    assert cost.shape_key("report-v3") == cost.shape_key("choose") == cost.shape_key(None) == "shape_ok"
+
+    def run(method, case, kind, shape, solid_shape, evals=(50, 12)):
+        r = _run(method, case, kind, shape=shape, evals=evals)
+        r["metrics"].update(shape_solid_ok=solid_shape, solid_frames=1.0 if solid_shape else 0.0)
+        return r
+
+    for variant in (4, 5):
+        runs = [run("paper@200", f"c{variant}", "colour", False, False, (802, 200)),
+                run("paper@200", f"s{variant}", "shape", True, False, (802, 200)),  # a speckled "success"
+                run("default", f"c{variant}", "colour", False, False), run("default", f"s{variant}", "shape", False, False)]
+        for model in ("shapes", "shapes-dit"):
+            (tmp_path / f"cost-{model}-report-v{variant}-m.runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    data, md = cost.decide("m", half="report-pooled-fresh")
+    row = {r["candidate"]: r for r in data["shapes-dit"]["rows"]}["default"]
+    assert row["qualifies"] and data["shapes-dit"]["reference"]["shape_success"] == 0.0
+    assert "two fresh suites of rule 12 pooled" in md
+    # the same runs read as rules 1-11 read them: one shape edit short on each suite
+    for variant in (4, 5):
+        src = tmp_path / f"cost-shapes-dit-report-v{variant}-m.runs.jsonl"
+        src.rename(tmp_path / f"cost-shapes-dit-report-v{variant - 2}-m.runs.jsonl")
+    data, _ = cost.decide("m", half="report-v2")
+    assert {r["candidate"]: r for r in data["shapes-dit"]["rows"]}["default"]["why_not"] == ["shape 1 clip(s) short"]
+    table = cost.summarize([run("m", "s", "shape", True, False), run("m", "t", "shape", True, True)], "shape_solid_ok")["m"]
+    assert (table["shape_success"], table["shape_success_fill_only"], table["solid_frames"]) == (0.5, 1.0, 0.5)
+    md = cost.markdown("t", {"m": table}, {"machine": "m", "machine_description": "d", "model": "x", "denoiser": "unet",
+                                           "model_hash": "h", "cases": 2, "command": "c"}, "note")
+    assert "| shape success (fill ratio alone) | solid frames |" in md and "| 50% [9%, 91%] | 100% | 50% |" in md

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from fastdm.toyworld.metrics import centroid, centroid_drift, colour_of, shape_of, video_summary
+from fastdm.toyworld.metrics import SOLID, centroid, centroid_drift, colour_of, object_mask, shape_of, solid_share, video_summary
 from fastdm.metrics import frame_consistency, motion_fidelity, optical_flow
 from fastdm.toyworld.world import COLOURS, SHAPES, render_clip, sample_clip
 
@@ -72,6 +72,43 @@ def test_classifiers_on_random_training_clips():
         ok_s += sum(x == meta["shape"] for x in s["shapes"])
         n += len(c)
     assert ok_c == n and ok_s / n > 0.97
+
+
+def test_solidity_keeps_blurred_and_noisy_objects_and_refuses_speckled_ones():
+    """The calibration of SOLID (ARCHITECTURE.md rule 12), on fresh renders of every colour, shape and size: blurred
+    (sigma 1.5) and noisy (sigma 40) objects stay solid; with 10 % of the object's pixels replaced by random palette
+    colours, nearly all still solid; with 30 %, at most a fifth; with 50 %, next to none. A wholly speckled
+    object is solid in no frame."""
+    import cv2
+
+    rng = np.random.default_rng()
+    palette = np.array(list(COLOURS.values()), np.uint8)
+    shares = {k: [] for k in ("clean", "blur", "noise", "speckle10", "speckle30", "speckle50")}
+    for colour in COLOURS:
+        for shape in SHAPES:
+            for radius in (5, 7, 9):
+                f = render_clip(colour, shape, "right", size=32, frames=1, radius=radius, speed=0)[0]
+                m = object_mask(f)
+
+                def speckle(p):
+                    g = f.copy()
+                    sel = m & (rng.random(m.shape) < p)
+                    g[sel] = palette[rng.integers(0, len(palette), int(sel.sum()))]
+                    return g
+
+                shares["clean"].append(solid_share(f))
+                shares["blur"].append(solid_share(cv2.GaussianBlur(f, (0, 0), 1.5)))
+                shares["noise"].append(solid_share(np.clip(f + rng.normal(0, 40, f.shape), 0, 255).astype(np.uint8)))
+                for p in (10, 30, 50):
+                    shares[f"speckle{p}"].append(solid_share(speckle(p / 100)))
+    assert min(shares["clean"]) == 1.0 and min(shares["blur"]) >= 0.9 and min(shares["noise"]) >= 0.9
+    solid = {k: np.mean(np.asarray(v) >= SOLID) for k, v in shares.items()}  # (over 63 objects, fresh speckle each run)
+    assert solid["speckle10"] >= 0.9 and solid["speckle30"] <= 0.2 and solid["speckle50"] <= 0.05
+    clip = render_clip("yellow", "triangle", "right", size=32, frames=4, radius=7, speed=1)
+    m = object_mask(clip[0])
+    clip[:, m] = palette[rng.integers(0, len(palette), (4, int(m.sum())))]
+    s = video_summary(clip)
+    assert s["solid"] == [False] * 4
 
 
 def test_empty_frame_has_no_object():

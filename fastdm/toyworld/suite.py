@@ -125,10 +125,14 @@ def score(case: dict, source: np.ndarray, edit: np.ndarray) -> dict:
     s = video_summary(edit)
     mf = motion_fidelity(source, edit)
     shape_hits = sum(x == case["target_shape"] for x in s["shapes"])
+    solid_hits = sum(x == case["target_shape"] and ok for x, ok in zip(s["shapes"], s["solid"]))
     return {
         "colour_ok": all(c == case["target_colour"] for c in s["colours"]),
         "colour_frames": s["colours"],
         "shape_ok": shape_hits * 2 > len(edit),
+        # the shape read only on solid frames (ARCHITECTURE.md rule 12): most frames solid *and* the target shape
+        "shape_solid_ok": solid_hits * 2 > len(edit),
+        "solid_frames": sum(s["solid"]) / len(edit),
         "shape_frames": s["shapes"],
         "drift_px": centroid_drift(source, edit),
         "motion_fidelity": mf["fidelity"],
