@@ -520,11 +520,15 @@ def test_extension_rule_decisions_and_reasons():
     assert fast.planned == fast.cap == 8 and fast.report()["why"] == "cap: 2 segment(s) run"
 
 
-def test_area_trace_records_every_step_of_each_value(monkeypatch, capsys):
+def test_area_trace_records_every_step_of_each_value(monkeypatch, capsys, tmp_path):
     """benchmarks/area_trace.py: one run per value of the varied setting, a row per step (area ratio, frames at the
-    target), the end's metrics; an unknown case is one line."""
+    target, solid frames), the end's metrics; --tag names the files apart, --png writes the source's and each run's
+    last frames; an unknown case is one line."""
+    import imageio.v3 as iio
+
     import benchmarks.area_trace as at
 
+    monkeypatch.setattr(at, "RESULTS", tmp_path)
     written = {}
     monkeypatch.setattr(at, "write_results", lambda stem, data, md: written.update(stem=stem, data=data, md=md))
     at.main(["--case", "colour-red-triangle-to-blue-triangle", "--set", "steps=2", "--set", "soft_mask=0,1"])
@@ -536,8 +540,13 @@ def test_area_trace_records_every_step_of_each_value(monkeypatch, capsys):
         assert set(r["final"]) >= {"colour_ok", "area_kept", "drift_px"}
     assert written["stem"].startswith("area-trace-colour-red-triangle-to-blue-triangle-") and written["md"].count("| 2 |") == 2
     assert all(0 < s["fill_ratio"] <= 1.1 and 0 <= s["target_shape_frames"] <= 8 for r in runs for s in r["steps"])
-    at.main(["--case", "shape-yellow-square-to-yellow-circle", "--model", "shapes-dit", "--variant", "3", "--set", "steps=2"])
-    assert written["stem"].startswith("area-trace-shape-yellow-square-to-yellow-circle-shapes-dit-v3-")
+    assert all(0 <= s["solid_frames"] <= 8 for r in runs for s in r["steps"]) and "shape_solid_ok" in runs[0]["final"]
+    at.main(["--case", "shape-yellow-square-to-yellow-circle", "--model", "shapes-dit", "--variant", "3", "--set", "steps=2",
+             "--tag", "default", "--png"])
+    assert written["stem"].startswith("area-trace-shape-yellow-square-to-yellow-circle-shapes-dit-v3-default-")
+    (png,) = tmp_path.glob("*.png")
+    assert png.name == written["stem"] + ".png" and iio.imread(png).shape == (2 * 32 * 4, 8 * 32 * 4, 3)
+    assert "frames" not in written["data"]["runs"][0] and png.name in written["md"]
     assert "--model shapes-dit --variant 3" in written["md"] and written["data"]["model"] == "shapes-dit"
     with pytest.raises(SystemExit, match="no case 'nope'"):
         at.main(["--case", "nope"])
