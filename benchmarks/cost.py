@@ -604,10 +604,12 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
         if half in POOLED:
             out[model]["default"] = None
             lines += ["", (f"Pooled over {len(POOLED[half])} report suites ({n_cases} clips; candidates run on all of them only): " +
-                           {2: "context for the two verdicts, not a third one; nothing is chosen on it.",
+                           ("rule 12d: the seventh round's verdict, shape success read on solid frames; nothing is chosen "
+                            "on it." if half == "report-pooled-fresh" else
+                            {2: "context for the two verdicts, not a third one; nothing is chosen on it.",
                             3: "rules 8f and 9b: the defaults must pass here for the issue to be called resolved; nothing is "
                                "chosen on it."}.get(len(POOLED[half]), "rule 10e: the transformer's fifth-round pick must pass "
-                                                                       "here too; nothing is chosen on it.")), ""]
+                                                                       "here too; nothing is chosen on it."))), ""]
         elif half.startswith("report"):  # nothing is chosen here (rule 5): the table says whether the chosen default holds
             out[model]["default"] = None
             lines += ["", "The report half chooses nothing (rule 5); `qualifies` is the issue's test on clips the choice never saw.", ""]
