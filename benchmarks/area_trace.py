@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 
 import numpy as np
@@ -44,7 +45,7 @@ def trace(pipe, case: dict, settings: dict) -> dict:
                       "target_shape_frames": sum(shape_of(f) == case["target_shape"] for f in frames),
                       "solid_frames": sum(solid(f) for f in frames)})
     # (the whole score, motion fidelity included, once at the end, not after every step)
-    final = {k: v for k, v in score(case, clip, frames).items() if not k.endswith("_frames") or k == "solid_frames"}
+    final = {k: v for k, v in score(case, clip, frames).items() if not k.endswith("_frames")}
     return {"settings": settings, "steps": steps, "final": final, "frames": frames, "source": clip}
 
 
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", default="", help="a name added to the results' file names (two traces of one case)")
     ap.add_argument("--png", action="store_true", help="also a picture: the source and each run's last frames")
     args = ap.parse_args(argv)
+    if args.tag and not re.fullmatch(r"[A-Za-z0-9._-]+", args.tag):
+        raise SystemExit(f"error: --tag {args.tag!r}: letters, digits, '.', '_' and '-' only (it names files in results/)")
     cases = {c["id"]: c for c in build_full_suite(variant=args.variant)}
     if args.case not in cases:
         raise SystemExit(f"error: no case {args.case!r} in build_full_suite(variant={args.variant}); e.g. {next(iter(cases))}")

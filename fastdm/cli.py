@@ -81,11 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{_PAPER.lr:g}, t ~ U[{_PAPER.t_min}, {_PAPER.t_max}], {_PAPER.steps} steps); the flags below override it")
     p.add_argument("--steps", type=_steps, default=None,
                    help=f"optimization steps, or auto: stop when the edit has converged, at most --max-steps (default "
-                        f"{_DEFAULTS.steps}, or the model's fastdm.json: the bundled UNet's 8)")
+                        f"{_DEFAULTS.steps}, or the model's fastdm.json)")
     p.add_argument("--stop", choices=STOP_RULES, default=None,
                    help=f"steps: run --steps; converged: what --steps auto does; extend: after --steps, continue an unfinished "
-                        f"edit segment by segment, at most --extend-max segments (default {_DEFAULTS.stop}, or the model's fastdm.json: the "
-                        "bundled UNet's extend)")
+                        f"edit segment by segment, at most --extend-max segments (default {_DEFAULTS.stop}, or the model's "
+                        "fastdm.json)")
     p.add_argument("--extend-max", type=int, default=None, metavar="N",
                    help=f"--stop extend: continuation segments at most (default {_DEFAULTS.extend_max})")
     p.add_argument("--extend-on", choices=EXTEND_SIGNALS, default=None,

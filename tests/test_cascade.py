@@ -66,7 +66,7 @@ def test_edit_upscale_refine_runs_and_reports_every_stage(stages, clip6, tmp_pat
         assert r["model_released"] is True  # each stage's weights were freed before the next stage loaded
     assert recs[0]["edit_report"]["steps_run"] == 2
     # no --mask, no --boxes: the edit stage takes fastdm-edit's default mask mode (the automatic mask), as a plain edit
-    assert "auto_mask" in recs[0]["edit_report"]
+    assert "auto_mask" in recs[0]["edit_report"] and report["input"]["mask"] == "auto"
     assert report["peak_memory_bytes"] == max(r["peak_memory_bytes"] for r in recs)
     assert (tmp_path / "out_compare.mp4").is_file()
 

@@ -541,6 +541,8 @@ def test_area_trace_records_every_step_of_each_value(monkeypatch, capsys, tmp_pa
     assert written["stem"].startswith("area-trace-colour-red-triangle-to-blue-triangle-") and written["md"].count("| 2 |") == 2
     assert all(0 < s["fill_ratio"] <= 1.1 and 0 <= s["target_shape_frames"] <= 8 for r in runs for s in r["steps"])
     assert all(0 <= s["solid_frames"] <= 8 for r in runs for s in r["steps"]) and "shape_solid_ok" in runs[0]["final"]
+    with pytest.raises(SystemExit, match="--tag '../x'"):
+        at.main(["--case", "colour-red-triangle-to-blue-triangle", "--tag", "../x"])
     at.main(["--case", "shape-yellow-square-to-yellow-circle", "--model", "shapes-dit", "--variant", "3", "--set", "steps=2",
              "--tag", "default", "--png"])
     assert written["stem"].startswith("area-trace-shape-yellow-square-to-yellow-circle-shapes-dit-v3-default-")
@@ -555,10 +557,10 @@ def test_area_trace_records_every_step_of_each_value(monkeypatch, capsys, tmp_pa
             at.main(["--case", "colour-red-triangle-to-blue-triangle", "--set", bad])
 
 
-def test_a_candidate_is_the_built_in_defaults_plus_its_settings_whatever_the_folder_says():
-    """Rule 9d: the bundled UNet's fastdm.json (lr 4.0, S-SSM 6000; before rule 11 stop=extend) does not leak into a
-    candidate schedule: a candidate that names no S-SSM weight runs the built-in 3000; a simulated continuation keeps
-    its own rule."""
+def test_a_candidate_is_the_built_in_defaults_plus_its_settings_whatever_the_folder_says(monkeypatch):
+    """Rule 9d: the bundled UNet's fastdm.json (lr 4.0, S-SSM 6000), nor a folder that says stop=extend (the UNet's
+    before rule 11), leaks into a candidate schedule: a candidate runs EditConfig's built-ins plus its own settings
+    (the built-in S-SSM 3000 and stop=steps where it names neither); a simulated continuation keeps its own rule."""
     import benchmarks.cost as cost
     from fastdm import DreamMotionPipeline
     from fastdm.toyworld.suite import build_full_suite, render_case
@@ -573,11 +575,16 @@ def test_a_candidate_is_the_built_in_defaults_plus_its_settings_whatever_the_fol
         raise StopIteration
 
     pipe.prepare = prepare
-    for name in ("sgd-anneal-cos-lr4.0-s2x-12", "sgd-anneal-cos-lr3.6-soft1-16"):
-        steps, settings = cost.SCHEDULES[name]
-        with pytest.raises(StopIteration):
-            cost.run_schedule(pipe, case, render_case(case), steps, settings, name)
-        assert seen[-1] == EditConfig(case["source_prompt"], case["target_prompt"], steps=steps, **settings), name
+    from tests.conftest import EXTENDING_DEFAULTS
+
+    for folder in (pipe.backbone.settings["defaults"], {**EXTENDING_DEFAULTS, "s_ssm_weight": 6000.0}):
+        monkeypatch.setitem(pipe.backbone.settings, "defaults", folder)
+        for name in ("sgd-anneal-cos-lr4.0-s2x-12", "sgd-anneal-cos-lr3.6-soft1-16"):
+            steps, settings = cost.SCHEDULES[name]
+            with pytest.raises(StopIteration):
+                cost.run_schedule(pipe, case, render_case(case), steps, settings, name)
+            assert seen[-1] == EditConfig(case["source_prompt"], case["target_prompt"], steps=steps, **settings), name
+            assert seen[-1].stop == "steps" and (name != "sgd-anneal-cos-lr3.6-soft1-16" or seen[-1].s_ssm_weight == 3000.0)
     with pytest.raises(StopIteration):
         cost.run_extended(pipe, case, render_case(case), *cost.EXTENDED["extf-lr2.4-8"], "extf-lr2.4-8")
     steps, settings = cost.candidate_settings("extf-lr2.4-8+vdds1.1")
@@ -666,3 +673,13 @@ def test_the_seventh_rounds_suites_read_shape_success_on_solid_frames_only(tmp_p
     md = cost.markdown("t", {"m": table}, {"machine": "m", "machine_description": "d", "model": "x", "denoiser": "unet",
                                            "model_hash": "h", "cases": 2, "command": "c"}, "note")
     assert "| shape success (fill ratio alone) | solid frames |" in md and "| 50% [9%, 91%] | 100% | 50% |" in md
+    # a rule-12 suite's own tables read it the same way; other suites' tables keep their columns
+    written = {}
+    monkeypatch.setattr(cost, "write_results", lambda stem, data, md: written.update({stem: (data, md)}))
+    runs = [run("m", "s", "shape", True, False), run("m", "t", "shape", True, True)]
+    done = {(r["method"], r["case"], "h"): r for r in runs}
+    for name, solid_reading in (("shapes-dit-report-v4", True), ("shapes-dit-report-v3", False)):
+        cost.write_tables(done, [{"id": "s"}, {"id": "t"}], name, "x", "unet", "h", "m")
+        data, md = written[f"cost-{name}-m"]
+        assert data["summary"]["m"]["shape_success"] == (0.5 if solid_reading else 1.0)
+        assert ("solid frames" in md) == solid_reading

@@ -56,7 +56,7 @@ def load_checkpoint(folder: str | Path, *, fingerprint: str, input_fingerprint: 
     if state["fingerprint"] != fingerprint:
         raise ResumeMismatch(
             f"`resume={folder}`: the checkpoint was made with a different configuration "
-            "(prompts, seed, lr, weights or model differ; with `stop=extend`, as the bundled UNet's default edit runs, also "
+            "(prompts, seed, lr, weights or model differ; with `stop=extend` (a model folder may make it the default), also "
             "steps and the extension settings); resume with the same options or start a new edit"
         )
     if state["input_fingerprint"] != input_fingerprint:

@@ -30,8 +30,8 @@ class EditConfig:
     # The default schedule (benchmarks/cost.py; ARCHITECTURE.md, "What an edit costs"): SGD decaying on a
     # cosine, t annealed from high to low, 12 steps: 1/16 of the paper's denoiser evaluations. lr 0.8 is the
     # built-in value for models nobody has measured; the bundled models carry their measured defaults in their
-    # fastdm.json (picked on the suite's choose half: the transformer lr 3.2; the UNet 8 steps at lr 2.4 continued while
-    # unfinished, stop="extend" reading the V-DDS residual, binary mask; ARCHITECTURE.md rule 9c).
+    # fastdm.json (picked on the suite's choose half: the transformer lr 3.2; the UNet lr 4.0 with S-SSM 6000,
+    # ARCHITECTURE.md rule 11).
     # The paper's: PRESETS["paper"].
     steps: int = 12
     lr: float = 0.8
@@ -171,8 +171,9 @@ _ADDED_DEFAULTS = {"t_schedule": "uniform", "lr_schedule": "constant", "momentum
 
 
 # Named settings. "paper": DreamMotion's own schedule (SGD, lr 0.4, t ~ U[50, 950], 200 steps), bit for
-# bit what fastdm ran before presets existed. Every setting a measured model folder may carry is pinned (the bundled UNet's
-# S-SSM 6000 included), so the paper's schedule is the same on every model. "default": the dataclass defaults above, chosen by
+# bit what fastdm ran before presets existed. Its schedule and loss weights are pinned whatever a measured model folder says (the
+# bundled UNet's S-SSM 6000 included), so the paper's schedule is the same on every model; the rest (mask scope,
+# windows) stays the folder's. "default": the dataclass defaults above, chosen by
 # measurement (benchmarks/cost.py; ARCHITECTURE.md, "Cost").
 PRESETS: dict[str, dict] = {
     "paper": {"steps": 200, "lr": 0.4, "optimizer": "sgd", "momentum": 0.0, "t_schedule": "uniform", "lr_schedule": "constant",
