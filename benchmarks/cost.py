@@ -133,6 +133,20 @@ FOURTH_ROUND = frozenset(n for n in SCHEDULES if "-soft" in n)  # rule 8b: the m
 POOLED = {"report-pooled": ("report", "report-v1"), "report-pooled-all": ("report", "report-v1", "report-v2"),
           "report-pooled-4": ("report", "report-v1", "report-v2", "report-v3"),  # (rule 10e: the transformer's fifth round)
           "report-pooled-fresh": ("report-v4", "report-v5")}  # (rule 12: the seventh round's verdict)
+# what each pooled table is for: (the title's words on its suites, the footer's)
+POOLED_ROLE = {
+    "report-pooled": ("the report halves of 2 suites pooled (variants 0-1: context, chooses nothing; the issue's test is "
+                      "each suite's)", "context for the two verdicts, not a third one; nothing is chosen on it."),
+    "report-pooled-all": ("the report halves of 3 suites pooled (variants 0-2: rules 8f and 9b: the test for calling the "
+                          "issue resolved; chooses nothing)", "rules 8f and 9b: the defaults must pass here for the issue to "
+                          "be called resolved; nothing is chosen on it."),
+    "report-pooled-4": ("the report halves of 4 suites pooled (variants 0-3: rule 10e: the transformer's fifth-round pick "
+                        "must pass here too; chooses nothing)", "rule 10e: the transformer's fifth-round pick must pass here "
+                        "too; nothing is chosen on it."),
+    "report-pooled-fresh": ("the report halves of the two fresh suites of rule 12 pooled (variants 4-5: the seventh round's "
+                            "verdict, shape success read on solid frames; chooses nothing)", "rule 12d: the seventh round's "
+                            "verdict, shape success read on solid frames; nothing is chosen on it."),
+}
 # rule 12: on the suites it registered, a shape edit counts only on frames whose object is solid (toyworld.metrics.solid)
 SOLID_SHAPE_HALVES = frozenset({"report-v4", "report-v5", "report-pooled-fresh"})
 
@@ -480,15 +494,8 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
     """ARCHITECTURE.md, "The rule that picks the default", applied to one half's tables of both bundled models
     (``hashes``: model -> denoiser hash, to read only runs of those weights)."""
     cap = 1002 / 12
-    if half == "report-pooled-fresh":
-        where = ("the report halves of the two fresh suites of rule 12 pooled (variants 4-5: the seventh round's verdict, "
-                 "shape success read on solid frames; chooses nothing)")
-    elif half in POOLED:
-        n = len(POOLED[half])
-        where = (f"the report halves of {n} suites pooled (variants 0-{n - 1}: " +
-                 {2: "context, chooses nothing; the issue's test is each suite's)",
-                  3: "rules 8f and 9b: the test for calling the issue resolved; chooses nothing)"}.get(
-                     n, "rule 10e: the transformer's fifth-round pick must pass here too; chooses nothing)"))
+    if half in POOLED:
+        where = POOLED_ROLE[half][0]
     else:
         base, variant = half_parts(half)
         where = f"the {base} half" + (f" of the fresh suite `build_full_suite(variant={variant})` "
@@ -603,13 +610,8 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
                   "those pairs (context for the counts; the rule above counts clips)."]
         if half in POOLED:
             out[model]["default"] = None
-            lines += ["", (f"Pooled over {len(POOLED[half])} report suites ({n_cases} clips; candidates run on all of them only): " +
-                           ("rule 12d: the seventh round's verdict, shape success read on solid frames; nothing is chosen "
-                            "on it." if half == "report-pooled-fresh" else
-                            {2: "context for the two verdicts, not a third one; nothing is chosen on it.",
-                            3: "rules 8f and 9b: the defaults must pass here for the issue to be called resolved; nothing is "
-                               "chosen on it."}.get(len(POOLED[half]), "rule 10e: the transformer's fifth-round pick must pass "
-                                                                       "here too; nothing is chosen on it."))), ""]
+            lines += ["", f"Pooled over {len(POOLED[half])} report suites ({n_cases} clips; candidates run on all of them only): "
+                      f"{POOLED_ROLE[half][1]}", ""]
         elif half.startswith("report"):  # nothing is chosen here (rule 5): the table says whether the chosen default holds
             out[model]["default"] = None
             lines += ["", "The report half chooses nothing (rule 5); `qualifies` is the issue's test on clips the choice never saw.", ""]
@@ -816,7 +818,8 @@ def write_tables(done: dict, suite: list[dict], name: str, model: str, denoiser:
     def order(rs):
         return sorted(rs, key=lambda r: (r["evaluations"]["forward"] + r["evaluations"]["backward"], r["method"]))
 
-    cost = summarize(order(ours), shape_key(half_label(half, variant) if half else None))
+    shape = shape_key(half_label(half, variant) if half else None)
+    cost = summarize(order(ours), shape)
     write_results(f"cost-{name}-{machine}", {"meta": meta, "summary": cost},
                   markdown("Edit quality against cost", cost, meta,
                            "paper@k: the paper's schedule (`--preset paper`) stopped at step k; paper-auto(...): stopped by the "
@@ -825,7 +828,7 @@ def write_tables(done: dict, suite: list[dict], name: str, model: str, denoiser:
                            "steps (with / without S-SSM and T-SSM), which these tables called paper / DDS until ARCHITECTURE.md "
                            "rule 9; other rows: benchmarks/cost.py SCHEDULES."))
     if peers:
-        peer = summarize(order(peers), shape_key(half_label(half, variant) if half else None))
+        peer = summarize(order(peers), shape)
         write_results(f"peers-{name}-{machine}", {"meta": meta, "summary": peer},
                       markdown("fastdm beside the editors a user would pick instead", peer, meta,
                                f"{default}: fastdm-edit's default on this model; paper@200: --preset paper; "

@@ -646,6 +646,7 @@ def test_the_seventh_rounds_suites_read_shape_success_on_solid_frames_only(tmp_p
     monkeypatch.setattr(cost, "RESULTS", tmp_path)
     assert cost.shape_key("report-v4") == cost.shape_key("report-pooled-fresh") == "shape_solid_ok"
     assert cost.shape_key("report-v3") == cost.shape_key("choose") == cost.shape_key(None) == "shape_ok"
+    assert set(cost.POOLED_ROLE) == set(cost.POOLED)  # every pooled table says what it is for
 
     def run(method, case, kind, shape, solid_shape, evals=(50, 12)):
         r = _run(method, case, kind, shape=shape, evals=evals)

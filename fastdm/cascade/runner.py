@@ -151,6 +151,8 @@ def run_cascade(args, *, pipe=None, on_step=None, tensor_inputs=("losses",), che
     if args.memory_budget is not None:
         raise FastDMError("`memory_budget` is not available with `cascade`; pick the edit stage's `plan`")
     mask_file = args.mask if args.mask not in (None, "auto", "none") else None
+    # the mask as given, or the default mode's name where neither --mask nor --boxes is (the fingerprint and the report)
+    mask_given = args.mask if (args.mask or args.boxes) else args.mask_mode()
     args.check_outputs(out, compare, report_path, ckpt_dir, [inp, mask_file, args.boxes, args.cascade])
     infos = check_cascade(cascade, args)
     edit = cascade.stages[0]
@@ -174,7 +176,7 @@ def run_cascade(args, *, pipe=None, on_step=None, tensor_inputs=("losses",), che
                                            pick=key_pos)
     fp = hashlib.sha256(json.dumps({"cascade": cascade.to_dict(), "config": config.fingerprint(), "plan": args.plan,
                                     "dtype": args.dtype, "device": device.type, "size": args.size,
-                                    "mask": args.mask if (args.mask or args.boxes) else args.mask_mode(), "boxes": args.boxes}, sort_keys=True, default=str).encode())
+                                    "mask": mask_given, "boxes": args.boxes}, sort_keys=True, default=str).encode())
     fp.update(np.ascontiguousarray(keys_raw).tobytes())
     if mask_raw is not None:
         fp.update(np.ascontiguousarray(mask_raw).tobytes())
@@ -245,7 +247,7 @@ def run_cascade(args, *, pipe=None, on_step=None, tensor_inputs=("losses",), che
         "cascade": {**cascade.to_dict(), "stages": records},
         "config": config.to_dict(),
         "input": {"path": str(inp), "fps": fps, "source_size": list(src_size), "frame_indices": indices,
-                  "mask": args.mask if (args.mask or args.boxes) else args.mask_mode(), "boxes": args.boxes},
+                  "mask": mask_given, "boxes": args.boxes},
         "keyframes": {"positions": key_pos, "input_frame_indices": key_indices, "output_frames": int(frames.shape[0]),
                       "output_fps": fps_out, "output_size": [int(frames.shape[2]), int(frames.shape[1])]},
         "timings": {"load_s": round(load_s, 4), "stages_s": round(sum(r["seconds"] for r in records), 4),

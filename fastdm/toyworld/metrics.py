@@ -31,6 +31,7 @@ THRESHOLD = 64
 SOLID = 0.8
 FILL = {"triangle": 0.5, "circle": math.pi / 4, "square": 1.0}
 _VOCAB = {name: np.array(rgb, np.float32) / 255.0 for name, rgb in COLOURS.items()}
+_VOCAB_NAMES, _VOCAB_RGB = np.asarray(list(_VOCAB)), np.stack(list(_VOCAB.values()))  # (solid_share, per pixel)
 
 
 def background(frame: np.ndarray) -> np.ndarray:
@@ -66,16 +67,25 @@ def centroid(frame: np.ndarray) -> tuple[float, float] | None:
     return float((w * xs).sum() / w.sum()), float((w * ys).sum() / w.sum())
 
 
-def colour_of(frame: np.ndarray) -> str | None:
+def _core(frame: np.ndarray) -> np.ndarray | None:
+    """(H, W) bool: the object's pixels whose colour is read, its antialiased rim skipped (all of it where nothing
+    else is left); None without an object."""
     m = object_mask(frame)
     core = m & (contrast(frame) > 160)  # skip antialiased rim pixels
     if not core.any():
         core = m
-    if not core.any():
-        return None
+    return core if core.any() else None
+
+
+def _colour_of_core(frame: np.ndarray, core: np.ndarray) -> str:
     c = frame[core].astype(np.float32).mean(0) / 255.0
     c = c / max(float(c.max()), 1e-6)
     return min(_VOCAB, key=lambda k: float(np.linalg.norm(_VOCAB[k] - c)))
+
+
+def colour_of(frame: np.ndarray) -> str | None:
+    core = _core(frame)
+    return None if core is None else _colour_of_core(frame, core)
 
 
 def fill_ratio(frame: np.ndarray) -> float | None:
@@ -97,17 +107,13 @@ def shape_of(frame: np.ndarray) -> str | None:
 def solid_share(frame: np.ndarray) -> float | None:
     """The share of the object's core pixels (as :func:`colour_of` reads them) whose own colour, normalized by its
     brightest channel, is nearest the object's colour; None without an object."""
-    m = object_mask(frame)
-    core = m & (contrast(frame) > 160)
-    if not core.any():
-        core = m
-    if not core.any():
+    core = _core(frame)
+    if core is None:
         return None
     px = frame[core].astype(np.float32) / 255.0
     px = px / np.maximum(px.max(1, keepdims=True), 1e-6)
-    names = list(_VOCAB)
-    nearest = np.argmin(((px[:, None, :] - np.stack([_VOCAB[k] for k in names])[None]) ** 2).sum(-1), 1)
-    return float(np.mean(np.asarray(names)[nearest] == colour_of(frame)))
+    nearest = np.argmin(((px[:, None, :] - _VOCAB_RGB[None]) ** 2).sum(-1), 1)
+    return float(np.mean(_VOCAB_NAMES[nearest] == _colour_of_core(frame, core)))
 
 
 def solid(frame: np.ndarray) -> bool:
