@@ -111,7 +111,21 @@ SCHEDULES = {
     "sgd-anneal-cos-lr4.0-soft2-16": (16, dict(t_schedule="anneal", lr=4.0, lr_schedule="cosine", soft_mask=2.0)),
     # (lr 4.0 at power 1 lost red -> blue's area as lr 3.6 without the grading did; at power 2 too: lr 3.6 at power 2)
     "sgd-anneal-cos-lr3.6-soft2-16": (16, dict(t_schedule="anneal", lr=3.6, lr_schedule="cosine", soft_mask=2.0)),
+    # issue #30, eighth round (ARCHITECTURE rule 13), the transformer: its default loses objects' area to a speckled halo
+    # around small triangles and to speckled squares coming apart (rule 12f); the graded mask keeps the halo's update
+    # down, a lower lr or a stronger S-SSM hold the object together, a higher t floor skips the low-t steps that bring
+    # the speckle. 12 steps each (62 evaluations).
+    "sgd-anneal-cos-lr3.2-soft1-12": (12, dict(t_schedule="anneal", lr=3.2, lr_schedule="cosine", soft_mask=1.0)),
+    "sgd-anneal-cos-lr3.2-soft2-12": (12, dict(t_schedule="anneal", lr=3.2, lr_schedule="cosine", soft_mask=2.0)),
+    "sgd-anneal-cos-lr2.4-soft1-12": (12, dict(t_schedule="anneal", lr=2.4, lr_schedule="cosine", soft_mask=1.0)),
+    "sgd-anneal-cos-lr3.2-s2x-soft1-12": (12, dict(t_schedule="anneal", lr=3.2, lr_schedule="cosine", s_ssm_weight=6000.0,
+                                                   soft_mask=1.0)),
+    "sgd-anneal-cos-lr3.2-soft1-t200-12": (12, dict(t_schedule="anneal", lr=3.2, lr_schedule="cosine", soft_mask=1.0, t_min=200)),
 }
+# rule 13a: the eighth round's candidates (the transformer)
+EIGHTH_ROUND = ("sgd-anneal-cos-lr3.2-soft1-12", "sgd-anneal-cos-lr3.2-soft2-12", "sgd-anneal-cos-lr2.4-soft1-12",
+                "sgd-anneal-cos-lr3.2-s2x-soft1-12", "sgd-anneal-cos-lr3.2-soft1-t200-12", "sgd-anneal-cos-lr2.4-12",
+                "sgd-anneal-cos-lr3.2-s2x-12")
 PEERS = ("dds", "sdedit-0.5", "sdedit-0.7", "flowedit")
 DEFAULT_SCHEDULE = "sgd-anneal-cos-lr0.8-12"  # EditConfig's built-in defaults: models without measured defaults (tested)
 # what fastdm-edit runs on each bundled model by default: the built-in defaults under the folder's fastdm.json
@@ -124,7 +138,7 @@ METRICS = ("colour_ok", "shape_ok", "drift_px", "area_kept", "background_change"
 RULE_HEADING = "## The rule that picks the default"
 # fresh report suites (build_full_suite(variant=N)'s report half) and the ARCHITECTURE.md rule that must name them first
 FRESH_SUITE_RULE = {1: "7. A third round", 2: "8. A fourth round", 3: "10. A fifth round", 4: "12. A seventh round",
-                    5: "12. A seventh round"}
+                    5: "12. A seventh round", 6: "13. An eighth round", 7: "13. An eighth round"}
 THIRD_ROUND_MODELS = ("shapes",)  # rules 7 and 8: the UNet only
 FIFTH_ROUND_MODELS = ("shapes-dit",)  # rule 10: the transformer only
 FOURTH_ROUND = frozenset(n for n in SCHEDULES if "-soft" in n)  # rule 8b: the method change (EditConfig.soft_mask)
@@ -132,7 +146,8 @@ FOURTH_ROUND = frozenset(n for n in SCHEDULES if "-soft" in n)  # rule 8b: the m
 # (rule 8f: the test for calling issue #30 resolved on the UNet)
 POOLED = {"report-pooled": ("report", "report-v1"), "report-pooled-all": ("report", "report-v1", "report-v2"),
           "report-pooled-4": ("report", "report-v1", "report-v2", "report-v3"),  # (rule 10e: the transformer's fifth round)
-          "report-pooled-fresh": ("report-v4", "report-v5")}  # (rule 12: the seventh round's verdict)
+          "report-pooled-fresh": ("report-v4", "report-v5"),  # (rule 12: the seventh round's verdict)
+          "report-pooled-fresh-2": ("report-v6", "report-v7")}  # (rule 13: the eighth round's verdict)
 # what each pooled table is for: (the title's words on its suites, the footer's)
 POOLED_ROLE = {
     "report-pooled": ("the report halves of 2 suites pooled (variants 0-1: context, chooses nothing; the issue's test is "
@@ -146,9 +161,12 @@ POOLED_ROLE = {
     "report-pooled-fresh": ("the report halves of the two fresh suites of rule 12 pooled (variants 4-5: the seventh round's "
                             "verdict, shape success read on solid frames; chooses nothing)", "rule 12d: the seventh round's "
                             "verdict, shape success read on solid frames; nothing is chosen on it."),
+    "report-pooled-fresh-2": ("the report halves of the two fresh suites of rule 13 pooled (variants 6-7: the eighth round's "
+                              "verdict, shape success read on solid frames; chooses nothing)", "rule 13e: the eighth round's "
+                              "verdict, shape success read on solid frames; nothing is chosen on it."),
 }
 # rule 12: on the suites it registered, a shape edit counts only on frames whose object is solid (toyworld.metrics.solid)
-SOLID_SHAPE_HALVES = frozenset({"report-v4", "report-v5", "report-pooled-fresh"})
+SOLID_SHAPE_HALVES = frozenset({"report-v4", "report-v5", "report-pooled-fresh", "report-v6", "report-v7", "report-pooled-fresh-2"})
 
 
 def shape_key(half: str | None) -> str:
@@ -178,13 +196,13 @@ def counted(backbone):
 
 
 SCHEDULE_KEYS = ("steps", "lr", "optimizer", "momentum", "t_schedule", "lr_schedule", "guidance_scale", "s_ssm_weight",
-                 "t_ssm_weight", "soft_mask")
+                 "t_ssm_weight", "soft_mask", "t_min")
 
 
 def schedule_of(config: dict) -> dict:
     """What a run record keeps of its edit's settings (``EditConfig.to_dict()`` or a report's ``config``): the
     schedule's knobs, so a cache shows what actually ran."""
-    return {k: config[k] for k in SCHEDULE_KEYS}
+    return {k: config[k] for k in SCHEDULE_KEYS if k in config}
 
 
 def run_paper(pipe, case, clip, snapshots=SNAPSHOTS, method="paper", **settings) -> list[dict]:
@@ -643,6 +661,47 @@ def decide(machine: str, half: str = "choose", models=("shapes", "shapes-dit"), 
     return out, "\n".join(lines) + "\n"
 
 
+def eighth_round(machine: str, decided: dict, model: str = "shapes-dit",
+                 design: tuple[str, str] = ("report-pooled-4", "report-pooled-fresh")) -> tuple[dict, str]:
+    """ARCHITECTURE.md rule 13c: among EIGHTH_ROUND's candidates, those that qualify by rule 2 on both pooled design tables
+    (the spent report suites, variants 0-3 and 4-5), the widest summed margin (ties as rule 3)."""
+    rows = []
+    for name in EIGHTH_ROUND:
+        got = [next((r for r in decided[d][model]["rows"] if r["candidate"] == name), None) for d in design]
+        if any(g is None for g in got):  # not run on every clip of both pools yet
+            rows.append({"candidate": name, "complete": False})
+            continue
+        rows.append({"candidate": name, "complete": True, "qualifies": all(g["qualifies"] for g in got),
+                     "margins": [g["margin"] for g in got], "margin": sum(g["margin"] for g in got),
+                     "why_not": [f"{d}: {w}" for d, g in zip(design, got) for w in g["why_not"]],
+                     "evaluations": max(g["evaluations"] for g in got), "worst": max(g["worst"] for g in got),
+                     "drift": [g["drift"] for g in got]})
+    done = [r for r in rows if r["complete"]]
+    qual = [r for r in done if r["qualifies"]]
+    pick = min(qual, key=lambda r: (-r["margin"], r["evaluations"], sum(r["drift"]), r["worst"]), default=None)
+    complete = len(done) == len(rows)
+    lines = [f"# Rule 13c: the eighth round's pick for {model} ({machine})", "",
+             f"Candidates (`EIGHTH_ROUND`) against the real paper on the spent report suites, pooled as `{design[0]}` (variants "
+             f"0-3, shape by fill ratio) and `{design[1]}` (variants 4-5, shape on solid frames). A candidate must qualify by "
+             "rule 2 on both; the widest summed margin wins (ties as rule 3). Written by `python -m benchmarks.cost --decide "
+             "--pooled`.", "",
+             "| candidate | qualifies on both | margin (v0-3 / v4-5) | summed | drift px (v0-3 / v4-5) | evaluations | why not |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if not r["complete"]:
+            lines.append(f"| {r['candidate']} | (not run on every clip of both) | | | | | |")
+            continue
+        lines.append(f"| {r['candidate']} | {'yes' if r['qualifies'] else 'no'} | {r['margins'][0]:+d} / {r['margins'][1]:+d} | "
+                     f"{r['margin']:+d} | {r['drift'][0]:.2f} / {r['drift'][1]:.2f} | {r['evaluations']:.1f} | "
+                     f"{'; '.join(r['why_not'])} |")
+    verdict = (("**" + pick["candidate"] + "**: it runs once on the fresh suites (rule 13d)") if pick else
+               "none qualifies on both: the round ends on the spent suites (rule 13c)") if complete else \
+        "not every candidate has run on both pools yet: no pick"
+    lines += ["", f"Pick: {verdict}.", ""]
+    return {"model": model, "design": list(design), "rows": rows, "pick": pick["candidate"] if pick and complete else None,
+            "complete": complete}, "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     from fastdm import DreamMotionPipeline
     from fastdm.backbone import resolve_model
@@ -683,10 +742,16 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.decide:
         hashes = {m: denoiser_hash(resolve_model(m))[1] for m in ("shapes", "shapes-dit")}
+        decided = {}
         for label in (list(POOLED) if args.pooled else [half or "choose"]):
             data, md = decide(machine_name(), label, hashes=hashes, reference=args.reference)
             tag = "" if args.reference == "paper@200" else f"-{args.reference.split('@')[0]}"
             write_results(f"cost-decision-{label}{tag}-{machine_name()}", data, md)
+            decided[label] = data
+            print(md)
+        if args.pooled and args.reference == "paper@200":
+            data, md = eighth_round(machine_name(), decided)
+            write_results(f"cost-decision-eighth-round-{machine_name()}", data, md)
             print(md)
         return 0
     if args.choose:

@@ -492,7 +492,7 @@ def test_the_third_rounds_pick_is_the_widest_margin_and_its_fresh_suite_is_named
         cost.main(["--pooled"])
     assert "--pooled goes with --decide" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="not pre-registered"):
-        cost.main(["--half", "report", "--variant", "6", "--methods", "paper"])
+        cost.main(["--half", "report", "--variant", "99", "--methods", "paper"])
     assert all(rule in (Path(cost.__file__).parent.parent / "ARCHITECTURE.md").read_text() for rule in cost.FRESH_SUITE_RULE.values())
     assert cost.FRESH_SUITE_RULE[1] in (Path(cost.__file__).parent.parent / "ARCHITECTURE.md").read_text()
 
@@ -684,3 +684,37 @@ def test_the_seventh_rounds_suites_read_shape_success_on_solid_frames_only(tmp_p
         data, md = written[f"cost-{name}-m"]
         assert data["summary"]["m"]["shape_success"] == (0.5 if solid_reading else 1.0)
         assert ("solid frames" in md) == solid_reading
+
+
+def test_eighth_round_pick_needs_both_design_pools():
+    """Rule 13c: a candidate must qualify on both pooled design tables; the widest summed margin wins, ties by cost then
+    drift; no pick until every candidate has run on both; none qualifying on both ends the round."""
+    import benchmarks.cost as cost
+
+    a, b, c = cost.EIGHTH_ROUND[:3]
+
+    def row(name, qualifies, margin, drift=0.5, ev=62.0):
+        return {"candidate": name, "qualifies": qualifies, "margin": margin, "why_not": [] if qualifies else ["area 1 clip(s) short"],
+                "evaluations": ev, "worst": 62, "drift": drift}
+
+    def tables(first, second):
+        return {"report-pooled-4": {"shapes-dit": {"rows": first}}, "report-pooled-fresh": {"shapes-dit": {"rows": second}}}
+
+    rest = [row(n, False, -3) for n in cost.EIGHTH_ROUND[3:]]
+    # a: the widest margin on one pool, but fails the other; b and c qualify on both, c wider summed
+    data, md = cost.eighth_round("m", tables([row(a, True, 9), row(b, True, 1), row(c, True, 2), *rest],
+                                             [row(a, False, 5), row(b, True, 3), row(c, True, 3), *rest]))
+    assert data["complete"] and data["pick"] == c and f"**{c}**" in md
+    assert {r["candidate"]: r["margin"] for r in data["rows"]}[c] == 5
+    # a tie on the summed margin goes to the lower drift (rule 3's order after cost)
+    data, _ = cost.eighth_round("m", tables([row(b, True, 2, drift=0.6), row(c, True, 2, drift=0.4), row(a, False, 0), *rest],
+                                            [row(b, True, 3), row(c, True, 3), row(a, False, 0), *rest]))
+    assert data["pick"] == c
+    # none qualifying on both: the round ends
+    data, md = cost.eighth_round("m", tables([row(n, True, 1) for n in cost.EIGHTH_ROUND],
+                                             [row(n, False, 1) for n in cost.EIGHTH_ROUND]))
+    assert data["pick"] is None and "the round ends" in md
+    # a candidate missing from one pool: no pick yet, whatever the others say
+    data, md = cost.eighth_round("m", tables([row(n, True, 1) for n in cost.EIGHTH_ROUND],
+                                             [row(n, True, 1) for n in cost.EIGHTH_ROUND[1:]]))
+    assert not data["complete"] and data["pick"] is None and "no pick" in md
