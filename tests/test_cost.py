@@ -693,9 +693,10 @@ def test_eighth_round_pick_needs_both_design_pools():
 
     a, b, c = cost.EIGHTH_ROUND[:3]
 
-    def row(name, qualifies, margin, drift=0.5, ev=62.0):
+    def row(name, qualifies, margin, drift=0.5, ev=62.0, shape=(0, 0)):
         return {"candidate": name, "qualifies": qualifies, "margin": margin, "why_not": [] if qualifies else ["area 1 clip(s) short"],
-                "evaluations": ev, "worst": 62, "drift": drift}
+                "evaluations": ev, "worst": 62, "drift": drift, "counts": {"colour": 0, "shape": shape[0], "area": 0},
+                "reference_counts": {"colour": 0, "shape": shape[1], "area": 0}}
 
     def tables(first, second):
         return {"report-pooled-4": {"shapes-dit": {"rows": first}}, "report-pooled-fresh": {"shapes-dit": {"rows": second}}}
@@ -714,6 +715,17 @@ def test_eighth_round_pick_needs_both_design_pools():
     data, md = cost.eighth_round("m", tables([row(n, True, 1) for n in cost.EIGHTH_ROUND],
                                              [row(n, False, 1) for n in cost.EIGHTH_ROUND]))
     assert data["pick"] is None and "the round ends" in md
+    # on variants 0-3 a fill-ratio shape shortfall neither fails a candidate nor counts in its margin (13c's amendment)
+    short = {**row(b, False, -1, shape=(8, 11)), "why_not": ["shape 3 clip(s) short"]}
+    data, _ = cost.eighth_round("m", tables([short, row(c, True, 1), row(a, False, 0), *rest],
+                                            [row(b, True, 1), row(c, True, 1), row(a, False, 0), *rest]))
+    rows = {r["candidate"]: r for r in data["rows"]}
+    assert rows[b]["qualifies"] and rows[b]["margins"] == [2, 1] and data["pick"] == b
+    # but not on variants 4-5, where shape is read on solid frames
+    data, _ = cost.eighth_round("m", tables([row(b, True, 2), row(c, True, 1), row(a, False, 0), *rest],
+                                            [{**row(b, False, 0), "why_not": ["shape 1 clip(s) short"]}, row(c, True, 1),
+                                             row(a, False, 0), *rest]))
+    assert data["pick"] == c
     # a candidate missing from one pool: no pick yet, whatever the others say
     data, md = cost.eighth_round("m", tables([row(n, True, 1) for n in cost.EIGHTH_ROUND],
                                              [row(n, True, 1) for n in cost.EIGHTH_ROUND[1:]]))
