@@ -130,8 +130,9 @@ PEERS = ("dds", "sdedit-0.5", "sdedit-0.7", "flowedit")
 DEFAULT_SCHEDULE = "sgd-anneal-cos-lr0.8-12"  # EditConfig's built-in defaults: models without measured defaults (tested)
 # what fastdm-edit runs on each bundled model by default: the built-in defaults under the folder's fastdm.json
 # defaults, picked by ARCHITECTURE.md's rule on the choose half (results/cost-decision-choose-*.md; tested)
-# (UNet: rule 11, the widest margin, passed on a fresh suite; transformer: rules 2-3)
-MODEL_DEFAULTS = {"shapes": "sgd-anneal-cos-lr4.0-s2x-12", "shapes-dit": "sgd-anneal-cos-lr3.2-12"}
+# (UNet: rule 11, the widest margin, passed on a fresh suite; transformer: rule 13, picked on the spent report suites,
+# passed on two fresh ones)
+MODEL_DEFAULTS = {"shapes": "sgd-anneal-cos-lr4.0-s2x-12", "shapes-dit": "sgd-anneal-cos-lr3.2-s2x-soft1-12"}
 METRICS = ("colour_ok", "shape_ok", "drift_px", "area_kept", "background_change", "motion_fidelity", "frame_consistency")
 
 

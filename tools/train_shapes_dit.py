@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> None:
         tr.run(loss)
         info.update(trained_steps=tr.step, train_minutes_2core_cpu=round(tr.seconds / 60, 1))
     # its measured edit defaults (benchmarks/cost.py ran it at guidance 7.5; the Wan family's fallback is WanPipeline's 5;
-    # lr 3.2 picked by ARCHITECTURE.md's rule on the suite's choose half)
-    info["defaults"] = {"guidance_scale": 7.5, "lr": 3.2}
+    # lr 3.2 with S-SSM 6000 and the graded automatic mask: ARCHITECTURE.md rule 13, judged on two fresh suites)
+    info["defaults"] = {"guidance_scale": 7.5, "lr": 3.2, "s_ssm_weight": 6000.0, "soft_mask": 1.0}
     tr.finish(lambda: export_folder(Path(args.export), tok_dir=tok_dir, denoiser_dir="transformer", denoiser=transformer,
                                     text=text, ema=tr.ema, scheduler=scheduler, index=INDEX, info=info,
                                     native_size=[args.size, args.size]))

@@ -30,8 +30,8 @@ class EditConfig:
     # The default schedule (benchmarks/cost.py; ARCHITECTURE.md, "What an edit costs"): SGD decaying on a
     # cosine, t annealed from high to low, 12 steps: 1/16 of the paper's denoiser evaluations. lr 0.8 is the
     # built-in value for models nobody has measured; the bundled models carry their measured defaults in their
-    # fastdm.json (picked on the suite's choose half: the transformer lr 3.2; the UNet lr 4.0 with S-SSM 6000,
-    # ARCHITECTURE.md rule 11).
+    # fastdm.json (the UNet lr 4.0 with S-SSM 6000, ARCHITECTURE.md rule 11; the transformer lr 3.2 with S-SSM 6000
+    # and the graded automatic mask, soft_mask 1, rule 13).
     # The paper's: PRESETS["paper"].
     steps: int = 12
     lr: float = 0.8
