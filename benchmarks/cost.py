@@ -129,7 +129,7 @@ EIGHTH_ROUND = ("sgd-anneal-cos-lr3.2-soft1-12", "sgd-anneal-cos-lr3.2-soft2-12"
 PEERS = ("dds", "sdedit-0.5", "sdedit-0.7", "flowedit")
 DEFAULT_SCHEDULE = "sgd-anneal-cos-lr0.8-12"  # EditConfig's built-in defaults: models without measured defaults (tested)
 # what fastdm-edit runs on each bundled model by default: the built-in defaults under the folder's fastdm.json
-# defaults, picked by ARCHITECTURE.md's rule on the choose half (results/cost-decision-choose-*.md; tested)
+# defaults, picked by ARCHITECTURE.md's rules (tested)
 # (UNet: rule 11, the widest margin, passed on a fresh suite; transformer: rule 13, picked on the spent report suites,
 # passed on two fresh ones)
 MODEL_DEFAULTS = {"shapes": "sgd-anneal-cos-lr4.0-s2x-12", "shapes-dit": "sgd-anneal-cos-lr3.2-s2x-soft1-12"}
@@ -668,7 +668,8 @@ def eighth_round(machine: str, decided: dict, model: str = "shapes-dit",
     """ARCHITECTURE.md rule 13c: among EIGHTH_ROUND's candidates, those that qualify by rule 2 on both pooled design tables
     (the spent report suites, variants 0-3 and 4-5), the widest summed margin (ties as rule 3). On the first (variants
     0-3: the fill-ratio shape reading, meaningless on the transformer, rule 12a) the shape clause is left out of both the
-    test and the margin (13c's amendment); shape edits are judged on the second, read on solid frames."""
+    test and the margin (13c's amendment); shape edits are judged on the second, read on solid frames. Ties: fewer
+    evaluations, then the two pools' mean drifts summed (unweighted), then fewer worst-case evaluations."""
     def without_shape(g):
         return {**g, "why_not": [w for w in g["why_not"] if not w.startswith("shape ")],
                 "margin": g["margin"] - (g["counts"]["shape"] - g["reference_counts"]["shape"])}

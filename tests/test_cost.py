@@ -726,6 +726,15 @@ def test_eighth_round_pick_needs_both_design_pools():
                                             [{**row(b, False, 0), "why_not": ["shape 1 clip(s) short"]}, row(c, True, 1),
                                              row(a, False, 0), *rest]))
     assert data["pick"] == c
+    # a fill-ratio shape shortfall on variants 0-3 does not excuse an area shortfall there
+    both = {**row(b, False, -2, shape=(8, 11)), "why_not": ["shape 3 clip(s) short", "area 1 clip(s) short"]}
+    data, _ = cost.eighth_round("m", tables([both, row(c, True, 1), row(a, False, 0), *rest],
+                                            [row(b, True, 5), row(c, True, 1), row(a, False, 0), *rest]))
+    assert not {r["candidate"]: r for r in data["rows"]}[b]["qualifies"] and data["pick"] == c
+    # a tie on the summed margin goes to the cheaper candidate before the drift
+    data, _ = cost.eighth_round("m", tables([row(b, True, 2, drift=0.3, ev=82.0), row(c, True, 2, drift=0.6), row(a, False, 0), *rest],
+                                            [row(b, True, 3, ev=82.0), row(c, True, 3), row(a, False, 0), *rest]))
+    assert data["pick"] == c
     # a candidate missing from one pool: no pick yet, whatever the others say
     data, md = cost.eighth_round("m", tables([row(n, True, 1) for n in cost.EIGHTH_ROUND],
                                              [row(n, True, 1) for n in cost.EIGHTH_ROUND[1:]]))
