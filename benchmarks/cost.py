@@ -166,8 +166,10 @@ POOLED_ROLE = {
                               "verdict, shape success read on solid frames; chooses nothing)", "rule 13e: the eighth round's "
                               "verdict, shape success read on solid frames; nothing is chosen on it."),
 }
-# rule 12: on the suites it registered, a shape edit counts only on frames whose object is solid (toyworld.metrics.solid)
-SOLID_SHAPE_HALVES = frozenset({"report-v4", "report-v5", "report-pooled-fresh", "report-v6", "report-v7", "report-pooled-fresh-2"})
+# rule 12: on the suites it registered (and rule 13's), a shape edit counts only on frames whose object is solid
+# (toyworld.metrics.solid); so does a pool made of those suites only
+SOLID_SUITES = frozenset({"report-v4", "report-v5", "report-v6", "report-v7"})
+SOLID_SHAPE_HALVES = SOLID_SUITES | {name for name, parts in POOLED.items() if set(parts) <= SOLID_SUITES}
 
 
 def shape_key(half: str | None) -> str:
@@ -203,7 +205,7 @@ SCHEDULE_KEYS = ("steps", "lr", "optimizer", "momentum", "t_schedule", "lr_sched
 def schedule_of(config: dict) -> dict:
     """What a run record keeps of its edit's settings (``EditConfig.to_dict()`` or a report's ``config``): the
     schedule's knobs, so a cache shows what actually ran."""
-    return {k: config[k] for k in SCHEDULE_KEYS if k in config}
+    return {k: config[k] for k in SCHEDULE_KEYS}
 
 
 def run_paper(pipe, case, clip, snapshots=SNAPSHOTS, method="paper", **settings) -> list[dict]:
